@@ -1,0 +1,173 @@
+"""Read tensors from `.safetensors` and torch `.pt/.pth/.ckpt` files, safely.
+
+Nothing in a file is ever executed: torch files go through `torch.load(weights_only=True)`,
+passed explicitly, with no fallback. Training-checkpoint containers are unwrapped and the
+wrapper prefixes of DataParallel (`module.`) and torch.compile (`_orig_mod.`) are dropped.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rnndiag.errors import CheckpointError
+
+# Keys under which training scripts nest the model's state dict (Lightning uses "state_dict").
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+MIN_TORCH = (2, 6)  # torch.load(weights_only=True) is unsafe before 2.6 (CVE-2025-32434)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: str
+    format: str  # "safetensors" | "torch"
+    tensors: dict[str, Tensor]
+    metadata: dict[str, str]
+    notes: tuple[str, ...]
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """True for a Git LFS pointer file (the real checkpoint was never fetched)."""
+    with path.open("rb") as f:
+        return f.read(len(LFS_MAGIC)) == LFS_MAGIC
+
+
+def sniff_format(path: Path) -> str:
+    """Tell safetensors from torch by content (a safetensors file opens with a length and '{')."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in {".pt", ".pth", ".ckpt", ".bin"}:
+        return "torch"
+    raise CheckpointError(f"{path}: not a safetensors or torch checkpoint (unrecognised content)")
+
+
+def read_tensors(path: Path) -> tuple[str, dict[str, Tensor], dict[str, str]]:
+    """Return (format, flat name -> tensor, safetensors metadata) for a file, unmodified."""
+    check_readable(path)
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        return fmt, *_read_safetensors(path)
+    return fmt, _flatten(_torch_load(path), path), {}
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint's state dict; half-precision tensors are upcast to float32 (noted)."""
+    fmt, raw, metadata = read_tensors(path)
+    tensors, upcast = {}, []
+    for key, tensor in _strip_wrappers(raw, path).items():
+        if tensor.dtype in (torch.float16, torch.bfloat16):
+            upcast.append(f"{key} ({str(tensor.dtype).removeprefix('torch.')})")
+            tensor = tensor.float()
+        tensors[key] = tensor
+    notes = []
+    if upcast:
+        more = f" and {len(upcast) - 3} more" if len(upcast) > 3 else ""
+        notes.append(f"upcast to float32: {', '.join(upcast[:3])}{more}")
+    return Checkpoint(str(path), fmt, tensors, metadata, tuple(notes))
+
+
+def check_readable(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises several unrelated types for bad files
+        raise CheckpointError(f"{path}: invalid safetensors file ({_one_line(exc)})") from None
+    return tensors, metadata
+
+
+def _torch_load(path: Path) -> Any:
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < MIN_TORCH:
+        raise CheckpointError(
+            f"{path}: refusing to read a torch pickle with torch {torch.__version__} "
+            "(weights_only loading is unsafe before 2.6); upgrade torch or use safetensors"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: the file holds pickled objects other than tensors and plain "
+            f"containers ({_one_line(exc, 160)}); save model.state_dict() or use safetensors"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read torch checkpoint ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _flatten(obj: Any, path: Path) -> dict[str, Tensor]:
+    """Find the state dict in what torch.load returned: a tensor mapping, possibly nested."""
+    if isinstance(obj, Tensor):
+        raise CheckpointError(f"{path}: holds a single tensor, not a state dict")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    for key in CONTAINER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and _has_tensor(inner):
+            return _flatten(inner, path)
+    flat: dict[str, Tensor] = {}
+    _collect(obj, "", flat)
+    if not flat:
+        keys = ", ".join(map(str, list(obj)[:8]))
+        raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys or 'none'})")
+    return flat
+
+
+def _has_tensor(obj: Mapping[Any, Any]) -> bool:
+    return any(isinstance(v, Tensor) or (isinstance(v, Mapping) and _has_tensor(v))
+               for v in obj.values())
+
+
+def _collect(obj: Mapping[Any, Any], prefix: str, out: dict[str, Tensor]) -> None:
+    """Flatten nested mappings of tensors into dotted names ({"enc": {"w": t}} -> "enc.w")."""
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Tensor):
+            out[name] = value
+        elif isinstance(value, Mapping):
+            _collect(value, name + ".", out)
+
+
+def _strip_wrappers(tensors: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
+    """Drop leading `module.` (DataParallel/DDP) and any `_orig_mod.` (torch.compile) segment."""
+    out: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key.replace("_orig_mod.", "")
+        while name.startswith("module."):
+            name = name[len("module.") :]
+        if name in out:
+            raise CheckpointError(f"{path}: tensor names collide after removing wrapper "
+                                  f"prefixes: {key!r} and another key both map to {name!r}")
+        out[name] = tensor
+    return out

@@ -1,0 +1,223 @@
+"""Frozen records passed between stages; tensors never cross this boundary (plain floats only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class CellType(StrEnum):
+    """Recurrence equations, independent of the nn.Module wrapper."""
+
+    RNN = "rnn"
+    LSTM = "lstm"
+    GRU = "gru"
+
+    @property
+    def gates(self) -> int:
+        """Row multiple of `weight_ih`: 1 (RNN), 4 (LSTM: i,f,g,o), 3 (GRU: r,z,n)."""
+        return {CellType.RNN: 1, CellType.LSTM: 4, CellType.GRU: 3}[self]
+
+
+class ModuleKind(StrEnum):
+    """The PyTorch class a group of tensors came from."""
+
+    RNN = "RNN"
+    LSTM = "LSTM"
+    GRU = "GRU"
+    RNN_CELL = "RNNCell"
+    LSTM_CELL = "LSTMCell"
+    GRU_CELL = "GRUCell"
+
+    @property
+    def cell_type(self) -> CellType:
+        return CellType(self.value.removesuffix("Cell").lower())
+
+    @property
+    def is_cell(self) -> bool:
+        return self.value.endswith("Cell")
+
+
+class Direction(StrEnum):
+    FORWARD = "forward"
+    REVERSE = "reverse"
+
+
+class Verdict(StrEnum):
+    """Ordered by severity: `worst()` picks the most severe."""
+
+    HEALTHY = "healthy"
+    VANISHING = "vanishing"
+    EXPLODING = "exploding"
+
+    @property
+    def severity(self) -> int:
+        return [Verdict.HEALTHY, Verdict.VANISHING, Verdict.EXPLODING].index(self)
+
+    @staticmethod
+    def worst(verdicts: list[Verdict]) -> Verdict:
+        return max(verdicts, key=lambda v: v.severity, default=Verdict.HEALTHY)
+
+
+class SpanKind(StrEnum):
+    VANISHING = "vanishing"
+    EXPLODING = "exploding"
+
+
+class FileStatus(StrEnum):
+    OK = "ok"  # replayed and analysed
+    SKIPPED = "skipped"  # readable, but holds no recurrent layer
+    ERROR = "error"  # unusable input; see FileDiagnosis.error
+
+
+class PascanuReading(StrEnum):
+    """Pascanu et al. 2013 on a plain RNN: sigma_max(W_hh) against 1/gamma."""
+
+    VANISHING_GUARANTEED = "vanishing_guaranteed"  # sigma_max < 1/gamma (sufficient)
+    EXPLODING_POSSIBLE = "exploding_possible"  # sigma_max > 1/gamma (necessary, not sufficient)
+    BOUNDARY = "boundary"  # sigma_max == 1/gamma
+    NOT_APPLICABLE = "not_applicable"  # gated cells: the bound does not apply
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A recurrent module found in a state dict, from key names and shapes alone.
+
+    `name` is the key prefix without the trailing dot ("" for a bare module); parameter keys are
+    `name + "." + local` (or `local` when name is ""), e.g. `weight_hh_l1_reverse`.
+    """
+
+    name: str
+    kind: ModuleKind
+    input_size: int
+    hidden_size: int
+    proj_size: int  # 0: no projection
+    num_layers: int
+    bidirectional: bool
+    bias: bool
+    nonlinearity: str | None  # "tanh" | "relu" for RNN/RNNCell, None otherwise
+    embedding: str | None = None  # key of an (V, input_size) matrix that may feed token ids
+
+    @property
+    def cell_type(self) -> CellType:
+        return self.kind.cell_type
+
+    @property
+    def directions(self) -> tuple[Direction, ...]:
+        if self.bidirectional:
+            return (Direction.FORWARD, Direction.REVERSE)
+        return (Direction.FORWARD,)
+
+    @property
+    def output_size(self) -> int:
+        """Width of h_t: proj_size when projected, hidden_size otherwise."""
+        return self.proj_size or self.hidden_size
+
+    def key(self, local: str) -> str:
+        return f"{self.name}.{local}" if self.name else local
+
+    def local_name(self, base: str, layer: int, direction: Direction) -> str:
+        """Parameter name inside the module: `weight_ih_l0_reverse`, or `weight_ih` for cells."""
+        if self.kind.is_cell:
+            return base
+        suffix = "_reverse" if direction is Direction.REVERSE else ""
+        return f"{base}_l{layer}{suffix}"
+
+
+@dataclass(frozen=True)
+class Span:
+    """A maximal run of time steps `start..end` (inclusive, by time index t) with one kind."""
+
+    kind: SpanKind
+    start: int
+    end: int
+    extreme_ratio: float | None  # min r_t (vanishing) / max finite r_t (exploding) in the span
+
+
+@dataclass(frozen=True)
+class ForgetBias:
+    """Effective LSTM forget-gate bias b_if + b_hf over the hidden units."""
+
+    mean: float
+    min: float
+    max: float
+    mean_gate_at_rest: float  # mean of sigmoid(b_f): the forget gate with zero input and state
+
+
+@dataclass(frozen=True)
+class LayerDiagnosis:
+    """One layer and direction. Series are indexed by time step t = 0..T-1."""
+
+    layer: int
+    direction: Direction
+    grad_norm: tuple[float, ...]  # ||dL/dh_t||_2 over the batch
+    cell_grad_norm: tuple[float, ...] | None  # ||dL/dc_t||_2 (LSTM only)
+    state_grad_norm: tuple[float, ...]  # sqrt(grad_norm^2 + cell_grad_norm^2)
+    ratio: tuple[float, ...]  # state_grad_norm[t] / state_grad_norm[final step]
+    final_step: int  # T-1 forward, 0 reverse
+    growth_per_step: float | None
+    horizon: int | None
+    sigma_max_hh: float
+    pascanu: PascanuReading
+    forget_bias: ForgetBias | None
+    spans: tuple[Span, ...]
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class ModuleDiagnosis:
+    spec: ModuleSpec
+    inputs: str  # how the replay was fed, e.g. "synthetic N(0,1)" or "batch file: inputs"
+    loss: float  # value of the objective on the replayed batch
+    layers: tuple[LayerDiagnosis, ...]
+
+    @property
+    def verdict(self) -> Verdict:
+        return Verdict.worst([layer.verdict for layer in self.layers])
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    source: str  # "synthetic" | path of the batch file
+    batch_size: int
+    seq_len: int
+    seed: int | None  # synthetic batches only
+
+
+@dataclass(frozen=True)
+class FileDiagnosis:
+    path: str
+    format: str  # "safetensors" | "torch" | "unknown"
+    status: FileStatus
+    modules: tuple[ModuleDiagnosis, ...] = ()
+    batch: BatchInfo | None = None
+    notes: tuple[str, ...] = ()
+    error: str | None = None
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """Worst module verdict; None when the file was skipped or unusable."""
+        if self.status is not FileStatus.OK:
+            return None
+        return Verdict.worst([m.verdict for m in self.modules])
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Span thresholds on r_t: vanishing below `vanish`, exploding above `explode`."""
+
+    vanish: float = 1e-3
+    explode: float = 1e3
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """Everything `diagnose_file` needs besides the path."""
+
+    batch_path: str | None = None
+    batch_size: int = 16
+    seq_len: int = 100
+    seed: int = 0
+    nonlinearity: str | None = None  # None: from file metadata, else "tanh"
+    dtype: str = "float32"
+    thresholds: Thresholds = field(default_factory=Thresholds)
