@@ -163,9 +163,10 @@ def _strip_wrappers(tensors: Mapping[str, Tensor], path: Path) -> dict[str, Tens
     """Drop leading `module.` (DataParallel/DDP) and any `_orig_mod.` (torch.compile) segment."""
     out: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
-        name = key.replace("_orig_mod.", "")
-        while name.startswith("module."):
-            name = name[len("module.") :]
+        parts = [part for part in key.split(".") if part != "_orig_mod"]
+        while len(parts) > 1 and parts[0] == "module":
+            parts = parts[1:]
+        name = ".".join(parts)
         if name in out:
             raise CheckpointError(f"{path}: tensor names collide after removing wrapper "
                                   f"prefixes: {key!r} and another key both map to {name!r}")

@@ -170,6 +170,8 @@ class ModuleDiagnosis:
     inputs: str  # how the replay was fed, e.g. "synthetic N(0,1)" or "batch file: inputs"
     loss: float  # value of the objective on the replayed batch
     layers: tuple[LayerDiagnosis, ...]
+    batch_size: int
+    seq_len: int
 
     @property
     def verdict(self) -> Verdict:

@@ -1,0 +1,5 @@
+import sys
+
+from rnndiag.cli import main
+
+sys.exit(main())

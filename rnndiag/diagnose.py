@@ -1,0 +1,178 @@
+"""The `check` pipeline: file -> modules -> replay -> per-step series -> records.
+
+Everything here returns frozen records; nothing prints. A file that cannot be used becomes a
+`FileDiagnosis` with status `error` so that one bad file never hides the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rnndiag import analysis, static
+from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
+from rnndiag.checkpoint import Checkpoint, is_lfs_pointer, load_checkpoint, sniff_format
+from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
+from rnndiag.errors import ArchitectureError, OptionError, RnnDiagError
+from rnndiag.records import (
+    BatchInfo,
+    CellType,
+    CheckOptions,
+    FileDiagnosis,
+    FileStatus,
+    LayerDiagnosis,
+    ModuleDiagnosis,
+    ModuleSpec,
+)
+from rnndiag.replay import StepAdjoints, final_step, replay
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def validate(options: CheckOptions) -> None:
+    """Reject option values no file could make sense of (exit 2 before any work)."""
+    if options.batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1, got {options.batch_size}")
+    if options.seq_len < 1:
+        raise OptionError(f"--seq-len must be at least 1, got {options.seq_len}")
+    if options.dtype not in DTYPES:
+        raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    th = options.thresholds
+    if not 0.0 < th.vanish < 1.0 < th.explode < float("inf"):
+        raise OptionError("thresholds must satisfy 0 < --vanish-threshold < 1 < "
+                          f"--explode-threshold, got {th.vanish:g} and {th.explode:g}")
+
+
+def diagnose_files(paths: Iterable[Path], options: CheckOptions) -> list[FileDiagnosis]:
+    """Diagnose every file with one batch. Option and batch errors raise: they affect all files."""
+    validate(options)
+    batch = load_batch(Path(options.batch_path)) if options.batch_path else None
+    return [diagnose_file(path, options, batch) for path in paths]
+
+
+def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None) -> FileDiagnosis:
+    fmt = "unknown"
+    try:
+        if path.is_file() and is_lfs_pointer(path):
+            return FileDiagnosis(str(path), "lfs-pointer", FileStatus.SKIPPED,
+                                 notes=("Git LFS pointer: the checkpoint itself was not "
+                                        "fetched (run `git lfs pull`)",))
+        if path.is_file():
+            fmt = sniff_format(path)
+        ckpt = load_checkpoint(path)
+        fmt = ckpt.format
+        specs = find_modules(ckpt, options.nonlinearity)
+        if not specs:
+            return FileDiagnosis(str(path), fmt, FileStatus.SKIPPED, notes=ckpt.notes + (
+                "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file",))
+        modules = tuple(_diagnose_module(spec, ckpt, options, batch) for spec in specs)
+    except RnnDiagError as exc:
+        return FileDiagnosis(str(path), fmt, FileStatus.ERROR, error=str(exc))
+    first = modules[0]
+    info = BatchInfo(
+        source=batch.path if batch else "synthetic",
+        batch_size=first.batch_size,
+        seq_len=first.seq_len,
+        seed=None if batch else options.seed,
+    )
+    return FileDiagnosis(str(path), fmt, FileStatus.OK, modules, info, ckpt.notes)
+
+
+def find_modules(ckpt: Checkpoint, nonlinearity: str | None) -> list[ModuleSpec]:
+    shapes = {name: tuple(t.shape) for name, t in ckpt.tensors.items()}
+    return [
+        resolve_nonlinearity(attach_embedding(spec, shapes), ckpt.metadata, nonlinearity)
+        for spec in discover(shapes)
+    ]
+
+
+def module_params(spec: ModuleSpec, tensors: Mapping[str, Tensor], dtype: torch.dtype,
+                  ) -> dict[str, Tensor]:
+    """The module's tensors under their local names (`weight_hh_l0`), cast to `dtype`."""
+    prefix = f"{spec.name}." if spec.name else ""
+    out = {}
+    for key, tensor in tensors.items():
+        local = key[len(prefix):] if key.startswith(prefix) else None
+        if local is None or "." in local:
+            continue
+        if not tensor.is_floating_point():
+            raise ArchitectureError(f"{key}: dtype {str(tensor.dtype).removeprefix('torch.')} "
+                               "is not a floating-point weight")
+        out[local] = tensor.detach().to(dtype)
+    return out
+
+
+def module_inputs(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
+                  batch: BatchFile | None) -> tuple[str, Tensor]:
+    """(description, float inputs (B, T, input_size)) for one module."""
+    if batch is not None:
+        name, raw = file_inputs(spec, batch)
+        where = f"batch {batch.path}: '{name}'"
+        tensors: Mapping[str, Tensor] = ckpt.tensors
+    else:
+        vocab = ckpt.tensors[spec.embedding].shape[0] if spec.embedding else None
+        raw = synthetic_inputs(spec, options.batch_size, options.seq_len, options.seed, vocab)
+        name = "synthetic token ids" if vocab else "synthetic N(0, 1)"
+        where, tensors = name, ckpt.tensors
+    inputs, embedding = embed_or_check(spec, raw, where, tensors)
+    desc = f"{name} via embedding {embedding}" if embedding else name
+    return desc, inputs
+
+
+def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
+                     batch: BatchFile | None) -> ModuleDiagnosis:
+    dtype = DTYPES[options.dtype]
+    params = module_params(spec, ckpt.tensors, dtype)
+    desc, inputs = module_inputs(spec, ckpt, options, batch)
+    inputs = inputs.detach().to(dtype)
+    batch_size, seq_len, _ = inputs.shape
+    with torch.enable_grad():
+        result = replay(spec, params, inputs)
+    layers = tuple(_diagnose_layer(spec, params, adj, seq_len, options) for adj in result.adjoints)
+    return ModuleDiagnosis(spec, desc, result.loss, layers, batch_size, seq_len)
+
+
+def series_norms(adjoint: Tensor) -> tuple[float, ...]:
+    """||adjoint[t]||_2 over the whole batch for every t, accumulated in float64."""
+    flat = adjoint.detach().double().reshape(adjoint.shape[0], -1)
+    return tuple(float(v) for v in torch.linalg.vector_norm(flat, dim=1))
+
+
+def _diagnose_layer(spec: ModuleSpec, params: Mapping[str, Tensor], adj: StepAdjoints,
+                    seq_len: int, options: CheckOptions) -> LayerDiagnosis:
+    th = options.thresholds
+    grad = series_norms(adj.dh)
+    cell = series_norms(adj.dc) if adj.dc is not None else None
+    state = grad if cell is None else tuple(
+        math.hypot(g, c) for g, c in zip(grad, cell, strict=True))
+    final = final_step(adj.direction, seq_len)
+    r = analysis.ratios(state, final)
+    found = analysis.spans(r, th)
+    w_hh = params[spec.local_name("weight_hh", adj.layer, adj.direction)]
+    sigma = static.sigma_max(w_hh)
+    fb = None
+    if spec.cell_type is CellType.LSTM:
+        fb = static.forget_bias(params.get(spec.local_name("bias_ih", adj.layer, adj.direction)),
+                                params.get(spec.local_name("bias_hh", adj.layer, adj.direction)),
+                                spec.hidden_size)
+    return LayerDiagnosis(
+        layer=adj.layer,
+        direction=adj.direction,
+        grad_norm=grad,
+        cell_grad_norm=cell,
+        state_grad_norm=state,
+        ratio=r,
+        final_step=final,
+        growth_per_step=analysis.growth_per_step(state, final),
+        horizon=analysis.horizon(r, final, th),
+        sigma_max_hh=sigma,
+        pascanu=static.pascanu(sigma, spec.cell_type, spec.nonlinearity),
+        forget_bias=fb,
+        spans=found,
+        verdict=analysis.verdict(found),
+    )
+

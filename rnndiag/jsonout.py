@@ -1,0 +1,136 @@
+"""The JSON document of `rnndiag check --format json` (schema_version below; see README).
+
+Every float that is not finite (a gradient that overflowed, a NaN from NaN weights) is written
+as `null`, and the steps where it happened are listed in `nonfinite_steps`, so the document is
+always strict JSON (`allow_nan=False`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from rnndiag._version import __version__
+from rnndiag.outcome import exit_code
+from rnndiag.records import (
+    CheckOptions,
+    FileDiagnosis,
+    LayerDiagnosis,
+    ModuleDiagnosis,
+    Span,
+    Verdict,
+)
+
+SCHEMA_VERSION = "0.1.0"
+OBJECTIVE = "final_state_energy"  # L = 1/(2B) sum_b sum_d ||h_final^{top,d}_b||^2
+
+
+def document(files: Sequence[FileDiagnosis], options: CheckOptions | None,
+             errors: Sequence[str] = ()) -> dict[str, Any]:
+    verdicts = [f.verdict for f in files if f.verdict is not None]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "rnndiag", "version": __version__},
+        "options": _options(options) if options else None,
+        "verdict": Verdict.worst(verdicts).value if verdicts else None,
+        "exit_code": 2 if errors else int(exit_code(files)),
+        "errors": [{"path": None, "message": e} for e in errors]
+        + [{"path": f.path, "message": f.error} for f in files if f.error],
+        "files": [_file(f) for f in files],
+    }
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+
+def _options(o: CheckOptions) -> dict[str, Any]:
+    return {
+        "batch": o.batch_path,
+        "batch_size": o.batch_size,
+        "seq_len": o.seq_len,
+        "seed": o.seed,
+        "nonlinearity": o.nonlinearity,
+        "dtype": o.dtype,
+        "vanish_threshold": o.thresholds.vanish,
+        "explode_threshold": o.thresholds.explode,
+    }
+
+
+def _file(f: FileDiagnosis) -> dict[str, Any]:
+    return {
+        "path": f.path,
+        "format": f.format,
+        "status": f.status.value,
+        "verdict": f.verdict.value if f.verdict else None,
+        "error": f.error,
+        "notes": list(f.notes),
+        "batch": None if f.batch is None else {
+            "source": f.batch.source,
+            "batch_size": f.batch.batch_size,
+            "seq_len": f.batch.seq_len,
+            "seed": f.batch.seed,
+        },
+        "modules": [_module(m) for m in f.modules],
+    }
+
+
+def _module(m: ModuleDiagnosis) -> dict[str, Any]:
+    s = m.spec
+    return {
+        "name": s.name,
+        "kind": s.kind.value,
+        "input_size": s.input_size,
+        "hidden_size": s.hidden_size,
+        "proj_size": s.proj_size,
+        "num_layers": s.num_layers,
+        "bidirectional": s.bidirectional,
+        "bias": s.bias,
+        "nonlinearity": s.nonlinearity,
+        "embedding": s.embedding,
+        "inputs": m.inputs,
+        "batch_size": m.batch_size,
+        "seq_len": m.seq_len,
+        "objective": {"name": OBJECTIVE, "value": _num(m.loss)},
+        "verdict": m.verdict.value,
+        "layers": [_layer(layer) for layer in m.layers],
+    }
+
+
+def _layer(d: LayerDiagnosis) -> dict[str, Any]:
+    fb = d.forget_bias
+    return {
+        "layer": d.layer,
+        "direction": d.direction.value,
+        "final_step": d.final_step,
+        "verdict": d.verdict.value,
+        "growth_per_step": _num(d.growth_per_step),
+        "horizon": d.horizon,
+        "sigma_max_hh": _num(d.sigma_max_hh),
+        "pascanu": d.pascanu.value,
+        "forget_bias": None if fb is None else {
+            "mean": fb.mean, "min": fb.min, "max": fb.max,
+            "mean_gate_at_rest": fb.mean_gate_at_rest,
+        },
+        "spans": [_span(s) for s in d.spans],
+        "nonfinite_steps": [t for t, v in enumerate(d.state_grad_norm) if not math.isfinite(v)],
+        "grad_norm": _series(d.grad_norm),
+        "cell_grad_norm": None if d.cell_grad_norm is None else _series(d.cell_grad_norm),
+        "state_grad_norm": _series(d.state_grad_norm),
+        "ratio": _series(d.ratio),
+    }
+
+
+def _span(s: Span) -> dict[str, Any]:
+    return {"kind": s.kind.value, "start": s.start, "end": s.end,
+            "steps": s.end - s.start + 1, "extreme_ratio": _num(s.extreme_ratio)}
+
+
+def _num(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _series(xs: Sequence[float]) -> list[float | None]:
+    return [_num(x) for x in xs]
