@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rnndiag check sample_models/rnn_tanh_vanishing.safetensors sample_models/lstm_healthy.safetensors; \
+	$(BIN)/rnndiag check --batch sample_models/adding_batch.safetensors \
+	  sample_models/rnn_tanh_vanishing.safetensors sample_models/lstm_healthy.safetensors \
+	  sample_models/rnn_relu_exploding.safetensors sample_models/gru_bidir_2layer.pt; \
 	  echo "rnndiag exit code: $$? (0 healthy, 1 vanishing/exploding found, 2 unusable input)"
 
 # pytest exits 5 when it collected no test; treat that as the failure it is.

@@ -1,0 +1,76 @@
+"""Definitions of the per-step analysis, case by case (see rnndiag/analysis.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rnndiag import analysis
+from rnndiag.records import Span, SpanKind, Thresholds, Verdict
+
+TH = Thresholds()
+V, E = SpanKind.VANISHING, SpanKind.EXPLODING
+
+
+def test_ratios_relative_to_final_step() -> None:
+    assert analysis.ratios([4.0, 2.0, 1.0], final=2) == (4.0, 2.0, 1.0)
+    assert analysis.ratios([4.0, 2.0, 1.0], final=0) == (1.0, 0.5, 0.25)
+
+
+def test_ratios_with_zero_or_nonfinite_reference() -> None:
+    assert analysis.ratios([0.0, 3.0, 0.0], final=2) == (0.0, math.inf, 0.0)
+    assert all(math.isnan(r) for r in analysis.ratios([1.0, math.inf], final=1))
+
+
+@pytest.mark.parametrize(
+    ("r", "expected"),
+    [
+        ([1.0, 1.0, 1.0], ()),
+        ([1e-4, 1e-5, 0.5, 1.0], (Span(V, 0, 1, 1e-5),)),
+        ([2e3, 1.0, 1e-4, 1.0], (Span(E, 0, 0, 2e3), Span(V, 2, 2, 1e-4))),
+        ([math.nan, math.inf, 5e3, 1.0], (Span(E, 0, 2, 5e3),)),
+        ([math.inf, 1.0], (Span(E, 0, 0, None),)),
+        ([1e-3, 1e3], ()),  # thresholds are strict
+        ([1.0, 1e-9], (Span(V, 1, 1, 1e-9),)),
+    ],
+    ids=["flat", "vanish-run", "both-kinds", "nonfinite-joins-run", "only-nonfinite",
+         "at-threshold", "last-step"],
+)
+def test_spans(r: list[float], expected: tuple[Span, ...]) -> None:
+    assert analysis.spans(r, TH) == expected
+
+
+def test_custom_thresholds() -> None:
+    assert analysis.spans([0.05, 1.0], Thresholds(vanish=0.1, explode=10)) == (
+        Span(V, 0, 0, 0.05),)
+
+
+@pytest.mark.parametrize(
+    ("kinds", "expected"),
+    [((), Verdict.HEALTHY), ((V,), Verdict.VANISHING), ((V, E), Verdict.EXPLODING)],
+    ids=["none", "vanishing", "exploding-wins"],
+)
+def test_verdict(kinds: tuple[SpanKind, ...], expected: Verdict) -> None:
+    assert analysis.verdict([Span(k, 0, 0, 1.0) for k in kinds]) is expected
+
+
+@pytest.mark.parametrize("rho", [0.5, 0.9, 1.0, 1.3])
+def test_growth_is_exact_on_geometric_series(rho: float) -> None:
+    forward = [rho ** (9 - t) for t in range(10)]  # final step t = 9
+    assert analysis.growth_per_step(forward, final=9) == pytest.approx(rho, rel=1e-12)
+    reverse = list(reversed(forward))  # final step t = 0
+    assert analysis.growth_per_step(reverse, final=0) == pytest.approx(rho, rel=1e-12)
+
+
+def test_growth_ignores_final_zero_and_nonfinite_steps() -> None:
+    s = [0.0, math.inf, 0.25, 0.5, 1.0, 123.0]  # final step t = 5 is excluded from the fit
+    assert analysis.growth_per_step(s, final=5) == pytest.approx(0.5)
+    assert analysis.growth_per_step([1.0, 1.0], final=1) is None  # one point: no line
+
+
+def test_horizon_counts_steps_back_from_final() -> None:
+    r = [1e-6, 1e-4, 0.5, 1.0]
+    assert analysis.horizon(r, final=3, th=TH) == 2
+    assert analysis.horizon(list(reversed(r)), final=0, th=TH) == 2
+    assert analysis.horizon([1.0, 1.0], final=1, th=TH) is None
