@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from rnndiag._version import __version__
+
+if TYPE_CHECKING:
+    from rnndiag.records import FileDiagnosis
 
 EXIT_HELP = """Exit codes: 0 every file healthy or skipped; 1 a layer is vanishing or
 exploding; 2 unusable input or options (one line on stderr)."""
@@ -135,12 +139,12 @@ def _stderr(message: str) -> None:
     sys.stderr.write(f"rnndiag: error: {safe(message)}\n")
 
 
-def _print_text(files: list[object]) -> None:
+def _print_text(files: Sequence[FileDiagnosis]) -> None:
     from rich.console import Console
 
     from rnndiag.report import render
 
-    Console(highlight=False).print(render(files))  # type: ignore[arg-type]
+    Console(highlight=False).print(render(files))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,11 +92,10 @@ def _run_direction(
     """
     batch, seq_len, _ = x.shape
     cell = spec.cell_type
-    opts = {"dtype": x.dtype, "device": x.device}
-    dh = torch.zeros(seq_len, batch, spec.output_size, **opts)
-    dc = torch.zeros(seq_len, batch, spec.hidden_size, **opts) if cell is CellType.LSTM else None
-    h = torch.zeros(batch, spec.output_size, **opts, requires_grad=True)
-    c = torch.zeros(batch, spec.hidden_size, **opts, requires_grad=True) if dc is not None else None
+    dh = x.new_zeros(seq_len, batch, spec.output_size)
+    dc = x.new_zeros(seq_len, batch, spec.hidden_size) if cell is CellType.LSTM else None
+    h = x.new_zeros(batch, spec.output_size).requires_grad_()
+    c = x.new_zeros(batch, spec.hidden_size).requires_grad_() if dc is not None else None
     xp = input_projection(x, w)
     states: list[Tensor | None] = [None] * seq_len
     order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)

@@ -1,7 +1,8 @@
 """Data-free checks of recurrent weights.
 
 Pascanu, Mikolov & Bengio 2013 (On the difficulty of training RNNs, sec. 3.1): for
-h_t = sigma(W_hh h_{t-1} + ...) with |sigma'| <= gamma, ||dh_t/dh_{t-1}|| <= sigma_max(W_hh) * gamma.
+h_t = sigma(W_hh h_{t-1} + ...) with |sigma'| <= gamma,
+||dh_t/dh_{t-1}|| <= sigma_max(W_hh) * gamma.
 So sigma_max < 1/gamma is sufficient for gradients to vanish over long spans, and
 sigma_max > 1/gamma is necessary (not sufficient) for them to explode. gamma = 1 for tanh and
 relu. The bound is stated for plain RNNs; for gated cells sigma_max is reported without it.
