@@ -27,7 +27,7 @@ test: $(STAMP)
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check rnndiag tests bench sample_models
+	$(BIN)/ruff check rnndiag tests sample_models
 	$(BIN)/mypy
 
 bench: $(STAMP)
