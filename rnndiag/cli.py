@@ -17,7 +17,7 @@ import typer
 from rnndiag._version import __version__
 
 if TYPE_CHECKING:
-    from rnndiag.records import FileDiagnosis
+    from rnndiag.records import FileDiagnosis, Thresholds
 
 EXIT_HELP = """Exit codes: 0 every file healthy or skipped; 1 a layer is vanishing or
 exploding; 2 unusable input or options (one line on stderr)."""
@@ -113,7 +113,7 @@ def _run_check(paths: list[Path], options: object, output_format: Format, debug:
     if output_format is Format.JSON:
         sys.stdout.write(jsonout.dumps(jsonout.document(files, options)))
     else:
-        _print_text(files)
+        _print_text(files, options.thresholds)
     for f in files:
         if f.error:
             _stderr(f.error if f.error.startswith(f.path) else f"{f.path}: {f.error}")
@@ -139,12 +139,12 @@ def _stderr(message: str) -> None:
     sys.stderr.write(f"rnndiag: error: {safe(message)}\n")
 
 
-def _print_text(files: Sequence[FileDiagnosis]) -> None:
+def _print_text(files: Sequence[FileDiagnosis], thresholds: Thresholds) -> None:
     from rich.console import Console
 
     from rnndiag.report import render
 
-    Console(highlight=False).print(render(files))
+    Console(highlight=False).print(render(files, thresholds))
 
 
 def main(argv: list[str] | None = None) -> int:

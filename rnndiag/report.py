@@ -1,18 +1,21 @@
-"""Render diagnoses as a Rich renderable for people. Returns renderables; the CLI prints them.
+"""Render diagnoses as Rich renderables for people. Returns renderables; the CLI prints them.
 
 Every string that came from a file (paths, tensor names, metadata) goes through `safe()` and
 into `Text` objects, never into markup, so a checkpoint cannot inject styles or control codes.
+The gradient-flow strip encodes log10 r_t in the glyph height as well as in colour, so it reads
+the same with NO_COLOR.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from rnndiag.findings import Advice, advice
 from rnndiag.records import (
     FileDiagnosis,
     FileStatus,
@@ -20,17 +23,22 @@ from rnndiag.records import (
     ModuleDiagnosis,
     PascanuReading,
     Span,
+    SpanKind,
+    Thresholds,
     Verdict,
 )
 
 VERDICT_STYLE = {Verdict.HEALTHY: "bold green", Verdict.VANISHING: "bold yellow",
                  Verdict.EXPLODING: "bold red"}
 PASCANU_TEXT = {
-    PascanuReading.VANISHING_GUARANTEED: "< 1/gamma: vanishing guaranteed",
-    PascanuReading.EXPLODING_POSSIBLE: "> 1/gamma: exploding possible",
-    PascanuReading.BOUNDARY: "= 1/gamma: boundary",
-    PascanuReading.NOT_APPLICABLE: "gated cell: bound n/a",
+    PascanuReading.VANISHING_GUARANTEED: "< 1/γ: vanishing guaranteed",
+    PascanuReading.EXPLODING_POSSIBLE: "> 1/γ: exploding possible",
+    PascanuReading.BOUNDARY: "= 1/γ: boundary",
+    PascanuReading.NOT_APPLICABLE: "gated: bound n/a",
 }
+GLYPHS = "▁▂▃▄▅▆▇█"
+NONFINITE_GLYPH = "×"
+STRIP_DECADES_BELOW = 9  # the strip spans vanish/1e9 .. explode on a log scale
 
 
 def safe(text: str) -> str:
@@ -46,54 +54,63 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def render(files: Sequence[FileDiagnosis]) -> RenderableType:
+def render(files: Sequence[FileDiagnosis], thresholds: Thresholds) -> RenderableType:
     parts: list[RenderableType] = []
     for f in files:
-        parts.extend(_file(f))
-    parts.append(_summary(files))
+        parts.extend(_file(f, thresholds))
+    parts.extend(_advice(advice(files)))
+    parts.append(_summary(files, thresholds))
     return Group(*parts)
 
 
 def _verdict_text(v: Verdict | None, status: FileStatus) -> Text:
     if v is None:
-        return Text(status.value.upper(), style="bold magenta" if status is FileStatus.ERROR
-                    else "dim")
+        style = "bold magenta" if status is FileStatus.ERROR else "dim"
+        return Text(status.value.upper(), style=style)
     return Text(v.value.upper(), style=VERDICT_STYLE[v])
 
 
-def _file(f: FileDiagnosis) -> list[RenderableType]:
-    head = Text.assemble(Text(safe(f.path), style="bold"), f"  ({f.format})  ",
-                         _verdict_text(f.verdict, f.status))
+def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
+    head = Text.assemble(_verdict_text(f.verdict, f.status), "  ",
+                         Text(safe(f.path), style="bold"), f"  ({f.format})")
     out: list[RenderableType] = [Text(""), head]
     if f.error:
         out.append(Text(f"  error: {safe(f.error)}", style="magenta"))
     for note in f.notes:
         out.append(Text(f"  note: {safe(note)}", style="dim"))
     for m in f.modules:
-        out.extend(_module(m, f))
+        out.extend(_module(m, f, th))
     return out
 
 
-def _module(m: ModuleDiagnosis, f: FileDiagnosis) -> list[RenderableType]:
+def describe(m: ModuleDiagnosis) -> str:
     s = m.spec
     arch = s.kind.value + (f"({s.nonlinearity})" if s.nonlinearity else "")
     sizes = f"input {s.input_size}, hidden {s.hidden_size}"
     if s.proj_size:
         sizes += f", proj {s.proj_size}"
-    shape = (f"{s.num_layers} layer{'s' if s.num_layers > 1 else ''}, "
-             f"{'bidirectional' if s.bidirectional else 'unidirectional'}"
-             f"{'' if s.bias else ', no bias'}")
     if s.kind.is_cell:
-        shape = "cell applied recurrently"
+        return f"{arch}  {sizes}, cell applied for T steps"
+    layers = f"{s.num_layers} layer{'s' if s.num_layers > 1 else ''}"
+    dirs = "bidirectional" if s.bidirectional else "unidirectional"
+    return f"{arch}  {sizes}, {layers}, {dirs}{'' if s.bias else ', no bias'}"
+
+
+def _module(m: ModuleDiagnosis, f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
     seed = f", seed {f.batch.seed}" if f.batch and f.batch.seed is not None else ""
-    title = Text.assemble("  ", Text(safe(s.name or "<root>"), style="bold cyan"),
-                          f"  {arch}  {sizes}, {shape}")
+    title = Text.assemble("  ", Text(safe(m.spec.name or "<root>"), style="bold cyan"), "  ",
+                          describe(m), "  ", Text(m.verdict.value, style=VERDICT_STYLE[m.verdict]))
     fed = Text(f"  replayed on {safe(m.inputs)}: B={m.batch_size}, T={m.seq_len}{seed}; "
                f"L = {fmt(m.loss)}", style="dim")
-    return [title, fed, _layers_table(m.layers, m.seq_len), *_spans(m.layers)]
+    return [title, fed, _layers_table(m.layers), FlowStrips(m.layers, th),
+            *_spans_table(m.layers)]
 
 
-def _layers_table(layers: Sequence[LayerDiagnosis], seq_len: int) -> Table:
+def layer_label(d: LayerDiagnosis) -> str:
+    return f"{d.layer} {'fwd' if d.direction.value == 'forward' else 'rev'}"
+
+
+def _layers_table(layers: Sequence[LayerDiagnosis]) -> Table:
     table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
     table.add_column("  layer", justify="right", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
@@ -104,45 +121,111 @@ def _layers_table(layers: Sequence[LayerDiagnosis], seq_len: int) -> Table:
     for d in layers:
         reading = PASCANU_TEXT[d.pascanu]
         if d.forget_bias is not None:
-            reading = (f"forget bias {d.forget_bias.mean:+.2f} "
-                       f"(gate at rest {d.forget_bias.mean_gate_at_rest:.2f})")
+            reading = (f"forget bias {d.forget_bias.mean:+.2f}, "
+                       f"gate at rest {d.forget_bias.mean_gate_at_rest:.2f}")
         table.add_row(
-            _layer_label(d), Text(d.verdict.value, style=VERDICT_STYLE[d.verdict]),
+            layer_label(d), Text(d.verdict.value, style=VERDICT_STYLE[d.verdict]),
             fmt(d.growth_per_step), "-" if d.horizon is None else f"{d.horizon} steps",
             fmt(d.sigma_max_hh), reading,
         )
     return table
 
 
-def _layer_label(d: LayerDiagnosis) -> str:
-    return f"{d.layer} {'fwd' if d.direction.value == 'forward' else 'rev'}"
+class FlowStrips:
+    """One line per layer/direction: log10 r_t over time, bucketed to the available width."""
+
+    def __init__(self, layers: Sequence[LayerDiagnosis], th: Thresholds) -> None:
+        self.layers = layers
+        self.th = th
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for d in self.layers:
+            seq_len = len(d.ratio)
+            prefix, suffix = f"  {layer_label(d):>6} t=0 ", f" {seq_len - 1}"
+            width = max(4, min(options.max_width - len(prefix) - len(suffix), 120))
+            line = Text(prefix, no_wrap=True, overflow="crop")
+            for glyph, style in strip(d.ratio, width, self.th):
+                line.append(glyph, style=style)
+            line.append(suffix, style="dim")
+            yield line
 
 
-def _spans(layers: Sequence[LayerDiagnosis]) -> list[RenderableType]:
-    lines: list[RenderableType] = []
-    for d in layers:
-        for s in d.spans:
-            lines.append(Text.assemble(f"    {_layer_label(d)}  ",
-                                       Text(span_line(s), style=VERDICT_STYLE[Verdict(s.kind)])))
-    return lines
+def buckets(n: int, width: int) -> list[range]:
+    """Split time steps 0..n-1 into at most `width` consecutive, near-equal buckets."""
+    count = min(n, width)
+    edges = [round(i * n / count) for i in range(count + 1)]
+    return [range(edges[i], edges[i + 1]) for i in range(count)]
 
 
-def span_line(s: Span) -> str:
-    if s.kind.value == "vanishing":
-        tail = f"r down to {fmt(s.extreme_ratio, 2)}"
-    else:
-        tail = "r non-finite" if s.extreme_ratio is None else f"r up to {fmt(s.extreme_ratio, 2)}"
-    return f"t={s.start}..{s.end} {s.kind.value}, {tail}"
+def strip(ratios: Sequence[float], width: int, th: Thresholds) -> Iterator[tuple[str, str]]:
+    """(glyph, style) per bucket; a bucket shows its most extreme r_t (farthest from 1)."""
+    lo = math.log10(th.vanish) - STRIP_DECADES_BELOW
+    hi = math.log10(th.explode)
+    for bucket in buckets(len(ratios), width):
+        values = [ratios[t] for t in bucket]
+        if any(not math.isfinite(r) for r in values):
+            yield NONFINITE_GLYPH, "bold red"
+            continue
+        r = max(values, key=lambda v: abs(math.log10(v)) if v > 0 else math.inf)
+        level = math.log10(r) if r > 0 else -math.inf
+        index = round((min(max(level, lo), hi) - lo) / (hi - lo) * (len(GLYPHS) - 1))
+        style = "red" if r > th.explode else "yellow" if r < th.vanish else "green"
+        yield GLYPHS[index], style
 
 
-def _summary(files: Sequence[FileDiagnosis]) -> Text:
+def _spans_table(layers: Sequence[LayerDiagnosis]) -> list[RenderableType]:
+    rows = [(d, s) for d in layers for s in d.spans]
+    if not rows:
+        return []
+    table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
+    table.add_column("  layer", justify="right", no_wrap=True)
+    table.add_column("span", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("finding")
+    for d, s in rows:
+        style = VERDICT_STYLE[Verdict(s.kind.value)]
+        table.add_row(layer_label(d), f"t={s.start}..{s.end}", str(s.end - s.start + 1),
+                      Text(span_text(s), style=style))
+    return [table]
+
+
+def span_text(s: Span) -> str:
+    if s.kind is SpanKind.VANISHING:
+        return f"vanishing, r down to {fmt(s.extreme_ratio, 2)}"
+    if s.extreme_ratio is None:
+        return "exploding, non-finite"
+    return f"exploding, r up to {fmt(s.extreme_ratio, 2)}"
+
+
+def _advice(items: Sequence[Advice]) -> list[RenderableType]:
+    if not items:
+        return []
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for item in items:
+        lines = [Text(item.action)]
+        for ev in item.evidence[:3]:
+            where = f"{safe(ev.path)}: {safe(ev.module) or '<root>'} {ev.layer} {ev.direction}"
+            lines.append(Text(f"evidence [{ev.rule}] {where}: {safe(ev.message)}", style="dim"))
+        if len(item.evidence) > 3:
+            lines.append(Text(f"and {len(item.evidence) - 3} more", style="dim"))
+        grid.add_row("  •", Group(*lines))
+    return [Text("\nWhat to do", style="bold"), grid]
+
+
+def _summary(files: Sequence[FileDiagnosis], th: Thresholds) -> RenderableType:
     counts: dict[str, int] = {}
     for f in files:
         key = f.verdict.value if f.verdict else f.status.value
         counts[key] = counts.get(key, 0) + 1
     body = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    legend = ("r_t = ‖∂L/∂s_t‖ / ‖∂L/∂s_final‖ (s: h, and c for LSTM; L2 over the batch); "
-              "growth/step < 1 shrinks going back in time; horizon: steps back until r_t < "
-              "vanish threshold")
-    return Text.assemble(Text(f"\n{legend}", style="dim"),
-                         f"\n{len(files)} file{'s' if len(files) != 1 else ''} checked: {body}")
+    lo = th.vanish / 10**STRIP_DECADES_BELOW
+    legend = Text.assemble(
+        "\nr_t = ‖∂L/∂s_t‖ / ‖∂L/∂s_final‖ (s = h, and c for LSTM; L2 over the batch). Strip: ",
+        (GLYPHS[0], "yellow"), f" r ≤ {lo:.0e} … ", (GLYPHS[-1], "red"),
+        f" r ≥ {th.explode:.0e} (log scale), ", (NONFINITE_GLYPH, "bold red"), " non-finite; ",
+        ("yellow", "yellow"), f" < {th.vanish:g}, ", ("red", "red"), f" > {th.explode:g}.",
+        style="dim")
+    plural = "s" if len(files) != 1 else ""
+    return Group(legend, Text(f"{len(files)} file{plural} checked: {body}", style="bold"))

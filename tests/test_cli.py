@@ -44,7 +44,7 @@ def test_text_report_names_module_and_verdict(capsys: pytest.CaptureFixture[str]
     code, out, _ = run(["check", VANISHING, *BATCH], capsys)
     assert code == 1
     assert "VANISHING" in out and "RNN(tanh)" in out
-    assert "t=0..88 vanishing" in out
+    assert "t=0..88" in out and "vanishing, r down to 6.9e-27" in out
 
 
 def test_json_document(capsys: pytest.CaptureFixture[str]) -> None:
