@@ -1,10 +1,13 @@
 """The `rnndiag` command line: parse options, call the core, render, map to an exit code.
 
-torch is imported only inside commands that replay, so `rnndiag --help` stays fast.
+torch is imported only inside commands that replay, so `rnndiag --help` stays fast. Every
+error becomes one line on stderr and exit code 2 (`--debug` adds the traceback).
 """
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -17,10 +20,12 @@ import typer
 from rnndiag._version import __version__
 
 if TYPE_CHECKING:
-    from rnndiag.records import FileDiagnosis, Thresholds
+    from rnndiag.outcome import FailOn as FailOnLevel
+    from rnndiag.records import CheckOptions, FileDiagnosis
 
-EXIT_HELP = """Exit codes: 0 every file healthy or skipped; 1 a layer is vanishing or
-exploding; 2 unusable input or options (one line on stderr)."""
+EXIT_HELP = """Exit codes: 0 nothing selected by --fail-on (healthy or skipped files);
+1 a layer is vanishing or exploding (as selected by --fail-on); 2 unusable input, unsafe
+checkpoint, bad options or internal error (takes precedence)."""
 
 app = typer.Typer(
     add_completion=False,
@@ -44,6 +49,13 @@ class Nonlinearity(StrEnum):
 class DType(StrEnum):
     FLOAT32 = "float32"
     FLOAT64 = "float64"
+
+
+class FailOn(StrEnum):  # mirrors rnndiag.outcome.FailOn without importing the core
+    ANY = "any"
+    VANISHING = "vanishing"
+    EXPLODING = "exploding"
+    NEVER = "never"
 
 
 def _version(value: bool) -> None:
@@ -80,55 +92,119 @@ def check(
         help="r_t below this is vanishing.")] = 1e-3,
     explode_threshold: Annotated[float, typer.Option(
         help="r_t above this (or non-finite) is exploding.")] = 1e3,
+    fail_on: Annotated[FailOn, typer.Option(
+        help="Verdicts that make the exit code 1.")] = FailOn.ANY,
     output_format: Annotated[Format, typer.Option(
-        "--format", help="text for people, json for pipelines (stdout).")] = Format.TEXT,
+        "--format", help="text for people, json for pipelines.")] = Format.TEXT,
+    output: Annotated[Path | None, typer.Option(
+        help="Write the report (in --format) to this file, atomically, instead of stdout.")
+    ] = None,
+    save_svg: Annotated[Path | None, typer.Option(
+        help="Also save the text report as SVG (for pull requests).")] = None,
+    save_html: Annotated[Path | None, typer.Option(
+        help="Also save the text report as HTML.")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Replay each checkpoint's recurrent layers step by step and report gradient flow."""
+    from rnndiag.outcome import FailOn as FailOnLevel
     from rnndiag.records import CheckOptions, Thresholds
 
     options = CheckOptions(
         batch_path=str(batch) if batch else None, batch_size=batch_size, seq_len=seq_len,
         seed=seed, nonlinearity=nonlinearity.value if nonlinearity else None,
         dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold))
-    raise typer.Exit(_run_check(paths, options, output_format, debug))
+    sink = Sink(output_format, output, save_svg, save_html)
+    raise typer.Exit(_run_check(paths, options, FailOnLevel(fail_on.value), sink, debug))
 
 
-def _run_check(paths: list[Path], options: object, output_format: Format, debug: bool) -> int:
-    from rnndiag import jsonout
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema (draft 2020-12) of `check --format json` output."""
+    from importlib.resources import files
+
+    sys.stdout.write(files("rnndiag").joinpath("report.schema.json").read_text("utf-8"))
+
+
+class Sink:
+    """Where the report goes: stdout or --output, plus optional SVG/HTML exports."""
+
+    def __init__(self, fmt: Format, output: Path | None, svg: Path | None,
+                 html: Path | None) -> None:
+        self.fmt, self.output, self.svg, self.html = fmt, output, svg, html
+
+    def json(self, doc: dict[str, object]) -> None:
+        from rnndiag import jsonout
+
+        self._emit(jsonout.dumps(doc))
+
+    def text(self, files: Sequence[FileDiagnosis], options: CheckOptions) -> None:
+        from rich.console import Console
+
+        from rnndiag.report import render
+
+        renderable = render(files, options.thresholds)
+        if self.output is None:
+            Console(highlight=False).print(renderable)
+        if self.output is not None or self.svg or self.html:
+            record = Console(record=True, highlight=False, width=100, file=io.StringIO(),
+                             force_terminal=True, color_system="truecolor")
+            record.print(renderable)
+            if self.svg:
+                _write(self.svg, record.export_svg(title="rnndiag check", clear=False))
+            if self.html:
+                _write(self.html, record.export_html(clear=False))
+            if self.output is not None:
+                _write(self.output, record.export_text(clear=False, styles=False))
+
+    def _emit(self, text: str) -> None:
+        if self.output is None:
+            sys.stdout.write(text)
+        else:
+            _write(self.output, text)
+
+
+def _write(path: Path, text: str) -> None:
+    from rnndiag.atomic import write_atomic
+
+    write_atomic(path, text)
+
+
+def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOnLevel, sink: Sink,
+               debug: bool) -> int:
     from rnndiag.errors import RnnDiagError
-    from rnndiag.records import CheckOptions
 
-    assert isinstance(options, CheckOptions)
     try:
+        from rnndiag import jsonout
         from rnndiag.diagnose import diagnose_files
         from rnndiag.outcome import exit_code
 
-        files = diagnose_files(paths, options)
+        with _progress() as progress:
+            files = diagnose_files(paths, options, progress=progress)
+        if sink.fmt is Format.JSON:
+            sink.json(jsonout.document(files, options, fail_on=fail_on))
+        else:
+            sink.text(files, options)
     except RnnDiagError as exc:
-        return _fail(str(exc), output_format, options, debug)
+        return _fail(str(exc), sink, options, debug)
     except Exception as exc:  # a bug in rnndiag: still one line and exit 2
-        return _fail(f"internal error: {type(exc).__name__}: {exc}", output_format, options,
-                     debug)
-    if output_format is Format.JSON:
-        sys.stdout.write(jsonout.dumps(jsonout.document(files, options)))
-    else:
-        _print_text(files, options.thresholds)
+        return _fail(f"internal error: {type(exc).__name__}: {exc}", sink, options, debug)
     for f in files:
         if f.error:
             _stderr(f.error if f.error.startswith(f.path) else f"{f.path}: {f.error}")
-    return int(exit_code(files))
+    return int(exit_code(files, fail_on))
 
 
-def _fail(message: str, output_format: Format, options: object, debug: bool) -> int:
+def _fail(message: str, sink: Sink, options: CheckOptions, debug: bool) -> int:
     from rnndiag import jsonout
-    from rnndiag.records import CheckOptions
 
     if debug:
         traceback.print_exc()
-    if output_format is Format.JSON:
-        opts = options if isinstance(options, CheckOptions) else None
-        sys.stdout.write(jsonout.dumps(jsonout.document([], opts, errors=[message])))
+    if sink.fmt is Format.JSON:
+        doc = jsonout.document([], options, errors=[message])
+        try:
+            sink.json(doc)
+        except Exception:  # the output file itself is the problem: the document goes to stdout
+            sys.stdout.write(jsonout.dumps(doc))
     _stderr(message)
     return 2
 
@@ -139,12 +215,27 @@ def _stderr(message: str) -> None:
     sys.stderr.write(f"rnndiag: error: {safe(message)}\n")
 
 
-def _print_text(files: Sequence[FileDiagnosis], thresholds: Thresholds) -> None:
-    from rich.console import Console
+class _progress:
+    """A transient status line on stderr while replaying; off in pre-commit and pipes."""
 
-    from rnndiag.report import render
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self.status = None
+        if sys.stderr.isatty() and not os.environ.get("PRE_COMMIT"):
+            from rich.console import Console
 
-    Console(highlight=False).print(render(files, thresholds))
+            self.status = Console(stderr=True).status("rnndiag: starting")
+            self.status.start()
+        return self.update
+
+    def update(self, message: str) -> None:
+        if self.status is not None:
+            from rnndiag.report import safe
+
+            self.status.update(f"rnndiag: {safe(message)}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ Everything here returns frozen records; nothing prints. A file that cannot be us
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -47,14 +47,23 @@ def validate(options: CheckOptions) -> None:
                           f"--explode-threshold, got {th.vanish:g} and {th.explode:g}")
 
 
-def diagnose_files(paths: Iterable[Path], options: CheckOptions) -> list[FileDiagnosis]:
+Progress = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def diagnose_files(paths: Iterable[Path], options: CheckOptions,
+                   progress: Progress = _quiet) -> list[FileDiagnosis]:
     """Diagnose every file with one batch. Option and batch errors raise: they affect all files."""
     validate(options)
     batch = load_batch(Path(options.batch_path)) if options.batch_path else None
-    return [diagnose_file(path, options, batch) for path in paths]
+    return [diagnose_file(path, options, batch, progress) for path in paths]
 
 
-def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None) -> FileDiagnosis:
+def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
+                  progress: Progress = _quiet) -> FileDiagnosis:
     fmt = "unknown"
     try:
         if path.is_file() and is_lfs_pointer(path):
@@ -69,7 +78,10 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None) ->
         if not specs:
             return FileDiagnosis(str(path), fmt, FileStatus.SKIPPED, notes=ckpt.notes + (
                 "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file",))
-        modules = tuple(_diagnose_module(spec, ckpt, options, batch) for spec in specs)
+        modules = []
+        for spec in specs:
+            progress(f"{path}: replaying {spec.name or '<root>'} ({spec.kind.value})")
+            modules.append(_diagnose_module(spec, ckpt, options, batch))
     except RnnDiagError as exc:
         return FileDiagnosis(str(path), fmt, FileStatus.ERROR, error=str(exc))
     first = modules[0]
@@ -79,7 +91,7 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None) ->
         seq_len=first.seq_len,
         seed=None if batch else options.seed,
     )
-    return FileDiagnosis(str(path), fmt, FileStatus.OK, modules, info, ckpt.notes)
+    return FileDiagnosis(str(path), fmt, FileStatus.OK, tuple(modules), info, ckpt.notes)
 
 
 def find_modules(ckpt: Checkpoint, nonlinearity: str | None) -> list[ModuleSpec]:

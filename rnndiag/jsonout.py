@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from rnndiag._version import __version__
-from rnndiag.outcome import exit_code
+from rnndiag.findings import Advice, Finding, advice, findings
+from rnndiag.outcome import FailOn, exit_code
 from rnndiag.records import (
     CheckOptions,
     FileDiagnosis,
@@ -28,16 +29,18 @@ OBJECTIVE = "final_state_energy"  # L = 1/(2B) sum_b sum_d ||h_final^{top,d}_b||
 
 
 def document(files: Sequence[FileDiagnosis], options: CheckOptions | None,
-             errors: Sequence[str] = ()) -> dict[str, Any]:
+             errors: Sequence[str] = (), fail_on: FailOn = FailOn.ANY) -> dict[str, Any]:
     verdicts = [f.verdict for f in files if f.verdict is not None]
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "rnndiag", "version": __version__},
-        "options": _options(options) if options else None,
+        "options": _options(options, fail_on) if options else None,
         "verdict": Verdict.worst(verdicts).value if verdicts else None,
-        "exit_code": 2 if errors else int(exit_code(files)),
+        "exit_code": 2 if errors else int(exit_code(files, fail_on)),
         "errors": [{"path": None, "message": e} for e in errors]
         + [{"path": f.path, "message": f.error} for f in files if f.error],
+        "findings": [_finding(x) for f in files for x in findings(f)],
+        "advice": [_advice(a) for a in advice(files)],
         "files": [_file(f) for f in files],
     }
 
@@ -46,8 +49,9 @@ def dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, allow_nan=False) + "\n"
 
 
-def _options(o: CheckOptions) -> dict[str, Any]:
+def _options(o: CheckOptions, fail_on: FailOn) -> dict[str, Any]:
     return {
+        "fail_on": fail_on.value,
         "batch": o.batch_path,
         "batch_size": o.batch_size,
         "seq_len": o.seq_len,
@@ -121,6 +125,22 @@ def _layer(d: LayerDiagnosis) -> dict[str, Any]:
         "state_grad_norm": _series(d.state_grad_norm),
         "ratio": _series(d.ratio),
     }
+
+
+def _finding(x: Finding) -> dict[str, Any]:
+    return {
+        "rule": x.rule.value, "name": x.rule.slug, "level": x.level.value,
+        "message": x.message, "path": x.path, "module": x.module, "layer": x.layer,
+        "direction": x.direction,
+        "span": None if x.span is None else {"start": x.span.start, "end": x.span.end},
+        "value": _num(x.value),
+    }
+
+
+def _advice(a: Advice) -> dict[str, Any]:
+    return {"action": a.action, "evidence": [
+        {"rule": x.rule.value, "path": x.path, "module": x.module, "layer": x.layer,
+         "direction": x.direction} for x in a.evidence]}
 
 
 def _span(s: Span) -> dict[str, Any]:

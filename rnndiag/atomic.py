@@ -1,0 +1,36 @@
+"""Write output files atomically: a temporary file beside the target, fsync, then rename.
+
+An interrupted run leaves either the old file or the complete new one, never half a report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from rnndiag.errors import OptionError
+
+
+def write_atomic(path: Path, text: str) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OptionError(f"{path}: is a directory; give a file name to write")
+    if not directory.is_dir():
+        raise OptionError(f"{path}: folder {directory} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OptionError(f"{path}: cannot write ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
