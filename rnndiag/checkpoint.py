@@ -16,11 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rnndiag.discover import strip_wrappers
 from rnndiag.errors import CheckpointError
+from rnndiag.files import check_readable, is_lfs_pointer, sniff_format
+from rnndiag.stfile import read_header
 
 # Keys under which training scripts nest the model's state dict (Lightning uses "state_dict").
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+__all__ = ["Checkpoint", "check_readable", "is_lfs_pointer", "load_checkpoint", "read_tensors",
+           "sniff_format"]
+
 MIN_TORCH = (2, 6)  # torch.load(weights_only=True) is unsafe before 2.6 (CVE-2025-32434)
 
 
@@ -31,28 +36,6 @@ class Checkpoint:
     tensors: dict[str, Tensor]
     metadata: dict[str, str]
     notes: tuple[str, ...]
-
-
-def is_lfs_pointer(path: Path) -> bool:
-    """True for a Git LFS pointer file (the real checkpoint was never fetched)."""
-    with path.open("rb") as f:
-        return f.read(len(LFS_MAGIC)) == LFS_MAGIC
-
-
-def sniff_format(path: Path) -> str:
-    """Tell safetensors from torch by content (a safetensors file opens with a length and '{')."""
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{":
-        return "safetensors"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "torch"
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        return "safetensors"
-    if suffix in {".pt", ".pth", ".ckpt", ".bin"}:
-        return "torch"
-    raise CheckpointError(f"{path}: not a safetensors or torch checkpoint (unrecognised content)")
 
 
 def read_tensors(path: Path) -> tuple[str, dict[str, Tensor], dict[str, str]]:
@@ -80,21 +63,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(str(path), fmt, tensors, metadata, tuple(notes))
 
 
-def check_readable(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
-
-
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     from safetensors import safe_open
 
+    read_header(path)  # validates length, JSON, names, dtypes and offsets before safetensors
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -163,10 +135,7 @@ def _strip_wrappers(tensors: Mapping[str, Tensor], path: Path) -> dict[str, Tens
     """Drop leading `module.` (DataParallel/DDP) and any `_orig_mod.` (torch.compile) segment."""
     out: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
-        parts = [part for part in key.split(".") if part != "_orig_mod"]
-        while len(parts) > 1 and parts[0] == "module":
-            parts = parts[1:]
-        name = ".".join(parts)
+        name = strip_wrappers(key)
         if name in out:
             raise CheckpointError(f"{path}: tensor names collide after removing wrapper "
                                   f"prefixes: {key!r} and another key both map to {name!r}")

@@ -18,9 +18,9 @@ from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, sy
 from rnndiag.checkpoint import Checkpoint, is_lfs_pointer, load_checkpoint, sniff_format
 from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
 from rnndiag.errors import ArchitectureError, OptionError, RnnDiagError
+from rnndiag.files import LFS_NOTE
 from rnndiag.records import (
     BatchInfo,
-    CellType,
     CheckOptions,
     FileDiagnosis,
     FileStatus,
@@ -68,8 +68,7 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
     try:
         if path.is_file() and is_lfs_pointer(path):
             return FileDiagnosis(str(path), "lfs-pointer", FileStatus.SKIPPED,
-                                 notes=("Git LFS pointer: the checkpoint itself was not "
-                                        "fetched (run `git lfs pull`)",))
+                                 notes=(LFS_NOTE,))
         if path.is_file():
             fmt = sniff_format(path)
         ckpt = load_checkpoint(path)
@@ -164,13 +163,8 @@ def _diagnose_layer(spec: ModuleSpec, params: Mapping[str, Tensor], adj: StepAdj
     final = final_step(adj.direction, seq_len)
     r = analysis.ratios(state, final)
     found = analysis.spans(r, th)
-    w_hh = params[spec.local_name("weight_hh", adj.layer, adj.direction)]
-    sigma = static.sigma_max(w_hh)
-    fb = None
-    if spec.cell_type is CellType.LSTM:
-        fb = static.forget_bias(params.get(spec.local_name("bias_ih", adj.layer, adj.direction)),
-                                params.get(spec.local_name("bias_hh", adj.layer, adj.direction)),
-                                spec.hidden_size)
+    arrays = {k: v.detach().cpu().double().numpy() for k, v in params.items()}
+    st = static.static_layer(spec, arrays, adj.layer, adj.direction)
     return LayerDiagnosis(
         layer=adj.layer,
         direction=adj.direction,
@@ -181,9 +175,9 @@ def _diagnose_layer(spec: ModuleSpec, params: Mapping[str, Tensor], adj: StepAdj
         final_step=final,
         growth_per_step=analysis.growth_per_step(state, final),
         horizon=analysis.horizon(r, final, th),
-        sigma_max_hh=sigma,
-        pascanu=static.pascanu(sigma, spec.cell_type, spec.nonlinearity),
-        forget_bias=fb,
+        sigma_max_hh=st.sigma_max_hh,
+        pascanu=st.pascanu,
+        forget_bias=st.forget_bias,
         spans=found,
         verdict=analysis.verdict(found),
     )

@@ -187,6 +187,45 @@ class BatchInfo:
 
 
 @dataclass(frozen=True)
+class NonFiniteTensor:
+    """A weight tensor holding NaN or Inf values, with their counts."""
+
+    name: str
+    nan: int
+    inf: int
+
+
+@dataclass(frozen=True)
+class StaticLayer:
+    """Data-free facts about one layer and direction (no replay)."""
+
+    layer: int
+    direction: Direction
+    sigma_max_hh: float
+    pascanu: PascanuReading
+    forget_bias: ForgetBias | None
+
+
+@dataclass(frozen=True)
+class StaticModule:
+    spec: ModuleSpec
+    layers: tuple[StaticLayer, ...]
+
+
+@dataclass(frozen=True)
+class InspectDiagnosis:
+    """`rnndiag inspect`: architecture, non-finite weights, static readings; no replay."""
+
+    path: str
+    format: str
+    status: FileStatus
+    modules: tuple[StaticModule, ...] = ()
+    nonfinite_weights: tuple[NonFiniteTensor, ...] = ()
+    notes: tuple[str, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class FileDiagnosis:
     path: str
     format: str  # "safetensors" | "torch" | "unknown"
@@ -195,6 +234,7 @@ class FileDiagnosis:
     batch: BatchInfo | None = None
     notes: tuple[str, ...] = ()
     error: str | None = None
+    nonfinite_weights: tuple[NonFiniteTensor, ...] = ()
 
     @property
     def verdict(self) -> Verdict | None:

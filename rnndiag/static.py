@@ -10,21 +10,32 @@ relu. The bound is stated for plain RNNs; for gated cells sigma_max is reported 
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import math
+from collections.abc import Mapping
 
-from rnndiag.records import CellType, ForgetBias, PascanuReading
+import numpy as np
+from numpy.typing import ArrayLike
+
+from rnndiag.records import CellType, Direction, ForgetBias, ModuleSpec, PascanuReading, StaticLayer
 
 GAMMA = {"tanh": 1.0, "relu": 1.0}
 
 
-def sigma_max(w_hh: Tensor) -> float:
-    """Largest singular value (spectral norm) of W_hh as stored: (G*H, P), gates stacked."""
-    return float(torch.linalg.matrix_norm(w_hh.double(), ord=2))
+def sigma_max(w_hh: ArrayLike | None) -> float:
+    """Largest singular value (spectral norm) of W_hh as stored: (G*H, P), gates stacked.
+
+    NaN when W_hh holds a non-finite value (the SVD is undefined then).
+    """
+    w = np.asarray(w_hh, dtype=np.float64)
+    if w_hh is None or w.size == 0:
+        return 0.0
+    if not np.isfinite(w).all():
+        return math.nan
+    return float(np.linalg.norm(w, ord=2))
 
 
 def pascanu(sigma: float, cell: CellType, nonlinearity: str | None) -> PascanuReading:
-    if cell is not CellType.RNN or nonlinearity not in GAMMA:
+    if cell is not CellType.RNN or nonlinearity not in GAMMA or not math.isfinite(sigma):
         return PascanuReading.NOT_APPLICABLE
     bound = 1.0 / GAMMA[nonlinearity]
     if sigma < bound:
@@ -34,10 +45,29 @@ def pascanu(sigma: float, cell: CellType, nonlinearity: str | None) -> PascanuRe
     return PascanuReading.BOUNDARY
 
 
-def forget_bias(b_ih: Tensor | None, b_hh: Tensor | None, hidden: int) -> ForgetBias | None:
+def forget_bias(b_ih: ArrayLike | None, b_hh: ArrayLike | None,
+                hidden: int) -> ForgetBias | None:
     """Statistics of b_if + b_hf (rows H..2H of the LSTM biases, gate order i, f, g, o)."""
     if b_ih is None or b_hh is None:
         return None
-    b = (b_ih[hidden : 2 * hidden] + b_hh[hidden : 2 * hidden]).double()
+    b = (np.asarray(b_ih, dtype=np.float64)[hidden : 2 * hidden]
+         + np.asarray(b_hh, dtype=np.float64)[hidden : 2 * hidden])
+    with np.errstate(over="ignore"):
+        gate = 1.0 / (1.0 + np.exp(-b))
     return ForgetBias(mean=float(b.mean()), min=float(b.min()), max=float(b.max()),
-                      mean_gate_at_rest=float(torch.sigmoid(b).mean()))
+                      mean_gate_at_rest=float(gate.mean()))
+
+
+def static_layer(spec: ModuleSpec, arrays: Mapping[str, ArrayLike], layer: int,
+                 direction: Direction) -> StaticLayer:
+    """sigma_max, Pascanu's reading and forget-gate bias of one layer; `arrays` by local name."""
+
+    def get(base: str) -> ArrayLike | None:
+        return arrays.get(spec.local_name(base, layer, direction))
+
+    sigma = sigma_max(get("weight_hh"))
+    fb = None
+    if spec.cell_type is CellType.LSTM:
+        fb = forget_bias(get("bias_ih"), get("bias_hh"), spec.hidden_size)
+    return StaticLayer(layer, direction, sigma, pascanu(sigma, spec.cell_type, spec.nonlinearity),
+                       fb)
