@@ -20,6 +20,8 @@ import typer
 from rnndiag._version import __version__
 
 if TYPE_CHECKING:
+    from rich.console import RenderableType
+
     from rnndiag.outcome import FailOn as FailOnLevel
     from rnndiag.records import CheckOptions, FileDiagnosis
 
@@ -117,12 +119,65 @@ def check(
     raise typer.Exit(_run_check(paths, options, FailOnLevel(fail_on.value), sink, debug))
 
 
+@app.command(epilog="Exit codes: 0 no problem found; 1 NaN/Inf in weights; 2 unusable input.")
+def inspect(
+    paths: Annotated[list[Path], typer.Argument(
+        help="Checkpoints: .safetensors (read without torch), or torch .pt/.pth/.ckpt.",
+        show_default=False)],
+    nonlinearity: Annotated[Nonlinearity | None, typer.Option(
+        help="Plain RNN nonlinearity, for Pascanu's reading.")] = None,
+    output_format: Annotated[Format, typer.Option(
+        "--format", help="text for people, json for pipelines.")] = Format.TEXT,
+    output: Annotated[Path | None, typer.Option(
+        help="Write the report to this file, atomically, instead of stdout.")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Static, data-free check: architecture, NaN/Inf in weights, sigma_max(W_hh), forget bias."""
+    sink = Sink(output_format, output, None, None)
+    try:
+        from rnndiag import jsonout
+        from rnndiag.inspection import inspect_file
+        from rnndiag.outcome import inspect_exit_code
+
+        found = [inspect_file(p, nonlinearity.value if nonlinearity else None) for p in paths]
+        if output_format is Format.JSON:
+            sink.json(jsonout.inspect_document(found))
+        else:
+            from rnndiag.report import render_inspect
+
+            sink.renderable(render_inspect(found))
+    except Exception as exc:  # RnnDiagError (bad --output) or a bug: one line, exit 2
+        if debug:
+            traceback.print_exc()
+        _stderr(str(exc) if _is_ours(exc) else f"internal error: {type(exc).__name__}: {exc}")
+        raise typer.Exit(2) from None
+    for f in found:
+        if f.error:
+            _stderr(f.error if f.error.startswith(f.path) else f"{f.path}: {f.error}")
+    raise typer.Exit(int(inspect_exit_code(found)))
+
+
+def _is_ours(exc: Exception) -> bool:
+    from rnndiag.errors import RnnDiagError
+
+    return isinstance(exc, RnnDiagError)
+
+
+class SchemaName(StrEnum):
+    CHECK = "check"
+    INSPECT = "inspect"
+
+
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema (draft 2020-12) of `check --format json` output."""
+def schema(
+    command: Annotated[SchemaName, typer.Option(
+        help="Whose --format json output to describe.")] = SchemaName.CHECK,
+) -> None:
+    """Print the JSON Schema (draft 2020-12) of `check` (or `inspect`) --format json output."""
     from importlib.resources import files
 
-    sys.stdout.write(files("rnndiag").joinpath("report.schema.json").read_text("utf-8"))
+    name = f"{'report' if command is SchemaName.CHECK else 'inspect'}.schema.json"
+    sys.stdout.write(files("rnndiag").joinpath(name).read_text("utf-8"))
 
 
 class Sink:
@@ -138,11 +193,13 @@ class Sink:
         self._emit(jsonout.dumps(doc))
 
     def text(self, files: Sequence[FileDiagnosis], options: CheckOptions) -> None:
-        from rich.console import Console
-
         from rnndiag.report import render
 
-        renderable = render(files, options.thresholds)
+        self.renderable(render(files, options.thresholds))
+
+    def renderable(self, renderable: RenderableType) -> None:
+        from rich.console import Console
+
         if self.output is None:
             Console(highlight=False).print(renderable)
         if self.output is not None or self.svg or self.html:

@@ -14,13 +14,17 @@ from typing import Any
 
 from rnndiag._version import __version__
 from rnndiag.findings import Advice, Finding, advice, findings
-from rnndiag.outcome import FailOn, exit_code
+from rnndiag.outcome import FailOn, exit_code, inspect_exit_code
 from rnndiag.records import (
     CheckOptions,
     FileDiagnosis,
+    ForgetBias,
+    InspectDiagnosis,
     LayerDiagnosis,
     ModuleDiagnosis,
+    ModuleSpec,
     Span,
+    StaticLayer,
     Verdict,
 )
 
@@ -81,8 +85,7 @@ def _file(f: FileDiagnosis) -> dict[str, Any]:
     }
 
 
-def _module(m: ModuleDiagnosis) -> dict[str, Any]:
-    s = m.spec
+def _spec(s: ModuleSpec) -> dict[str, Any]:
     return {
         "name": s.name,
         "kind": s.kind.value,
@@ -94,6 +97,12 @@ def _module(m: ModuleDiagnosis) -> dict[str, Any]:
         "bias": s.bias,
         "nonlinearity": s.nonlinearity,
         "embedding": s.embedding,
+    }
+
+
+def _module(m: ModuleDiagnosis) -> dict[str, Any]:
+    return {
+        **_spec(m.spec),
         "inputs": m.inputs,
         "batch_size": m.batch_size,
         "seq_len": m.seq_len,
@@ -103,8 +112,39 @@ def _module(m: ModuleDiagnosis) -> dict[str, Any]:
     }
 
 
+def inspect_document(files: Sequence[InspectDiagnosis]) -> dict[str, Any]:
+    """The document of `rnndiag inspect --format json` (inspect.schema.json)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "rnndiag", "version": __version__},
+        "command": "inspect",
+        "exit_code": int(inspect_exit_code(files)),
+        "errors": [{"path": f.path, "message": f.error} for f in files if f.error],
+        "files": [{
+            "path": f.path, "format": f.format, "status": f.status.value, "error": f.error,
+            "notes": list(f.notes),
+            "nonfinite_weights": [{"name": t.name, "nan": t.nan, "inf": t.inf}
+                                  for t in f.nonfinite_weights],
+            "modules": [{**_spec(m.spec), "layers": [_static(x) for x in m.layers]}
+                        for m in f.modules],
+        } for f in files],
+    }
+
+
+def _static(x: StaticLayer) -> dict[str, Any]:
+    return {"layer": x.layer, "direction": x.direction.value,
+            "sigma_max_hh": _num(x.sigma_max_hh), "pascanu": x.pascanu.value,
+            "forget_bias": _forget_bias(x.forget_bias)}
+
+
+def _forget_bias(fb: ForgetBias | None) -> dict[str, Any] | None:
+    if fb is None:
+        return None
+    return {"mean": _num(fb.mean), "min": _num(fb.min), "max": _num(fb.max),
+            "mean_gate_at_rest": _num(fb.mean_gate_at_rest)}
+
+
 def _layer(d: LayerDiagnosis) -> dict[str, Any]:
-    fb = d.forget_bias
     return {
         "layer": d.layer,
         "direction": d.direction.value,
@@ -114,10 +154,7 @@ def _layer(d: LayerDiagnosis) -> dict[str, Any]:
         "horizon": d.horizon,
         "sigma_max_hh": _num(d.sigma_max_hh),
         "pascanu": d.pascanu.value,
-        "forget_bias": None if fb is None else {
-            "mean": fb.mean, "min": fb.min, "max": fb.max,
-            "mean_gate_at_rest": fb.mean_gate_at_rest,
-        },
+        "forget_bias": _forget_bias(d.forget_bias),
         "spans": [_span(s) for s in d.spans],
         "nonfinite_steps": [t for t, v in enumerate(d.state_grad_norm) if not math.isfinite(v)],
         "grad_norm": _series(d.grad_norm),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import IntEnum, StrEnum
 
-from rnndiag.records import FileDiagnosis, FileStatus, Verdict
+from rnndiag.records import FileDiagnosis, FileStatus, InspectDiagnosis, Verdict
 
 
 class ExitCode(IntEnum):
@@ -39,5 +39,14 @@ def exit_code(files: Sequence[FileDiagnosis], fail_on: FailOn = FailOn.ANY) -> E
         return ExitCode.UNUSABLE
     verdicts = {layer.verdict for f in files for m in f.modules for layer in m.layers}
     if any(fail_on.selects(v) for v in verdicts):
+        return ExitCode.FINDINGS
+    return ExitCode.OK
+
+
+def inspect_exit_code(files: Sequence[InspectDiagnosis]) -> ExitCode:
+    """`inspect`: 2 for an unusable file, 1 for NaN/Inf in weights, else 0."""
+    if any(f.status is FileStatus.ERROR for f in files):
+        return ExitCode.UNUSABLE
+    if any(f.nonfinite_weights for f in files):
         return ExitCode.FINDINGS
     return ExitCode.OK

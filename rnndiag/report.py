@@ -19,11 +19,14 @@ from rnndiag.findings import Advice, advice
 from rnndiag.records import (
     FileDiagnosis,
     FileStatus,
+    InspectDiagnosis,
     LayerDiagnosis,
     ModuleDiagnosis,
+    ModuleSpec,
     PascanuReading,
     Span,
     SpanKind,
+    StaticLayer,
     Thresholds,
     Verdict,
 )
@@ -84,7 +87,10 @@ def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
 
 
 def describe(m: ModuleDiagnosis) -> str:
-    s = m.spec
+    return _describe_spec(m.spec)
+
+
+def _describe_spec(s: ModuleSpec) -> str:
     arch = s.kind.value + (f"({s.nonlinearity})" if s.nonlinearity else "")
     sizes = f"input {s.input_size}, hidden {s.hidden_size}"
     if s.proj_size:
@@ -229,3 +235,41 @@ def _summary(files: Sequence[FileDiagnosis], th: Thresholds) -> RenderableType:
         style="dim")
     plural = "s" if len(files) != 1 else ""
     return Group(legend, Text(f"{len(files)} file{plural} checked: {body}", style="bold"))
+
+
+def render_inspect(files: Sequence[InspectDiagnosis]) -> RenderableType:
+    parts: list[RenderableType] = []
+    for f in files:
+        status = Text(f.status.value.upper(), style="bold magenta" if f.error else "bold")
+        if f.nonfinite_weights:
+            status = Text("NON-FINITE WEIGHTS", style="bold red")
+        parts += [Text(""), Text.assemble(status, "  ", Text(safe(f.path), style="bold"),
+                                          f"  ({f.format})")]
+        if f.error:
+            parts.append(Text(f"  error: {safe(f.error)}", style="magenta"))
+        parts += [Text(f"  note: {safe(n)}", style="dim") for n in f.notes]
+        for t in f.nonfinite_weights:
+            parts.append(Text(f"  {safe(t.name)}: {t.nan} NaN, {t.inf} Inf", style="red"))
+        for m in f.modules:
+            parts.append(Text.assemble("  ", Text(safe(m.spec.name or "<root>"),
+                                                  style="bold cyan"), "  ", _describe_spec(m.spec)))
+            parts.append(_static_table(m.layers))
+    parts.append(Text(f"\n{len(files)} file{'s' if len(files) != 1 else ''} inspected "
+                      "(static: no replay; run `rnndiag check` for per-step gradients)",
+                      style="bold"))
+    return Group(*parts)
+
+
+def _static_table(layers: Sequence[StaticLayer]) -> Table:
+    table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
+    table.add_column("  layer", justify="right", no_wrap=True)
+    table.add_column("σmax(W_hh)", justify="right", no_wrap=True)
+    table.add_column("static reading")
+    for x in layers:
+        reading = PASCANU_TEXT[x.pascanu]
+        if x.forget_bias is not None:
+            reading = (f"forget bias {x.forget_bias.mean:+.2f}, "
+                       f"gate at rest {x.forget_bias.mean_gate_at_rest:.2f}")
+        label = f"{x.layer} {'fwd' if x.direction.value == 'forward' else 'rev'}"
+        table.add_row(label, fmt(x.sigma_max_hh), reading)
+    return table
