@@ -27,6 +27,7 @@ from rnndiag.records import (
     LayerDiagnosis,
     ModuleDiagnosis,
     ModuleSpec,
+    NonFiniteTensor,
 )
 from rnndiag.replay import StepAdjoints, final_step, replay
 
@@ -77,6 +78,7 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
         if not specs:
             return FileDiagnosis(str(path), fmt, FileStatus.SKIPPED, notes=ckpt.notes + (
                 "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file",))
+        bad = nonfinite_weights(ckpt.tensors)
         modules = []
         for spec in specs:
             progress(f"{path}: replaying {spec.name or '<root>'} ({spec.kind.value})")
@@ -90,7 +92,19 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
         seq_len=first.seq_len,
         seed=None if batch else options.seed,
     )
-    return FileDiagnosis(str(path), fmt, FileStatus.OK, tuple(modules), info, ckpt.notes)
+    return FileDiagnosis(str(path), fmt, FileStatus.OK, tuple(modules), info, ckpt.notes,
+                         nonfinite_weights=bad)
+
+
+def nonfinite_weights(tensors: Mapping[str, Tensor]) -> tuple[NonFiniteTensor, ...]:
+    """Floating-point tensors holding NaN or Inf, with counts, by name."""
+    out = []
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            out.append(NonFiniteTensor(name, int(torch.isnan(t).sum()),
+                                       int(torch.isinf(t).sum())))
+    return tuple(out)
 
 
 def find_modules(ckpt: Checkpoint, nonlinearity: str | None) -> list[ModuleSpec]:

@@ -36,6 +36,7 @@ class Rule(StrEnum):
     PASCANU_VANISHING = "RD004"
     FORGET_BIAS_LOW = "RD005"
     SHORT_HORIZON = "RD006"
+    NONFINITE_WEIGHTS = "RD007"
 
     @property
     def slug(self) -> str:
@@ -49,6 +50,7 @@ RULE_SLUGS = {
     Rule.PASCANU_VANISHING: "sigma-max-below-bound",
     Rule.FORGET_BIAS_LOW: "forget-bias-low",
     Rule.SHORT_HORIZON: "short-horizon",
+    Rule.NONFINITE_WEIGHTS: "nonfinite-weights",
 }
 FORGET_BIAS_LOW = 0.5  # mean b_if + b_hf below this: the gate at rest keeps < ~62% per step
 
@@ -59,9 +61,9 @@ class Finding:
     level: Level
     message: str
     path: str
-    module: str
-    layer: int
-    direction: str
+    module: str  # module name; for RD007 the tensor's name
+    layer: int | None
+    direction: str | None
     span: Span | None = None
     value: float | None = None  # the number behind the finding (ratio, sigma, bias, steps)
 
@@ -75,7 +77,12 @@ class Advice:
 
 
 def findings(f: FileDiagnosis) -> tuple[Finding, ...]:
-    return tuple(x for m in f.modules for d in m.layers for x in _layer(f.path, m, d))
+    weights = tuple(
+        Finding(Rule.NONFINITE_WEIGHTS, Level.ERROR,
+                f"weight tensor holds {t.nan} NaN and {t.inf} Inf values", f.path, t.name,
+                None, None, value=t.nan + t.inf)
+        for t in f.nonfinite_weights)
+    return weights + tuple(x for m in f.modules for d in m.layers for x in _layer(f.path, m, d))
 
 
 def _layer(path: str, m: ModuleDiagnosis, d: LayerDiagnosis) -> list[Finding]:
@@ -128,6 +135,10 @@ def advice(files: Sequence[FileDiagnosis]) -> tuple[Advice, ...]:
                        if cells[(x.path, x.module)] is CellType.RNN]
     out: list[Advice] = []
     exploding = by_rule[Rule.EXPLODING_SPAN] + by_rule[Rule.NONFINITE_GRADIENT]
+    if by_rule[Rule.NONFINITE_WEIGHTS]:
+        out.append(Advice("The checkpoint holds NaN/Inf weights: training diverged before it "
+                          "was saved. Resume from an earlier checkpoint with a lower learning "
+                          "rate and gradient clipping.", tuple(by_rule[Rule.NONFINITE_WEIGHTS])))
     if exploding:
         out.append(Advice("Clip the gradient norm (torch.nn.utils.clip_grad_norm_) and check "
                           "the learning rate; exploding gradients through time make steps "

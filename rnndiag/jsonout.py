@@ -75,6 +75,8 @@ def _file(f: FileDiagnosis) -> dict[str, Any]:
         "verdict": f.verdict.value if f.verdict else None,
         "error": f.error,
         "notes": list(f.notes),
+        "nonfinite_weights": [{"name": t.name, "nan": t.nan, "inf": t.inf}
+                              for t in f.nonfinite_weights],
         "batch": None if f.batch is None else {
             "source": f.batch.source,
             "batch_size": f.batch.batch_size,

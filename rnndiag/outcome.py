@@ -38,6 +38,8 @@ def exit_code(files: Sequence[FileDiagnosis], fail_on: FailOn = FailOn.ANY) -> E
     if any(f.status is FileStatus.ERROR for f in files):
         return ExitCode.UNUSABLE
     verdicts = {layer.verdict for f in files for m in f.modules for layer in m.layers}
+    if any(f.nonfinite_weights for f in files):  # NaN/Inf weights count as exploding
+        verdicts.add(Verdict.EXPLODING)
     if any(fail_on.selects(v) for v in verdicts):
         return ExitCode.FINDINGS
     return ExitCode.OK

@@ -238,10 +238,11 @@ class FileDiagnosis:
 
     @property
     def verdict(self) -> Verdict | None:
-        """Worst module verdict; None when the file was skipped or unusable."""
+        """Worst module verdict (NaN/Inf weights count as exploding); None unless replayed."""
         if self.status is not FileStatus.OK:
             return None
-        return Verdict.worst([m.verdict for m in self.modules])
+        extra = [Verdict.EXPLODING] if self.nonfinite_weights else []
+        return Verdict.worst([m.verdict for m in self.modules] + extra)
 
 
 @dataclass(frozen=True)

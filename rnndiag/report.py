@@ -37,7 +37,7 @@ PASCANU_TEXT = {
     PascanuReading.VANISHING_GUARANTEED: "< 1/γ: vanishing guaranteed",
     PascanuReading.EXPLODING_POSSIBLE: "> 1/γ: exploding possible",
     PascanuReading.BOUNDARY: "= 1/γ: boundary",
-    PascanuReading.NOT_APPLICABLE: "gated: bound n/a",
+    PascanuReading.NOT_APPLICABLE: "bound n/a (gated or non-finite)",
 }
 GLYPHS = "▁▂▃▄▅▆▇█"
 NONFINITE_GLYPH = "×"
@@ -81,6 +81,9 @@ def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
         out.append(Text(f"  error: {safe(f.error)}", style="magenta"))
     for note in f.notes:
         out.append(Text(f"  note: {safe(note)}", style="dim"))
+    for t in f.nonfinite_weights:
+        out.append(Text(f"  non-finite weights: {safe(t.name)}: {t.nan} NaN, {t.inf} Inf",
+                        style="bold red"))
     for m in f.modules:
         out.extend(_module(m, f, th))
     return out
@@ -212,7 +215,9 @@ def _advice(items: Sequence[Advice]) -> list[RenderableType]:
     for item in items:
         lines = [Text(item.action)]
         for ev in item.evidence[:3]:
-            where = f"{safe(ev.path)}: {safe(ev.module) or '<root>'} {ev.layer} {ev.direction}"
+            where = f"{safe(ev.path)}: {safe(ev.module) or '<root>'}"
+            if ev.layer is not None:
+                where += f" {ev.layer} {ev.direction}"
             lines.append(Text(f"evidence [{ev.rule}] {where}: {safe(ev.message)}", style="dim"))
         if len(item.evidence) > 3:
             lines.append(Text(f"and {len(item.evidence) - 3} more", style="dim"))
