@@ -14,3 +14,13 @@ ADDING_BATCH = SAMPLES / "adding_batch.safetensors"
 @pytest.fixture
 def samples() -> Path:
     return SAMPLES
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--regen-golden", action="store_true",
+                     help="Rewrite tests/golden/* from the current output instead of comparing.")
+
+
+@pytest.fixture
+def regen_golden(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--regen-golden"))

@@ -1,4 +1,4 @@
-"""End to end through the real `pre-commit` tool: `pre-commit try-repo` on a temporary repository."""
+"""End to end through the real `pre-commit` tool: `pre-commit try-repo` on a temporary repo."""
 
 from __future__ import annotations
 
