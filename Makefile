@@ -27,11 +27,11 @@ test: $(STAMP)
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check rnndiag tests sample_models
+	$(BIN)/ruff check rnndiag tests sample_models bench
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_check.py
+	$(BIN)/python bench/bench_startup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -33,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: rendering it with Rich costs ~100 ms of imports
     help="Find where gradients vanish or explode through time in PyTorch RNN/LSTM/GRU "
     "checkpoints.\n\n" + EXIT_HELP,
 )
