@@ -2,7 +2,7 @@
 
 A tanh RNN with W_hh = rho * Q (Q orthogonal), zero biases and tiny inputs stays in tanh's
 linear regime, so dL/dh_{t-1} = W_hh^T dL/dh_t exactly scales the norm by rho per step: the
-ratio of consecutive norms and growth_per_step are rho. A ReLU RNN with W_hh = I and positive
+ratio of consecutive norms and growth_per_step are rho. A ReLU RNN with W_hh = IN and positive
 pre-activations passes the gradient back unchanged: growth_per_step is 1, verdict healthy.
 """
 
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from rnndiag.diagnose import diagnose_files
 from rnndiag.records import CheckOptions, LayerDiagnosis
 
-H, I = 6, 3
+H, IN = 6, 3
 
 
 def _single_layer(path: Path, options: CheckOptions) -> LayerDiagnosis:
@@ -32,7 +32,7 @@ def _single_layer(path: Path, options: CheckOptions) -> LayerDiagnosis:
 def test_linear_regime_growth_is_rho(tmp_path: Path, rho: float) -> None:
     gen = torch.Generator().manual_seed(1)
     q, _ = torch.linalg.qr(torch.randn(H, H, dtype=torch.float64, generator=gen))
-    tensors = {"rnn.weight_ih_l0": 1e-7 * torch.randn(H, I, dtype=torch.float64, generator=gen),
+    tensors = {"rnn.weight_ih_l0": 1e-7 * torch.randn(H, IN, dtype=torch.float64, generator=gen),
                "rnn.weight_hh_l0": (rho * q).contiguous(),
                "rnn.bias_ih_l0": torch.zeros(H, dtype=torch.float64),
                "rnn.bias_hh_l0": torch.zeros(H, dtype=torch.float64)}
@@ -47,11 +47,11 @@ def test_linear_regime_growth_is_rho(tmp_path: Path, rho: float) -> None:
 
 
 def test_identity_relu_rnn_has_growth_one(tmp_path: Path) -> None:
-    tensors = {"rnn.weight_ih_l0": torch.full((H, I), 0.1, dtype=torch.float64),
+    tensors = {"rnn.weight_ih_l0": torch.full((H, IN), 0.1, dtype=torch.float64),
                "rnn.weight_hh_l0": torch.eye(H, dtype=torch.float64)}
     path, batch = tmp_path / "irnn.safetensors", tmp_path / "batch.safetensors"
     save_file(tensors, path)
-    save_file({"inputs": torch.rand(4, 50, I, dtype=torch.float64) + 0.1}, batch)
+    save_file({"inputs": torch.rand(4, 50, IN, dtype=torch.float64) + 0.1}, batch)
     d = _single_layer(path, CheckOptions(batch_path=str(batch), nonlinearity="relu",
                                          dtype="float64"))
     assert d.growth_per_step == pytest.approx(1.0, abs=1e-9)

@@ -1,4 +1,4 @@
-"""Loading and discovery end to end: containers and wrapper prefixes as training code writes them."""
+"""Loading and discovery end to end: containers and wrapper prefixes as training code writes."""
 
 from __future__ import annotations
 

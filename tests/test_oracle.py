@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from rnndiag.records import Direction, ModuleKind, ModuleSpec
 from rnndiag.replay import replay
 
-I, H, PROJ, T, B = 3, 5, 2, 7, 4
+IN, H, PROJ, T, B = 3, 5, 2, 7, 4
 
 
 @dataclass(frozen=True)
@@ -61,23 +61,23 @@ def build(case: Case) -> nn.Module:
     torch.manual_seed(zlib.crc32(case.id.encode()))
     kw = {"bias": case.bias, "dtype": torch.float64}
     if case.kind is ModuleKind.RNN:
-        return nn.RNN(I, H, case.layers, nonlinearity=case.nonlinearity or "tanh",
+        return nn.RNN(IN, H, case.layers, nonlinearity=case.nonlinearity or "tanh",
                       bidirectional=case.bidirectional, batch_first=True, **kw)
     if case.kind is ModuleKind.LSTM:
-        return nn.LSTM(I, H, case.layers, bidirectional=case.bidirectional, proj_size=case.proj,
+        return nn.LSTM(IN, H, case.layers, bidirectional=case.bidirectional, proj_size=case.proj,
                        batch_first=True, **kw)
     if case.kind is ModuleKind.GRU:
-        return nn.GRU(I, H, case.layers, bidirectional=case.bidirectional, batch_first=True,
+        return nn.GRU(IN, H, case.layers, bidirectional=case.bidirectional, batch_first=True,
                       **kw)
     if case.kind is ModuleKind.RNN_CELL:
-        return nn.RNNCell(I, H, nonlinearity=case.nonlinearity or "tanh", **kw)
+        return nn.RNNCell(IN, H, nonlinearity=case.nonlinearity or "tanh", **kw)
     if case.kind is ModuleKind.LSTM_CELL:
-        return nn.LSTMCell(I, H, **kw)
-    return nn.GRUCell(I, H, **kw)
+        return nn.LSTMCell(IN, H, **kw)
+    return nn.GRUCell(IN, H, **kw)
 
 
 def spec_of(case: Case) -> ModuleSpec:
-    return ModuleSpec("", case.kind, I, H, case.proj, case.layers, case.bidirectional,
+    return ModuleSpec("", case.kind, IN, H, case.proj, case.layers, case.bidirectional,
                       case.bias, case.nonlinearity)
 
 
@@ -159,7 +159,7 @@ def oracle(case: Case, sd: dict[str, Tensor], x: Tensor) -> dict[tuple[int, str]
 def test_adjoints_equal_hand_unrolled_autograd(case: Case) -> None:
     module = build(case)
     sd = {k: v.detach() for k, v in module.state_dict().items()}
-    x = torch.randn(case.batch, case.steps, I, dtype=torch.float64)
+    x = torch.randn(case.batch, case.steps, IN, dtype=torch.float64)
     got = replay(spec_of(case), sd, x)
     want = oracle(case, sd, x)
     assert len(got.adjoints) == len(want)
@@ -178,7 +178,7 @@ def test_adjoints_equal_hand_unrolled_autograd(case: Case) -> None:
 def test_forward_equals_fused_module(case: Case) -> None:
     module = build(case)
     sd = {k: v.detach() for k, v in module.state_dict().items()}
-    x = torch.randn(case.batch, case.steps, I, dtype=torch.float64)
+    x = torch.randn(case.batch, case.steps, IN, dtype=torch.float64)
     got = replay(spec_of(case), sd, x)
     with torch.no_grad():
         out, state = module(x)
@@ -194,7 +194,7 @@ def test_reverse_final_step_is_time_zero() -> None:
     case = Case(ModuleKind.GRU, bidirectional=True)
     module = build(case)
     sd = {k: v.detach() for k, v in module.state_dict().items()}
-    x = torch.randn(B, T, I, dtype=torch.float64)
+    x = torch.randn(B, T, IN, dtype=torch.float64)
     got = replay(spec_of(case), sd, x)
     reverse = next(a for a in got.adjoints if a.direction is Direction.REVERSE)
     h0_reverse = got.output[:, 0, H:]
