@@ -20,9 +20,11 @@ Shape = tuple[int, ...]
 
 _STACKED = re.compile(
     r"^(?:(?P<prefix>.+)\.)?(?P<base>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)"
-    r"_l(?P<layer>\d+)(?P<rev>_reverse)?$"
+    r"_l(?P<layer>\d+)(?P<rev>_reverse)?\Z",
+    re.DOTALL,  # names are untrusted and may hold any character, newlines included
 )
-_CELL = re.compile(r"^(?:(?P<prefix>.+)\.)?(?P<base>weight_ih|weight_hh|bias_ih|bias_hh)$")
+_CELL = re.compile(r"^(?:(?P<prefix>.+)\.)?(?P<base>weight_ih|weight_hh|bias_ih|bias_hh)\Z",
+                   re.DOTALL)
 _KINDS = {1: ModuleKind.RNN, 4: ModuleKind.LSTM, 3: ModuleKind.GRU}
 _CELL_KINDS = {1: ModuleKind.RNN_CELL, 4: ModuleKind.LSTM_CELL, 3: ModuleKind.GRU_CELL}
 NONLINEARITIES = ("tanh", "relu")

@@ -239,7 +239,8 @@ def _summary(files: Sequence[FileDiagnosis], th: Thresholds) -> RenderableType:
         ("yellow", "yellow"), f" < {th.vanish:g}, ", ("red", "red"), f" > {th.explode:g}.",
         style="dim")
     plural = "s" if len(files) != 1 else ""
-    return Group(legend, Text(f"{len(files)} file{plural} checked: {body}", style="bold"))
+    total = Text(f"{len(files)} file{plural} checked: {body}", style="bold")
+    return Group(legend, total) if any(f.modules for f in files) else Group(Text(""), total)
 
 
 def render_inspect(files: Sequence[InspectDiagnosis]) -> RenderableType:

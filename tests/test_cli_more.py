@@ -1,0 +1,119 @@
+"""CLI behaviour beyond exit codes: --fail-on, --output, exports, schema, inspect, safety."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from rnndiag.cli import app, main
+from tests.conftest import ADDING_BATCH, SAMPLES
+
+runner = CliRunner()
+VANISHING = str(SAMPLES / "rnn_tanh_vanishing.safetensors")
+EXPLODING = str(SAMPLES / "rnn_relu_exploding.safetensors")
+BATCH = ["--batch", str(ADDING_BATCH)]
+
+
+@pytest.mark.parametrize(
+    ("fail_on", "vanishing_code", "exploding_code"),
+    [("any", 1, 1), ("vanishing", 1, 0), ("exploding", 0, 1), ("never", 0, 0)],
+)
+def test_fail_on(fail_on: str, vanishing_code: int, exploding_code: int) -> None:
+    assert main(["check", VANISHING, *BATCH, "--fail-on", fail_on]) == vanishing_code
+    assert main(["check", EXPLODING, *BATCH, "--fail-on", fail_on]) == exploding_code
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_output_file_is_written_whole(tmp_path: Path, fmt: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / f"report.{fmt}"
+    out.write_text("old")
+    assert main(["check", VANISHING, *BATCH, "--format", fmt, "--output", str(out)]) == 1
+    assert capsys.readouterr().out == ""
+    text = out.read_text()
+    if fmt == "json":
+        assert json.loads(text)["verdict"] == "vanishing"
+    else:
+        assert "VANISHING" in text and "\x1b[" not in text
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
+
+
+def test_output_into_missing_folder_is_exit_2(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["check", VANISHING, "--format", "json", "--output",
+                 str(tmp_path / "no" / "r.json")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "does not exist" in err
+    assert json.loads(out)["exit_code"] == 2  # the document still reaches stdout
+
+
+def test_svg_and_html_exports(tmp_path: Path) -> None:
+    svg, html = tmp_path / "r.svg", tmp_path / "r.html"
+    assert main(["check", VANISHING, *BATCH, "--save-svg", str(svg),
+                 "--save-html", str(html)]) == 1
+    assert svg.read_text().lstrip().startswith("<svg") and "VANISHING" in svg.read_text()
+    assert "<html" in html.read_text().lower()
+
+
+def test_schema_commands_print_valid_schemas(capsys: pytest.CaptureFixture[str]) -> None:
+    for args in (["schema"], ["schema", "--command", "inspect"]):
+        assert main(args) == 0
+        jsonschema.Draft202012Validator.check_schema(json.loads(capsys.readouterr().out))
+
+
+def test_inspect_json_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema", "--command", "inspect"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert main(["inspect", VANISHING, str(SAMPLES / "gru_bidir_2layer.pt"),
+                 "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
+    assert [m["kind"] for f in doc["files"] for m in f["modules"]] == ["RNN", "GRU"]
+
+
+def test_nonfinite_weights_are_a_finding(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    tensors = load_file(VANISHING)
+    tensors["rnn.weight_hh_l0"][0, 0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(tensors, path)
+    assert main(["inspect", str(path)]) == 1
+    assert "rnn.weight_hh_l0: 1 NaN, 0 Inf" in capsys.readouterr().out
+    assert main(["check", str(path), "--format", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["findings"][0]["rule"] == "RD007"
+    assert doc["files"][0]["nonfinite_weights"] == [{"name": "rnn.weight_hh_l0", "nan": 1,
+                                                     "inf": 0}]
+
+
+def test_untrusted_names_reach_the_terminal_escaped(tmp_path: Path) -> None:
+    name = "[bold red]x[/]\x1b[31m\nevil"
+    rnn = torch.nn.RNN(2, 3)
+    path = tmp_path / "m.safetensors"
+    save_file({f"{name}.{k}": v.contiguous() for k, v in rnn.state_dict().items()}, path)
+    result = runner.invoke(app, ["check", str(path)], color=True)
+    assert "[bold red]x[/]" in result.output  # shown literally, not as markup
+    assert "\x1b[31m" not in result.output and "\\x1b[31m\\nevil" in result.output
+
+
+def test_inspect_of_safetensors_does_not_import_torch() -> None:
+    code = (f"import sys\nfrom rnndiag.cli import main\nrc = main(['inspect', {VANISHING!r}])\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().endswith("NO-TORCH 0")
+
+
+@pytest.mark.parametrize("command", ["check", "inspect", "schema"])
+def test_every_command_has_help_and_is_documented(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+    assert f"rnndiag {command}" in (Path(__file__).parent.parent / "README.md").read_text()
