@@ -42,6 +42,12 @@ app = typer.Typer(
 class Format(StrEnum):
     TEXT = "text"
     JSON = "json"
+    SARIF = "sarif"
+
+
+class InspectFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
 
 
 class Nonlinearity(StrEnum):
@@ -98,7 +104,8 @@ def check(
     fail_on: Annotated[FailOn, typer.Option(
         help="Verdicts that make the exit code 1.")] = FailOn.ANY,
     output_format: Annotated[Format, typer.Option(
-        "--format", help="text for people, json for pipelines.")] = Format.TEXT,
+        "--format", help="text for people, json for pipelines, sarif for code scanning.")
+    ] = Format.TEXT,
     output: Annotated[Path | None, typer.Option(
         help="Write the report (in --format) to this file, atomically, instead of stdout.")
     ] = None,
@@ -127,21 +134,21 @@ def inspect(
         show_default=False)],
     nonlinearity: Annotated[Nonlinearity | None, typer.Option(
         help="Plain RNN nonlinearity, for Pascanu's reading.")] = None,
-    output_format: Annotated[Format, typer.Option(
-        "--format", help="text for people, json for pipelines.")] = Format.TEXT,
+    output_format: Annotated[InspectFormat, typer.Option(
+        "--format", help="text for people, json for pipelines.")] = InspectFormat.TEXT,
     output: Annotated[Path | None, typer.Option(
         help="Write the report to this file, atomically, instead of stdout.")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Static, data-free check: architecture, NaN/Inf in weights, sigma_max(W_hh), forget bias."""
-    sink = Sink(output_format, output, None, None)
+    sink = Sink(Format(output_format.value), output, None, None)
     try:
         from rnndiag import jsonout
         from rnndiag.inspection import inspect_file
         from rnndiag.outcome import inspect_exit_code
 
         found = [inspect_file(p, nonlinearity.value if nonlinearity else None) for p in paths]
-        if output_format is Format.JSON:
+        if sink.fmt is Format.JSON:
             sink.json(jsonout.inspect_document(found))
         else:
             from rnndiag.report import render_inspect
@@ -240,6 +247,10 @@ def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOnLevel, s
             files = diagnose_files(paths, options, progress=progress)
         if sink.fmt is Format.JSON:
             sink.json(jsonout.document(files, options, fail_on=fail_on))
+        elif sink.fmt is Format.SARIF:
+            from rnndiag import sarif
+
+            sink.json(sarif.document(files))
         else:
             sink.text(files, options)
     except RnnDiagError as exc:

@@ -117,3 +117,17 @@ def test_every_command_has_help_and_is_documented(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
     assert f"rnndiag {command}" in (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def test_sarif(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", VANISHING, EXPLODING, *BATCH, "--format", "sarif"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["version"] == "2.1.0"
+    [run] = doc["runs"]
+    rules = [r["id"] for r in run["tool"]["driver"]["rules"]]
+    results = run["results"]
+    assert {r["ruleId"] for r in results} == {"RD001", "RD002", "RD006"}
+    for r in results:
+        assert rules[r["ruleIndex"]] == r["ruleId"]
+        assert r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] in (
+            VANISHING, EXPLODING)

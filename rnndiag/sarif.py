@@ -1,0 +1,69 @@
+"""SARIF 2.1.0 for code-scanning uploads (`--format sarif`): one run, one result per finding.
+
+Checkpoints are binary, so a result points at the file (artifactLocation) and names the module,
+layer and direction as a logical location; spans go into the message and `properties`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rnndiag._version import __version__
+from rnndiag.findings import Finding, Level, Rule, findings
+from rnndiag.records import FileDiagnosis
+
+SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
+RULE_HELP = {
+    Rule.VANISHING_SPAN: "The gradient reaching these steps is below the vanishing threshold.",
+    Rule.EXPLODING_SPAN: "The gradient reaching these steps is above the exploding threshold.",
+    Rule.NONFINITE_GRADIENT: "The gradient becomes NaN/Inf during backpropagation through time.",
+    Rule.PASCANU_VANISHING: "sigma_max(W_hh) < 1/gamma: gradients must vanish over long spans.",
+    Rule.FORGET_BIAS_LOW: "A low LSTM forget-gate bias with a vanishing gradient.",
+    Rule.SHORT_HORIZON: "Steps back until the gradient drops below the vanishing threshold.",
+    Rule.NONFINITE_WEIGHTS: "A weight tensor holds NaN or Inf values.",
+}
+
+
+def document(files: Sequence[FileDiagnosis]) -> dict[str, Any]:
+    rules = list(Rule)
+    return {
+        "$schema": SARIF_SCHEMA,
+        "version": "2.1.0",
+        "runs": [{
+            "tool": {"driver": {
+                "name": "rnndiag", "version": __version__,
+                "informationUri": "https://github.com/rnndiag/rnndiag",
+                "rules": [{"id": r.value, "name": r.slug,
+                           "shortDescription": {"text": RULE_HELP[r]}} for r in rules],
+            }},
+            "results": [_result(x, rules.index(x.rule)) for f in files for x in findings(f)]
+            + [_error(f) for f in files if f.error],
+        }],
+    }
+
+
+def _result(x: Finding, rule_index: int) -> dict[str, Any]:
+    where = x.module or "<root>"
+    if x.layer is not None:
+        where += f" layer {x.layer} {x.direction}"
+    props: dict[str, Any] = {"value": x.value}
+    if x.span is not None:
+        props["span"] = {"start": x.span.start, "end": x.span.end}
+    return {
+        "ruleId": x.rule.value,
+        "ruleIndex": rule_index,
+        "level": {Level.ERROR: "error", Level.WARNING: "warning", Level.NOTE: "note"}[x.level],
+        "message": {"text": f"{where}: {x.message}"},
+        "locations": [{
+            "physicalLocation": {"artifactLocation": {"uri": x.path}},
+            "logicalLocations": [{"name": where, "kind": "module"}],
+        }],
+        "properties": props,
+    }
+
+
+def _error(f: FileDiagnosis) -> dict[str, Any]:
+    return {"ruleId": "RD000", "level": "error",
+            "message": {"text": f"unusable input: {f.error}"},
+            "locations": [{"physicalLocation": {"artifactLocation": {"uri": f.path}}}]}
