@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag.discover import strip_wrappers
 from rnndiag.errors import CheckpointError
-from rnndiag.files import check_readable, is_lfs_pointer, sniff_format
+from rnndiag.files import check_readable, is_lfs_pointer, sniff_format, unwrap_names
 from rnndiag.stfile import read_header
 
 # Keys under which training scripts nest the model's state dict (Lightning uses "state_dict").
@@ -51,7 +50,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint's state dict; half-precision tensors are upcast to float32 (noted)."""
     fmt, raw, metadata = read_tensors(path)
     tensors, upcast = {}, []
-    for key, tensor in _strip_wrappers(raw, path).items():
+    for key, tensor in unwrap_names(raw, path).items():
         if tensor.dtype in (torch.float16, torch.bfloat16):
             upcast.append(f"{key} ({str(tensor.dtype).removeprefix('torch.')})")
             tensor = tensor.float()
@@ -129,15 +128,3 @@ def _collect(obj: Mapping[Any, Any], prefix: str, out: dict[str, Tensor]) -> Non
             out[name] = value
         elif isinstance(value, Mapping):
             _collect(value, name + ".", out)
-
-
-def _strip_wrappers(tensors: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
-    """Drop leading `module.` (DataParallel/DDP) and any `_orig_mod.` (torch.compile) segment."""
-    out: dict[str, Tensor] = {}
-    for key, tensor in tensors.items():
-        name = strip_wrappers(key)
-        if name in out:
-            raise CheckpointError(f"{path}: tensor names collide after removing wrapper "
-                                  f"prefixes: {key!r} and another key both map to {name!r}")
-        out[name] = tensor
-    return out

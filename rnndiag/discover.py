@@ -146,14 +146,6 @@ def _check_layer(g: _Group, layer: int, rev: bool, rows: int, width: int, proj: 
                                 f"must come in pairs and exist in every layer, or in none)")
 
 
-def strip_wrappers(key: str) -> str:
-    """Drop leading `module.` (DataParallel/DDP) and every `_orig_mod` segment (torch.compile)."""
-    parts = [part for part in key.split(".") if part != "_orig_mod"]
-    while len(parts) > 1 and parts[0] == "module":
-        parts = parts[1:]
-    return ".".join(parts)
-
-
 def attach_embedding(spec: ModuleSpec, shapes: Mapping[str, Shape]) -> ModuleSpec:
     """Name an embedding matrix (V, input_size) that may feed the module token ids.
 

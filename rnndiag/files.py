@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from rnndiag.errors import CheckpointError
 
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
+V = TypeVar("V")
 LFS_NOTE = "Git LFS pointer: the checkpoint itself was not fetched (run `git lfs pull`)"
 
 
@@ -42,3 +45,23 @@ def check_readable(path: Path) -> None:
             pass
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
+
+
+def strip_wrappers(key: str) -> str:
+    """Drop leading `module.` (DataParallel/DDP) and every `_orig_mod` segment (torch.compile)."""
+    parts = [part for part in key.split(".") if part != "_orig_mod"]
+    while len(parts) > 1 and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def unwrap_names(tensors: Mapping[str, V], path: Path) -> dict[str, V]:
+    """`strip_wrappers` on every key; two keys that end up equal are an error."""
+    out: dict[str, V] = {}
+    for key, value in tensors.items():
+        name = strip_wrappers(key)
+        if name in out:
+            raise CheckpointError(f"{path}: tensor names collide after removing wrapper "
+                                  f"prefixes: {key!r} and another key both map to {name!r}")
+        out[name] = value
+    return out

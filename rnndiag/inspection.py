@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from rnndiag import static, stfile
-from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity, strip_wrappers
-from rnndiag.errors import CheckpointError, RnnDiagError
-from rnndiag.files import LFS_NOTE, check_readable, is_lfs_pointer, sniff_format
+from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
+from rnndiag.errors import RnnDiagError
+from rnndiag.files import LFS_NOTE, check_readable, is_lfs_pointer, sniff_format, unwrap_names
 from rnndiag.records import (
     FileStatus,
     InspectDiagnosis,
@@ -66,14 +66,7 @@ def _read(path: Path) -> tuple[str, dict[str, np.ndarray], dict[str, str], tuple
         _, tensors, metadata = read_tensors(path)
         raw = {name: t.detach().float().double().numpy() if t.is_floating_point()
                else t.numpy() for name, t in tensors.items()}
-    arrays: dict[str, np.ndarray] = {}
-    for key, array in raw.items():
-        name = strip_wrappers(key)
-        if name in arrays:
-            raise CheckpointError(f"{path}: tensor names collide after removing wrapper "
-                                  f"prefixes: {key!r} and another key both map to {name!r}")
-        arrays[name] = array
-    return fmt, arrays, metadata, ()
+    return fmt, unwrap_names(raw, path), metadata, ()
 
 
 class _LfsPointer(Exception):

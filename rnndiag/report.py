@@ -19,6 +19,7 @@ from rnndiag.findings import Advice, advice
 from rnndiag.records import (
     FileDiagnosis,
     FileStatus,
+    ForgetBias,
     InspectDiagnosis,
     LayerDiagnosis,
     ModuleDiagnosis,
@@ -119,6 +120,12 @@ def layer_label(d: LayerDiagnosis) -> str:
     return f"{d.layer} {'fwd' if d.direction.value == 'forward' else 'rev'}"
 
 
+def static_reading(reading: PascanuReading, fb: ForgetBias | None) -> str:
+    if fb is None:
+        return PASCANU_TEXT[reading]
+    return f"forget bias {fb.mean:+.2f}, gate at rest {fb.mean_gate_at_rest:.2f}"
+
+
 def _layers_table(layers: Sequence[LayerDiagnosis]) -> Table:
     table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False)
     table.add_column("  layer", justify="right", no_wrap=True)
@@ -128,14 +135,10 @@ def _layers_table(layers: Sequence[LayerDiagnosis]) -> Table:
     table.add_column("σmax(W_hh)", justify="right", no_wrap=True)
     table.add_column("static reading")
     for d in layers:
-        reading = PASCANU_TEXT[d.pascanu]
-        if d.forget_bias is not None:
-            reading = (f"forget bias {d.forget_bias.mean:+.2f}, "
-                       f"gate at rest {d.forget_bias.mean_gate_at_rest:.2f}")
         table.add_row(
             layer_label(d), Text(d.verdict.value, style=VERDICT_STYLE[d.verdict]),
             fmt(d.growth_per_step), "-" if d.horizon is None else f"{d.horizon} steps",
-            fmt(d.sigma_max_hh), reading,
+            fmt(d.sigma_max_hh), static_reading(d.pascanu, d.forget_bias),
         )
     return table
 
@@ -272,10 +275,6 @@ def _static_table(layers: Sequence[StaticLayer]) -> Table:
     table.add_column("σmax(W_hh)", justify="right", no_wrap=True)
     table.add_column("static reading")
     for x in layers:
-        reading = PASCANU_TEXT[x.pascanu]
-        if x.forget_bias is not None:
-            reading = (f"forget bias {x.forget_bias.mean:+.2f}, "
-                       f"gate at rest {x.forget_bias.mean_gate_at_rest:.2f}")
         label = f"{x.layer} {'fwd' if x.direction.value == 'forward' else 'rev'}"
-        table.add_row(label, fmt(x.sigma_max_hh), reading)
+        table.add_row(label, fmt(x.sigma_max_hh), static_reading(x.pascanu, x.forget_bias))
     return table
