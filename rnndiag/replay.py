@@ -3,7 +3,9 @@
 Conventions: inputs are batch-first (B, T, I). For direction `forward` the step order is
 t = 0..T-1, for `reverse` t = T-1..0; adjoints are stored by time index t either way, so
 `dh[t]` is the total derivative dL/dh_t of the state produced while reading x_t, summed over
-every path: through later steps of the same direction and through the layer above.
+every path: through later steps of the same direction and through the layer above. They are
+obtained with `torch.autograd.grad(L, [every h_t and c_t])`, which returns exactly that total
+derivative for each intermediate tensor and leaves parameters' `.grad` untouched.
 
 Objective when no task loss applies:
     L = 1/(2B) * sum_b sum_d ||h_final^{top,d}_b||^2,
@@ -13,7 +15,7 @@ t = 0 reverse). The initial state is zero, as in PyTorch's default.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +36,32 @@ class StepAdjoints:
 
 
 @dataclass(frozen=True)
-class ReplayResult:
+class DirectionStates:
+    """The states one layer and direction produced, by time index t (graph attached)."""
+
+    layer: int
+    direction: Direction
+    h: list[Tensor]  # T tensors (B, P)
+    c: list[Tensor] | None  # T tensors (B, H), LSTM only
+
+
+@dataclass(frozen=True)
+class Unrolled:
     output: Tensor  # (B, T, D*P): top-layer outputs, as nn.RNN/LSTM/GRU return them
     h_n: Tensor  # (L*D, B, P)
     c_n: Tensor | None  # (L*D, B, H), LSTM only
+    states: tuple[DirectionStates, ...]  # layer-major, then direction
+
+    def finals(self, spec: ModuleSpec) -> list[Tensor]:
+        """h_final of each direction of the top layer."""
+        return list(self.h_n[-len(spec.directions):])
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    output: Tensor
+    h_n: Tensor
+    c_n: Tensor | None
     loss: float
     adjoints: tuple[StepAdjoints, ...]  # layer-major, then direction
 
@@ -47,71 +71,97 @@ def final_step(direction: Direction, seq_len: int) -> int:
     return seq_len - 1 if direction is Direction.FORWARD else 0
 
 
+def zero_states(spec: ModuleSpec, batch: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Zero (L*D, B, P) h0 and (L*D, B, H) c0 leaves that put every state on the graph."""
+    n = spec.num_layers * len(spec.directions)
+    h0 = like.new_zeros(n, batch, spec.output_size).requires_grad_()
+    if spec.cell_type is not CellType.LSTM:
+        return h0, None
+    return h0, like.new_zeros(n, batch, spec.hidden_size).requires_grad_()
+
+
+def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: Tensor,
+           c0: Tensor | None) -> Unrolled:
+    """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state."""
+    kept: list[DirectionStates] = []
+    h_n: list[Tensor] = []
+    c_n: list[Tensor] = []
+    layer_input = inputs
+    for layer in range(spec.num_layers):
+        outputs = []
+        for k, direction in enumerate(spec.directions):
+            index = layer * len(spec.directions) + k
+            weights = LayerWeights.of(spec, params, layer, direction)
+            hs, cs = _run_direction(spec, weights, layer_input, direction, h0[index],
+                                    None if c0 is None else c0[index])
+            kept.append(DirectionStates(layer, direction, hs, cs))
+            last = final_step(direction, len(hs))
+            h_n.append(hs[last])
+            if cs is not None:
+                c_n.append(cs[last])
+            outputs.append(torch.stack(hs, dim=1))
+        layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+    return Unrolled(layer_input, torch.stack(h_n), torch.stack(c_n) if c_n else None,
+                    tuple(kept))
+
+
+def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, direction: Direction,
+                   h: Tensor, c: Tensor | None) -> tuple[list[Tensor], list[Tensor] | None]:
+    """Unroll one layer and direction from (h, c); states by time index t."""
+    seq_len = x.shape[1]
+    xp = input_projection(x, w)  # (B, T, G*H): every step's input term in one matmul
+    hs: list[Tensor | None] = [None] * seq_len
+    cs: list[Tensor | None] | None = [None] * seq_len if c is not None else None
+    order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
+    for t in order:
+        h, c = step(spec.cell_type, spec.nonlinearity, xp[:, t], h, c, w)
+        hs[t] = h
+        if cs is not None:
+            cs[t] = c
+    return hs, cs  # type: ignore[return-value]
+
+
+def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
+    """L = 1/(2B) * sum over the given final states of ||h||^2."""
+    return sum((h.pow(2).sum() for h in finals), finals[0].new_zeros(())) / (2 * batch)
+
+
+def adjoints(loss: Tensor, states: Sequence[DirectionStates], retain_graph: bool = False,
+             ) -> tuple[StepAdjoints, ...]:
+    """dL/dh_t (and dL/dc_t) of every kept state: one backward pass for all of them."""
+    flat: list[Tensor] = []
+    for s in states:
+        flat.extend(s.h)
+        flat.extend(s.c or [])
+    grads = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=retain_graph)
+    out, i = [], 0
+    for s in states:
+        dh = _stack(grads[i:i + len(s.h)], s.h)
+        i += len(s.h)
+        dc = None
+        if s.c is not None:
+            dc = _stack(grads[i:i + len(s.c)], s.c)
+            i += len(s.c)
+        out.append(StepAdjoints(s.layer, s.direction, dh, dc))
+    return tuple(out)
+
+
+def _stack(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    """Unused states (no path to L) have a zero gradient."""
+    return torch.stack([g if g is not None else torch.zeros_like(t)
+                        for g, t in zip(grads, like, strict=True)]).detach()
+
+
 def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> ReplayResult:
     """Run `spec` on `inputs` (B, T, I) with `params` (local names) and backpropagate the objective.
 
     Weights are used as given (no gradient is taken for them); the zero initial state of each
     layer and direction is the leaf that puts every h_t on the autograd graph.
     """
-    batch, seq_len, _ = inputs.shape
-    captured: list[StepAdjoints] = []
-    finals_h: list[Tensor] = []
-    finals_c: list[Tensor] = []
-    layer_input = inputs
-    for layer in range(spec.num_layers):
-        outputs = []
-        for direction in spec.directions:
-            weights = LayerWeights.of(spec, params, layer, direction)
-            states, h_last, c_last, adj = _run_direction(spec, weights, layer_input, direction)
-            outputs.append(states)
-            finals_h.append(h_last)
-            if c_last is not None:
-                finals_c.append(c_last)
-            captured.append(StepAdjoints(layer, direction, *adj))
-        layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-
-    top = finals_h[-len(spec.directions) :]
-    loss = sum((h.pow(2).sum() for h in top), torch.zeros((), dtype=inputs.dtype)) / (2 * batch)
-    loss.backward()
-    return ReplayResult(
-        output=layer_input.detach(),
-        h_n=torch.stack([h.detach() for h in finals_h]),
-        c_n=torch.stack([c.detach() for c in finals_c]) if finals_c else None,
-        loss=float(loss.item()),
-        adjoints=tuple(captured),
-    )
-
-
-def _run_direction(
-    spec: ModuleSpec, w: LayerWeights, x: Tensor, direction: Direction
-) -> tuple[Tensor, Tensor, Tensor | None, tuple[Tensor, Tensor | None]]:
-    """Unroll one layer and direction; register a hook on every h_t (and c_t) by time index.
-
-    Returns the (B, T, P) state sequence, the final h and c, and the (dh, dc) buffers that the
-    hooks fill during the backward pass.
-    """
-    batch, seq_len, _ = x.shape
-    cell = spec.cell_type
-    dh = x.new_zeros(seq_len, batch, spec.output_size)
-    dc = x.new_zeros(seq_len, batch, spec.hidden_size) if cell is CellType.LSTM else None
-    h = x.new_zeros(batch, spec.output_size).requires_grad_()
-    c = x.new_zeros(batch, spec.hidden_size).requires_grad_() if dc is not None else None
-    xp = input_projection(x, w)
-    states: list[Tensor | None] = [None] * seq_len
-    order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
-    for t in order:
-        h, c = step(cell, spec.nonlinearity, xp[:, t], h, c, w)
-        h.register_hook(_writer(dh, t))
-        if c is not None and dc is not None:
-            c.register_hook(_writer(dc, t))
-        states[t] = h
-    return torch.stack(states, dim=1), h, c, (dh, dc)  # type: ignore[arg-type]
-
-
-def _writer(buffer: Tensor, t: int):  # type: ignore[no-untyped-def]
-    """A tensor hook that copies the incoming gradient into buffer[t]."""
-
-    def hook(grad: Tensor) -> None:
-        buffer[t].copy_(grad)
-
-    return hook
+    batch = inputs.shape[0]
+    h0, c0 = zero_states(spec, batch, inputs)
+    run = unroll(spec, params, inputs, h0, c0)
+    loss = objective(run.finals(spec), batch)
+    return ReplayResult(run.output.detach(), run.h_n.detach(),
+                        None if run.c_n is None else run.c_n.detach(), float(loss.item()),
+                        adjoints(loss, run.states))
