@@ -6,14 +6,13 @@ Everything here returns frozen records; nothing prints. A file that cannot be us
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rnndiag import analysis, static
+from rnndiag import static
 from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
 from rnndiag.checkpoint import Checkpoint, is_lfs_pointer, load_checkpoint, sniff_format
 from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
@@ -24,12 +23,12 @@ from rnndiag.records import (
     CheckOptions,
     FileDiagnosis,
     FileStatus,
-    LayerDiagnosis,
     ModuleDiagnosis,
     ModuleSpec,
     NonFiniteTensor,
 )
-from rnndiag.replay import StepAdjoints, final_step, replay
+from rnndiag.replay import replay
+from rnndiag.series import layer_diagnosis
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -157,42 +156,9 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
     batch_size, seq_len, _ = inputs.shape
     with torch.enable_grad():
         result = replay(spec, params, inputs)
-    layers = tuple(_diagnose_layer(spec, params, adj, seq_len, options) for adj in result.adjoints)
-    return ModuleDiagnosis(spec, desc, result.loss, layers, batch_size, seq_len)
-
-
-def series_norms(adjoint: Tensor) -> tuple[float, ...]:
-    """||adjoint[t]||_2 over the whole batch for every t, accumulated in float64."""
-    flat = adjoint.detach().double().reshape(adjoint.shape[0], -1)
-    return tuple(float(v) for v in torch.linalg.vector_norm(flat, dim=1))
-
-
-def _diagnose_layer(spec: ModuleSpec, params: Mapping[str, Tensor], adj: StepAdjoints,
-                    seq_len: int, options: CheckOptions) -> LayerDiagnosis:
-    th = options.thresholds
-    grad = series_norms(adj.dh)
-    cell = series_norms(adj.dc) if adj.dc is not None else None
-    state = grad if cell is None else tuple(
-        math.hypot(g, c) for g, c in zip(grad, cell, strict=True))
-    final = final_step(adj.direction, seq_len)
-    r = analysis.ratios(state, final)
-    found = analysis.spans(r, th)
     arrays = {k: v.detach().cpu().double().numpy() for k, v in params.items()}
-    st = static.static_layer(spec, arrays, adj.layer, adj.direction)
-    return LayerDiagnosis(
-        layer=adj.layer,
-        direction=adj.direction,
-        grad_norm=grad,
-        cell_grad_norm=cell,
-        state_grad_norm=state,
-        ratio=r,
-        final_step=final,
-        growth_per_step=analysis.growth_per_step(state, final),
-        horizon=analysis.horizon(r, final, th),
-        sigma_max_hh=st.sigma_max_hh,
-        pascanu=st.pascanu,
-        forget_bias=st.forget_bias,
-        spans=found,
-        verdict=analysis.verdict(found),
-    )
-
+    layers = tuple(
+        layer_diagnosis(adj, static.static_layer(spec, arrays, adj.layer, adj.direction),
+                        options.thresholds)
+        for adj in result.adjoints)
+    return ModuleDiagnosis(spec, desc, result.loss, layers, batch_size, seq_len)

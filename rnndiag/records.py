@@ -162,6 +162,17 @@ class LayerDiagnosis:
     forget_bias: ForgetBias | None
     spans: tuple[Span, ...]
     verdict: Verdict
+    # With a loss that has a term at every step: the same series for the term at this
+    # direction's final step alone (t = T-1 forward, t = 0 reverse). Ratios, spans, growth,
+    # horizon and verdict then use `reach_state_grad_norm` (see `verdict_series`).
+    reach_grad_norm: tuple[float, ...] | None = None
+    reach_cell_grad_norm: tuple[float, ...] | None = None
+    reach_state_grad_norm: tuple[float, ...] | None = None
+
+    @property
+    def verdict_series(self) -> str:
+        return "state_grad_norm" if self.reach_state_grad_norm is None \
+            else "reach_state_grad_norm"
 
 
 @dataclass(frozen=True)
