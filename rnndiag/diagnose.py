@@ -6,13 +6,15 @@ Everything here returns frozen records; nothing prints. A file that cannot be us
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rnndiag import static
+from rnndiag import clip, fused, static
 from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
 from rnndiag.checkpoint import Checkpoint, is_lfs_pointer, load_checkpoint, sniff_format
 from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
@@ -21,6 +23,7 @@ from rnndiag.files import LFS_NOTE
 from rnndiag.records import (
     BatchInfo,
     CheckOptions,
+    ClipSuggestion,
     FileDiagnosis,
     FileStatus,
     ModuleDiagnosis,
@@ -41,6 +44,8 @@ def validate(options: CheckOptions) -> None:
         raise OptionError(f"--seq-len must be at least 1, got {options.seq_len}")
     if options.dtype not in DTYPES:
         raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if not 0.0 <= options.clip_percentile <= 100.0:
+        raise OptionError(f"--clip-percentile must be within 0..100, got {options.clip_percentile}")
     th = options.thresholds
     if not 0.0 < th.vanish < 1.0 < th.explode < float("inf"):
         raise OptionError("thresholds must satisfy 0 < --vanish-threshold < 1 < "
@@ -78,10 +83,14 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
             return FileDiagnosis(str(path), fmt, FileStatus.SKIPPED, notes=ckpt.notes + (
                 "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file",))
         bad = nonfinite_weights(ckpt.tensors)
-        modules = []
+        modules, fed = [], []
         for spec in specs:
             progress(f"{path}: replaying {spec.name or '<root>'} ({spec.kind.value})")
-            modules.append(_diagnose_module(spec, ckpt, options, batch))
+            diagnosis, params, inputs = _diagnose_module(spec, ckpt, options, batch)
+            modules.append(diagnosis)
+            fed.append((spec, params, inputs))
+        progress(f"{path}: mini-batch gradient norms")
+        suggestion = _clip(fed, options)
     except RnnDiagError as exc:
         return FileDiagnosis(str(path), fmt, FileStatus.ERROR, error=str(exc))
     first = modules[0]
@@ -92,7 +101,25 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
         seed=None if batch else options.seed,
     )
     return FileDiagnosis(str(path), fmt, FileStatus.OK, tuple(modules), info, ckpt.notes,
-                         nonfinite_weights=bad)
+                         nonfinite_weights=bad, clip=suggestion)
+
+
+def _clip(fed: list[tuple[ModuleSpec, dict[str, Tensor], Tensor]],
+          options: CheckOptions) -> ClipSuggestion:
+    """Mini-batch norms over all recurrent modules' parameters (their objectives summed)."""
+    batch_size = min(inputs.shape[0] for _, _, inputs in fed)
+    k = clip.batches_for(options.clip_batches, batch_size)
+    squares = [0.0] * k
+    count = 0
+    for spec, params, inputs in fed:
+        module = fused.build(spec, params)
+        weights = list(module.parameters())
+        count += sum(p.numel() for p in weights)
+        norms = clip.minibatch_norms(partial(_objective_rows, spec, module, inputs), weights,
+                                     inputs.shape[0], k)
+        squares = [a + n * n for a, n in zip(squares, norms, strict=True)]
+    return clip.suggest([math.sqrt(s) for s in squares], options.clip_percentile,
+                        "recurrent", count)
 
 
 def nonfinite_weights(tensors: Mapping[str, Tensor]) -> tuple[NonFiniteTensor, ...]:
@@ -147,8 +174,14 @@ def module_inputs(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
     return desc, inputs
 
 
+def _objective_rows(spec: ModuleSpec, module: torch.nn.Module, inputs: Tensor,
+                    rows: Tensor) -> Tensor:
+    return fused.objective_on(spec, module, inputs[rows])
+
+
 def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
-                     batch: BatchFile | None) -> ModuleDiagnosis:
+                     batch: BatchFile | None,
+                     ) -> tuple[ModuleDiagnosis, dict[str, Tensor], Tensor]:
     dtype = DTYPES[options.dtype]
     params = module_params(spec, ckpt.tensors, dtype)
     desc, inputs = module_inputs(spec, ckpt, options, batch)
@@ -161,4 +194,5 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
         layer_diagnosis(adj, static.static_layer(spec, arrays, adj.layer, adj.direction),
                         options.thresholds)
         for adj in result.adjoints)
-    return ModuleDiagnosis(spec, desc, result.loss, layers, batch_size, seq_len)
+    diagnosis = ModuleDiagnosis(spec, desc, result.loss, layers, batch_size, seq_len)
+    return diagnosis, params, inputs

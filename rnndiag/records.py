@@ -237,6 +237,23 @@ class InspectDiagnosis:
 
 
 @dataclass(frozen=True)
+class ClipSuggestion:
+    """See rnndiag.clip for the definitions."""
+
+    suggested_max_norm: float
+    percentile: float
+    norms: tuple[float, ...]  # one per mini-batch, in batch order
+    mean: float
+    pascanu_band: tuple[float, float]  # (0.5 * mean, 10 * mean)
+    autoclip_p10: float
+    max: float
+    fraction_clipped: float
+    batches: int
+    parameters: str  # "model" (all model parameters) | "recurrent" (the recurrent modules')
+    parameter_count: int
+
+
+@dataclass(frozen=True)
 class FileDiagnosis:
     path: str
     format: str  # "safetensors" | "torch" | "unknown"
@@ -246,6 +263,8 @@ class FileDiagnosis:
     notes: tuple[str, ...] = ()
     error: str | None = None
     nonfinite_weights: tuple[NonFiniteTensor, ...] = ()
+    clip: ClipSuggestion | None = None
+    loss: str = "final_state_energy"  # the loss backpropagated (see rnndiag.losses)
 
     @property
     def verdict(self) -> Verdict | None:
@@ -275,3 +294,8 @@ class CheckOptions:
     nonlinearity: str | None = None  # None: from file metadata, else "tanh"
     dtype: str = "float32"
     thresholds: Thresholds = field(default_factory=Thresholds)
+    clip_batches: int | None = None  # None: min(8, B)
+    clip_percentile: float = 50.0
+    model: str | None = None  # --model package.module:callable
+    model_kwargs: str | None = None  # JSON object
+    loss: str | None = None  # --loss package.module:callable
