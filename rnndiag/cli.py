@@ -101,6 +101,19 @@ def check(
         help="r_t below this is vanishing.")] = 1e-3,
     explode_threshold: Annotated[float, typer.Option(
         help="r_t above this (or non-finite) is exploding.")] = 1e3,
+    model: Annotated[str | None, typer.Option(
+        help="Your model: package.module:callable returning an nn.Module (the current "
+        "directory is importable); needs --batch.")] = None,
+    model_kwargs: Annotated[str | None, typer.Option(
+        help="JSON object of keyword arguments for the --model callable.")] = None,
+    loss: Annotated[str | None, typer.Option(
+        help="package.module:callable(output, targets) -> scalar loss (default: "
+        "cross-entropy for integer targets, MSE for float targets, else the final-state "
+        "objective).")] = None,
+    clip_batches: Annotated[int | None, typer.Option(
+        help="Mini-batches for the clip suggestion (default min(8, B)).")] = None,
+    clip_percentile: Annotated[float, typer.Option(
+        help="Percentile of the mini-batch norms to suggest (50: the median).")] = 50.0,
     fail_on: Annotated[FailOn, typer.Option(
         help="Verdicts that make the exit code 1.")] = FailOn.ANY,
     output_format: Annotated[Format, typer.Option(
@@ -122,7 +135,9 @@ def check(
     options = CheckOptions(
         batch_path=str(batch) if batch else None, batch_size=batch_size, seq_len=seq_len,
         seed=seed, nonlinearity=nonlinearity.value if nonlinearity else None,
-        dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold))
+        dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold),
+        clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
+        model_kwargs=model_kwargs, loss=loss)
     sink = Sink(output_format, output, save_svg, save_html)
     raise typer.Exit(_run_check(paths, options, FailOnLevel(fail_on.value), sink, debug))
 

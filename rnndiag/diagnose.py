@@ -20,6 +20,7 @@ from rnndiag.checkpoint import Checkpoint, is_lfs_pointer, load_checkpoint, snif
 from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
 from rnndiag.errors import ArchitectureError, OptionError, RnnDiagError
 from rnndiag.files import LFS_NOTE
+from rnndiag.modelcheck import diagnose_model_file
 from rnndiag.records import (
     BatchInfo,
     CheckOptions,
@@ -64,7 +65,23 @@ def diagnose_files(paths: Iterable[Path], options: CheckOptions,
     """Diagnose every file with one batch. Option and batch errors raise: they affect all files."""
     validate(options)
     batch = load_batch(Path(options.batch_path)) if options.batch_path else None
+    if options.model is not None:
+        if batch is None:
+            raise OptionError("--model needs --batch: a file with the 'inputs' your model "
+                              "takes (and 'targets' for a task loss)")
+        return [_guard(path, lambda p: diagnose_model_file(p, options, batch, progress))
+                for path in paths]
+    if options.loss is not None:
+        raise OptionError("--loss needs --model (a loss applies to your model's output)")
     return [diagnose_file(path, options, batch, progress) for path in paths]
+
+
+def _guard(path: Path, run: Callable[[Path], FileDiagnosis]) -> FileDiagnosis:
+    """A file's RnnDiagError becomes its error record; the other files go on."""
+    try:
+        return run(path)
+    except RnnDiagError as exc:
+        return FileDiagnosis(str(path), "unknown", FileStatus.ERROR, error=str(exc))
 
 
 def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,

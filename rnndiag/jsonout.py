@@ -17,6 +17,7 @@ from rnndiag.findings import Advice, Finding, advice, findings
 from rnndiag.outcome import FailOn, exit_code, inspect_exit_code
 from rnndiag.records import (
     CheckOptions,
+    ClipSuggestion,
     FileDiagnosis,
     ForgetBias,
     InspectDiagnosis,
@@ -64,6 +65,11 @@ def _options(o: CheckOptions, fail_on: FailOn) -> dict[str, Any]:
         "dtype": o.dtype,
         "vanish_threshold": o.thresholds.vanish,
         "explode_threshold": o.thresholds.explode,
+        "clip_batches": o.clip_batches,
+        "clip_percentile": o.clip_percentile,
+        "model": o.model,
+        "model_kwargs": o.model_kwargs,
+        "loss": o.loss,
     }
 
 
@@ -83,7 +89,22 @@ def _file(f: FileDiagnosis) -> dict[str, Any]:
             "seq_len": f.batch.seq_len,
             "seed": f.batch.seed,
         },
+        "loss": f.loss,
+        "clip": _clip(f.clip),
         "modules": [_module(m) for m in f.modules],
+    }
+
+
+def _clip(c: ClipSuggestion | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {
+        "suggested_max_norm": _num(c.suggested_max_norm), "percentile": c.percentile,
+        "norms": _series(c.norms), "mean": _num(c.mean),
+        "pascanu_band": [_num(c.pascanu_band[0]), _num(c.pascanu_band[1])],
+        "autoclip_p10": _num(c.autoclip_p10), "max": _num(c.max),
+        "fraction_clipped": c.fraction_clipped, "batches": c.batches,
+        "parameters": c.parameters, "parameter_count": c.parameter_count,
     }
 
 
@@ -108,7 +129,7 @@ def _module(m: ModuleDiagnosis) -> dict[str, Any]:
         "inputs": m.inputs,
         "batch_size": m.batch_size,
         "seq_len": m.seq_len,
-        "objective": {"name": OBJECTIVE, "value": _num(m.loss)},
+        "objective": {"name": m.objective, "value": _num(m.loss)},
         "verdict": m.verdict.value,
         "layers": [_layer(layer) for layer in m.layers],
     }
@@ -158,12 +179,21 @@ def _layer(d: LayerDiagnosis) -> dict[str, Any]:
         "pascanu": d.pascanu.value,
         "forget_bias": _forget_bias(d.forget_bias),
         "spans": [_span(s) for s in d.spans],
-        "nonfinite_steps": [t for t, v in enumerate(d.state_grad_norm) if not math.isfinite(v)],
+        "nonfinite_steps": [t for t, v in enumerate(d.reach_state_grad_norm or d.state_grad_norm)
+                            if not math.isfinite(v)],
         "grad_norm": _series(d.grad_norm),
         "cell_grad_norm": None if d.cell_grad_norm is None else _series(d.cell_grad_norm),
         "state_grad_norm": _series(d.state_grad_norm),
         "ratio": _series(d.ratio),
+        "verdict_series": d.verdict_series,
+        "reach_grad_norm": _maybe(d.reach_grad_norm),
+        "reach_cell_grad_norm": _maybe(d.reach_cell_grad_norm),
+        "reach_state_grad_norm": _maybe(d.reach_state_grad_norm),
     }
+
+
+def _maybe(xs: Sequence[float] | None) -> list[float | None] | None:
+    return None if xs is None else _series(xs)
 
 
 def _finding(x: Finding) -> dict[str, Any]:

@@ -183,6 +183,7 @@ class ModuleDiagnosis:
     layers: tuple[LayerDiagnosis, ...]
     batch_size: int
     seq_len: int
+    objective: str = "final_state_energy"  # the loss whose gradient was captured
 
     @property
     def verdict(self) -> Verdict:

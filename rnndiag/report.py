@@ -17,6 +17,7 @@ from rich.text import Text
 
 from rnndiag.findings import Advice, advice
 from rnndiag.records import (
+    ClipSuggestion,
     FileDiagnosis,
     FileStatus,
     ForgetBias,
@@ -38,7 +39,7 @@ PASCANU_TEXT = {
     PascanuReading.VANISHING_GUARANTEED: "< 1/γ: vanishing guaranteed",
     PascanuReading.EXPLODING_POSSIBLE: "> 1/γ: exploding possible",
     PascanuReading.BOUNDARY: "= 1/γ: boundary",
-    PascanuReading.NOT_APPLICABLE: "bound n/a (gated or non-finite)",
+    PascanuReading.NOT_APPLICABLE: "n/a (gated cell)",
 }
 GLYPHS = "▁▂▃▄▅▆▇█"
 NONFINITE_GLYPH = "×"
@@ -87,7 +88,32 @@ def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
                         style="bold red"))
     for m in f.modules:
         out.extend(_module(m, f, th))
+    if f.clip is not None:
+        out.append(_clip(f.clip, f.loss))
     return out
+
+
+def _clip(c: ClipSuggestion, loss: str) -> RenderableType:
+    lo, hi = c.pascanu_band
+    which = "all model parameters" if c.parameters == "model" else "the recurrent parameters"
+    lines: list[RenderableType] = [
+        Text.assemble((f"max_norm ≈ {fmt(c.suggested_max_norm)}", "bold"),
+                      f" (p{c.percentile:g} of {c.batches} mini-batch pre-clip gradient norms "
+                      f"of {safe(loss)} over {which}, {fmt(min(c.norms))}..{fmt(c.max)})"),
+        Text(f"mean {fmt(c.mean)}, Pascanu band {fmt(lo)}..{fmt(hi)}, AutoClip p10 "
+             f"{fmt(c.autoclip_p10)}; would clip {c.fraction_clipped:.0%} of mini-batches. "
+             "Use as clip_grad_norm_(params, max_norm), Lightning gradient_clip_val or "
+             "HF max_grad_norm.", style="dim"),
+    ]
+    if loss == "final_state_energy":
+        lines.append(Text("A heuristic for this checkpoint under the final-state objective, "
+                          "not your training loss: --model with targets measures your loss.",
+                          style="dim"))
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    grid.add_row("  clip", Group(*lines))
+    return grid
 
 
 def describe(m: ModuleDiagnosis) -> str:
@@ -111,7 +137,10 @@ def _module(m: ModuleDiagnosis, f: FileDiagnosis, th: Thresholds) -> list[Render
     title = Text.assemble("  ", Text(safe(m.spec.name or "<root>"), style="bold cyan"), "  ",
                           describe(m), "  ", Text(m.verdict.value, style=VERDICT_STYLE[m.verdict]))
     fed = Text(f"  replayed on {safe(m.inputs)}: B={m.batch_size}, T={m.seq_len}{seed}; "
-               f"L = {fmt(m.loss)}", style="dim")
+               f"L = {safe(m.objective)} = {fmt(m.loss)}", style="dim")
+    if any(d.reach_state_grad_norm is not None for d in m.layers):
+        fed.append("\n  the loss has a term at every step: verdicts use the reach of the "
+                   "term at each direction's final step alone (reach_state_grad_norm)")
     return [title, fed, _layers_table(m.layers), FlowStrips(m.layers, th),
             *_spans_table(m.layers)]
 
@@ -120,7 +149,9 @@ def layer_label(d: LayerDiagnosis) -> str:
     return f"{d.layer} {'fwd' if d.direction.value == 'forward' else 'rev'}"
 
 
-def static_reading(reading: PascanuReading, fb: ForgetBias | None) -> str:
+def static_reading(reading: PascanuReading, fb: ForgetBias | None, sigma: float) -> str:
+    if not math.isfinite(sigma):
+        return "undefined (non-finite W_hh)"
     if fb is None:
         return PASCANU_TEXT[reading]
     return f"forget bias {fb.mean:+.2f}, gate at rest {fb.mean_gate_at_rest:.2f}"
@@ -138,7 +169,7 @@ def _layers_table(layers: Sequence[LayerDiagnosis]) -> Table:
         table.add_row(
             layer_label(d), Text(d.verdict.value, style=VERDICT_STYLE[d.verdict]),
             fmt(d.growth_per_step), "-" if d.horizon is None else f"{d.horizon} steps",
-            fmt(d.sigma_max_hh), static_reading(d.pascanu, d.forget_bias),
+            fmt(d.sigma_max_hh), static_reading(d.pascanu, d.forget_bias, d.sigma_max_hh),
         )
     return table
 
@@ -276,5 +307,5 @@ def _static_table(layers: Sequence[StaticLayer]) -> Table:
     table.add_column("static reading")
     for x in layers:
         label = f"{x.layer} {'fwd' if x.direction.value == 'forward' else 'rev'}"
-        table.add_row(label, fmt(x.sigma_max_hh), static_reading(x.pascanu, x.forget_bias))
+        table.add_row(label, fmt(x.sigma_max_hh), static_reading(x.pascanu, x.forget_bias, x.sigma_max_hh))
     return table
