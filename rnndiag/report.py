@@ -307,5 +307,6 @@ def _static_table(layers: Sequence[StaticLayer]) -> Table:
     table.add_column("static reading")
     for x in layers:
         label = f"{x.layer} {'fwd' if x.direction.value == 'forward' else 'rev'}"
-        table.add_row(label, fmt(x.sigma_max_hh), static_reading(x.pascanu, x.forget_bias, x.sigma_max_hh))
+        reading = static_reading(x.pascanu, x.forget_bias, x.sigma_max_hh)
+        table.add_row(label, fmt(x.sigma_max_hh), reading)
     return table
