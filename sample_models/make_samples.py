@@ -113,6 +113,33 @@ def make_gru() -> dict[str, float]:
     return stats
 
 
+def make_tagger() -> dict[str, float]:
+    """The `--model` example: user_models.Tagger labels token t with (token[t - 10] mod 3)."""
+    from user_models import Tagger
+
+    torch.manual_seed(5)
+    model = Tagger()
+    gen = torch.Generator().manual_seed(50)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, 20, (n, 40), generator=g)
+        labels = torch.roll(tokens, 10, dims=1) % 3
+        return tokens, labels
+
+    for _ in range(300):
+        x, y = batch(32, gen)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = batch(16, torch.Generator().manual_seed(51))
+    save_file(tensors(model), HERE / "tagger.safetensors")
+    save_file({"inputs": x.contiguous(), "targets": y.contiguous()},
+              HERE / "tagger_batch.safetensors")
+    return {"steps": 300, "lr": 3e-3, "final_train_loss": round(loss.item(), 4)}
+
+
 def make_batch() -> None:
     x, y = adding_batch(16, T, torch.Generator().manual_seed(99))
     save_file({"inputs": x.contiguous(), "targets": y.contiguous()},
@@ -123,7 +150,9 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     which = set(sys.argv[1:])
-    makers = {"tanh": make_tanh_rnn, "lstm": make_lstm, "relu": make_relu_rnn, "gru": make_gru}
+    sys.path.insert(0, str(HERE))
+    makers = {"tanh": make_tanh_rnn, "lstm": make_lstm, "relu": make_relu_rnn, "gru": make_gru,
+              "tagger": make_tagger}
     make_batch()
     for name, make in makers.items():
         if not which or name in which:

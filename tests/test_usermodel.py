@@ -1,0 +1,209 @@
+"""`--model`: user-style models vs plain autograd on hand-unrolled loops (float64).
+
+The oracles rebuild each model's computation with nn.*Cell modules (or the user's own loop),
+call retain_grad() on every state and backpropagate the same loss; per-step norms and the
+mini-batch clip norms must match. The model must be untouched by the diagnosis.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from rnndiag.batch import BatchFile
+from rnndiag.cli import main
+from rnndiag.modelcheck import diagnose_model_file
+from rnndiag.records import CheckOptions, FileDiagnosis
+from rnndiag.usermodel import capture
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from sample_models.user_models import Decoder, Tagger  # noqa: E402
+
+B, T = 6, 9
+
+
+class TwoModules(nn.Module):
+    """An LSTM encoder feeding a GRU decoder: two recurrent submodules, no task loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.LSTM(3, 5, batch_first=True)
+        self.dec = nn.GRU(5, 4, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.enc(x)
+        out, _ = self.dec(out)
+        return out
+
+
+def _norms(grads: list[Tensor]) -> list[float]:
+    return [float(g.double().norm()) for g in grads]
+
+
+def _run(model: nn.Module, inputs: Tensor, targets: Tensor | None, tmp_path: Path,
+         ) -> FileDiagnosis:
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    tensors = {"inputs": inputs} | ({"targets": targets} if targets is not None else {})
+    options = CheckOptions(model="x:y", dtype="float64", clip_batches=3)
+    import rnndiag.modelcheck as mc
+
+    orig = mc.build_model
+    mc.build_model = lambda target, kwargs: type(model)()  # a fresh instance, like the CLI
+    try:
+        return diagnose_model_file(path, options, BatchFile("batch", tensors), lambda m: None)
+    finally:
+        mc.build_model = orig
+
+
+def _gru_unrolled(gru: nn.GRU, x: Tensor) -> tuple[Tensor, dict[tuple[int, str], list[Tensor]]]:
+    """A batch-first GRU through GRUCell copies, keeping every state by time index."""
+    states: dict[tuple[int, str], list[Tensor]] = {}
+    layer_in = x
+    for layer in range(gru.num_layers):
+        outs = []
+        for d, suffix in (("forward", ""), ("reverse", "_reverse"))[: 1 + gru.bidirectional]:
+            cell = nn.GRUCell(layer_in.shape[2], gru.hidden_size, dtype=torch.float64)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                setattr(cell, name, getattr(gru, f"{name}_l{layer}{suffix}"))
+            h = x.new_zeros(x.shape[0], gru.hidden_size)
+            hs: list[Tensor] = [h] * x.shape[1]
+            order = range(x.shape[1]) if d == "forward" else range(x.shape[1] - 1, -1, -1)
+            for t in order:
+                h = cell(layer_in[:, t], h)
+                h.retain_grad()
+                hs[t] = h
+            states[(layer, d)] = hs
+            outs.append(torch.stack(hs, dim=1))
+        layer_in = torch.cat(outs, dim=2)
+    return layer_in, states
+
+
+def test_tagger_per_step_cross_entropy(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Tagger().double()
+    tokens, labels = torch.randint(0, 20, (B, T)), torch.randint(0, 3, (B, T))
+    got = _run(model, tokens, labels, tmp_path)
+    [module] = got.modules
+    assert module.spec.name == "rnn" and got.loss == "cross_entropy"
+    # oracle 1: the total gradient of the mean cross-entropy over every step
+    out, states = _gru_unrolled(model.rnn, model.embed(tokens))
+    logits = model.head(out)
+    F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1)).backward(retain_graph=True)
+    for d in module.layers:
+        want = _norms([h.grad for h in states[(d.layer, d.direction.value)]])
+        assert d.grad_norm == pytest.approx(want, rel=1e-9)
+        assert d.verdict_series == "reach_state_grad_norm"
+    # oracle 2: the reach of the final step's term alone (t = T-1 forward, t = 0 reverse)
+    for direction, t in (("forward", T - 1), ("reverse", 0)):
+        for hs in states.values():
+            for h in hs:
+                h.grad = None
+        F.cross_entropy(logits[:, t], labels[:, t]).backward(retain_graph=True)
+        for d in module.layers:
+            if d.direction.value == direction:
+                want = _norms([h.grad if h.grad is not None else torch.zeros_like(h)
+                               for h in states[(d.layer, direction)]])
+                assert d.reach_grad_norm == pytest.approx(want, rel=1e-9, abs=1e-300)
+
+
+def test_lstmcell_loop_with_mse(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = Decoder().double()
+    x, y = torch.randn(B, T, 2, dtype=torch.float64), torch.randn(B, dtype=torch.float64)
+    got = _run(model, x, y, tmp_path)
+    [module] = got.modules
+    [d] = module.layers
+    assert module.spec.name == "cell" and module.seq_len == T and d.reach_grad_norm is None
+    hs, cs = [], []
+    h = x.new_zeros(B, 12)
+    c = torch.zeros_like(h)
+    for t in range(T):
+        h, c = model.cell(x[:, t], (h, c))
+        h.retain_grad()
+        c.retain_grad()
+        hs.append(h)
+        cs.append(c)
+    F.mse_loss(model.head(h).squeeze(1), y).backward()
+    assert d.grad_norm == pytest.approx(_norms([h.grad for h in hs]), rel=1e-9)
+    assert d.cell_grad_norm == pytest.approx(_norms([c.grad for c in cs]), rel=1e-9)
+    # clip norms: plain autograd on each of the 3 consecutive mini-batches
+    want = []
+    for idx in torch.tensor_split(torch.arange(B), 3):
+        loss = F.mse_loss(model(x[idx]), y[idx])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        want.append(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)))
+    assert got.clip is not None and got.clip.parameters == "model"
+    assert list(got.clip.norms) == pytest.approx(want, rel=1e-9)
+
+
+def test_two_modules_without_targets_use_the_objective(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = TwoModules().double()
+    x = torch.randn(B, T, 3, dtype=torch.float64)
+    got = _run(model, x, None, tmp_path)
+    assert [m.spec.name for m in got.modules] == ["enc", "dec"]
+    assert got.loss == "final_state_energy"
+    enc_out, (h_enc, _) = model.enc(x)
+    _, h_dec = model.dec(enc_out)
+    want_loss = (h_enc.pow(2).sum() + h_dec.pow(2).sum()) / (2 * B)
+    assert got.modules[0].loss == pytest.approx(float(want_loss.detach()), rel=1e-12)
+
+
+def test_model_is_untouched(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = Tagger().double().train()
+    model.head.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    tokens = torch.randint(0, 20, (B, T))
+    with capture(model) as records:
+        model(tokens).sum().backward()
+    assert records[0].calls
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert "forward" not in vars(model.rnn) and not model.rnn._forward_hooks
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [(["--model", "no_such_module_xyz:build"], "cannot import 'no_such_module_xyz'"),
+     (["--model", "math:pi"], "is not callable"),
+     (["--model", "collections:OrderedDict"], "not a torch.nn.Module"),
+     (["--model", "sample_models.user_models:Decoder"], "does not fit the model: missing keys"),
+     (["--model", "sample_models.user_models:Tagger", "--model-kwargs", "[1]"], "JSON object")],
+    ids=["import", "not-callable", "not-a-module", "state-dict", "kwargs"],
+)
+def test_model_errors(args: list[str], fragment: str, tmp_path: Path,
+                      capsys: pytest.CaptureFixture[str],
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    path, batch = tmp_path / "t.safetensors", tmp_path / "b.safetensors"
+    save_file({k: v.contiguous() for k, v in Tagger().state_dict().items()}, path)
+    save_file({"inputs": torch.randint(0, 20, (2, 5))}, batch)
+    code = main(["check", str(path), "--batch", str(batch), *args, "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and fragment in err and err.count("\n") == 1
+    assert json.loads(out)["exit_code"] == 2
+
+
+def test_model_rejecting_the_batch_is_one_line(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    path, batch = tmp_path / "t.safetensors", tmp_path / "b.safetensors"
+    save_file({k: v.contiguous() for k, v in Tagger().state_dict().items()}, path)
+    save_file({"inputs": torch.randint(0, 99, (2, 5))}, batch)  # ids beyond the vocabulary
+    code = main(["check", str(path), "--batch", str(batch), "--model",
+                 "sample_models.user_models:Tagger"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the model rejected the batch: IndexError" in err
