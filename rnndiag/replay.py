@@ -109,12 +109,14 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, direction: Dire
                    h: Tensor, c: Tensor | None) -> tuple[list[Tensor], list[Tensor] | None]:
     """Unroll one layer and direction from (h, c); states by time index t."""
     seq_len = x.shape[1]
-    xp = input_projection(x, w)  # (B, T, G*H): every step's input term in one matmul
+    # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
+    # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
+    xs = input_projection(x, w).unbind(dim=1)
     hs: list[Tensor | None] = [None] * seq_len
     cs: list[Tensor | None] | None = [None] * seq_len if c is not None else None
     order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
     for t in order:
-        h, c = step(spec.cell_type, spec.nonlinearity, xp[:, t], h, c, w)
+        h, c = step(spec.cell_type, spec.nonlinearity, xs[t], h, c, w)
         hs[t] = h
         if cs is not None:
             cs[t] = c
