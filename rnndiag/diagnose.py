@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rnndiag import clip, fused, static
+from rnndiag import clip, pergrad, static
 from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
 from rnndiag.checkpoint import Checkpoint, is_lfs_pointer, load_checkpoint, sniff_format
 from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
@@ -100,14 +99,14 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
             return FileDiagnosis(str(path), fmt, FileStatus.SKIPPED, notes=ckpt.notes + (
                 "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file",))
         bad = nonfinite_weights(ckpt.tensors)
-        modules, fed = [], []
+        modules, squares, count = [], [], 0
         for spec in specs:
             progress(f"{path}: replaying {spec.name or '<root>'} ({spec.kind.value})")
-            diagnosis, params, inputs = _diagnose_module(spec, ckpt, options, batch)
+            diagnosis, sq, n = _diagnose_module(spec, ckpt, options, batch)
             modules.append(diagnosis)
-            fed.append((spec, params, inputs))
-        progress(f"{path}: mini-batch gradient norms")
-        suggestion = _clip(fed, options)
+            squares.append(sq)
+            count += n
+        suggestion = _clip(squares, options, count)
     except RnnDiagError as exc:
         return FileDiagnosis(str(path), fmt, FileStatus.ERROR, error=str(exc))
     first = modules[0]
@@ -121,22 +120,14 @@ def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
                          nonfinite_weights=bad, clip=suggestion)
 
 
-def _clip(fed: list[tuple[ModuleSpec, dict[str, Tensor], Tensor]],
-          options: CheckOptions) -> ClipSuggestion:
-    """Mini-batch norms over all recurrent modules' parameters (their objectives summed)."""
-    batch_size = min(inputs.shape[0] for _, _, inputs in fed)
-    k = clip.batches_for(options.clip_batches, batch_size)
-    squares = [0.0] * k
-    count = 0
-    for spec, params, inputs in fed:
-        module = fused.build(spec, params)
-        weights = list(module.parameters())
-        count += sum(p.numel() for p in weights)
-        norms = clip.minibatch_norms(partial(_objective_rows, spec, module, inputs), weights,
-                                     inputs.shape[0], k)
-        squares = [a + n * n for a, n in zip(squares, norms, strict=True)]
-    return clip.suggest([math.sqrt(s) for s in squares], options.clip_percentile,
-                        "recurrent", count)
+def _clip(squares: list[list[float]], options: CheckOptions, count: int) -> ClipSuggestion:
+    """Mini-batch norms over all recurrent modules' parameters (their objectives summed).
+
+    Each module's squared norms are for its own objective on mini-batch k; the objectives are
+    independent, so the total is the root of their sum.
+    """
+    total = [math.sqrt(sum(parts)) for parts in zip(*squares, strict=True)]
+    return clip.suggest(total, options.clip_percentile, "recurrent", count)
 
 
 def nonfinite_weights(tensors: Mapping[str, Tensor]) -> tuple[NonFiniteTensor, ...]:
@@ -191,14 +182,9 @@ def module_inputs(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
     return desc, inputs
 
 
-def _objective_rows(spec: ModuleSpec, module: torch.nn.Module, inputs: Tensor,
-                    rows: Tensor) -> Tensor:
-    return fused.objective_on(spec, module, inputs[rows])
-
-
 def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
                      batch: BatchFile | None,
-                     ) -> tuple[ModuleDiagnosis, dict[str, Tensor], Tensor]:
+                     ) -> tuple[ModuleDiagnosis, list[float], int]:
     dtype = DTYPES[options.dtype]
     params = module_params(spec, ckpt.tensors, dtype)
     desc, inputs = module_inputs(spec, ckpt, options, batch)
@@ -206,10 +192,14 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
     batch_size, seq_len, _ = inputs.shape
     with torch.enable_grad():
         result = replay(spec, params, inputs)
+        k = clip.batches_for(options.clip_batches, batch_size)
+        groups = torch.tensor_split(torch.arange(batch_size), k)
+        squares = pergrad.replay_sq_norms(spec, params, inputs, result, groups)
+    scaled = pergrad.scale_to_minibatch_loss(squares, groups, batch_size)
     arrays = {k: v.detach().cpu().double().numpy() for k, v in params.items()}
     layers = tuple(
         layer_diagnosis(adj, static.static_layer(spec, arrays, adj.layer, adj.direction),
                         options.thresholds)
         for adj in result.adjoints)
     diagnosis = ModuleDiagnosis(spec, desc, result.loss, layers, batch_size, seq_len)
-    return diagnosis, params, inputs
+    return diagnosis, [x * x for x in scaled], sum(p.numel() for p in params.values())

@@ -64,6 +64,7 @@ class ReplayResult:
     c_n: Tensor | None
     loss: float
     adjoints: tuple[StepAdjoints, ...]  # layer-major, then direction
+    states: tuple[tuple[Tensor, Tensor | None], ...]  # (T,B,P) h and (T,B,H) c, detached
 
 
 def final_step(direction: Direction, seq_len: int) -> int:
@@ -164,6 +165,9 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> Re
     h0, c0 = zero_states(spec, batch, inputs)
     run = unroll(spec, params, inputs, h0, c0)
     loss = objective(run.finals(spec), batch)
+    found = adjoints(loss, run.states)
+    kept = tuple((torch.stack(s.h).detach(), None if s.c is None else torch.stack(s.c).detach())
+                 for s in run.states)
     return ReplayResult(run.output.detach(), run.h_n.detach(),
                         None if run.c_n is None else run.c_n.detach(), float(loss.item()),
-                        adjoints(loss, run.states))
+                        found, kept)

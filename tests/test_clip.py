@@ -66,3 +66,38 @@ def test_checkpoint_mode_norms_equal_autograd(tmp_path: Path, kind: str) -> None
         want.append(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)))
     assert list(f.clip.norms) == pytest.approx(want, rel=1e-10)
     assert f.clip.parameter_count == sum(p.numel() for p in module.parameters())
+
+
+CELL_CASES = {
+    "lstmcell": lambda: nn.LSTMCell(3, 5, dtype=torch.float64),
+    "grucell-nobias": lambda: nn.GRUCell(3, 4, bias=False, dtype=torch.float64),
+    "rnncell": lambda: nn.RNNCell(3, 4, dtype=torch.float64),
+    "lstm-nobias-2layer-bi": lambda: nn.LSTM(3, 4, num_layers=2, bias=False, bidirectional=True,
+                                             batch_first=True, dtype=torch.float64),
+    "rnn-tanh-bi": lambda: nn.RNN(3, 4, bidirectional=True, batch_first=True,
+                                  dtype=torch.float64),
+}
+
+
+@pytest.mark.parametrize("kind", list(CELL_CASES))
+def test_fast_norms_equal_fused_autograd(tmp_path: Path, kind: str) -> None:
+    """The adjoint-derived norms vs autograd on rnndiag.fused's modules (cells: unrolled)."""
+    from rnndiag import fused
+    from rnndiag.checkpoint import load_checkpoint
+    from rnndiag.diagnose import find_modules
+
+    torch.manual_seed(1)
+    module = CELL_CASES[kind]()
+    path, batch = tmp_path / "m.safetensors", tmp_path / "b.safetensors"
+    save_file({f"m.{k}": v.contiguous() for k, v in module.state_dict().items()}, path)
+    x = torch.randn(7, 6, 3, dtype=torch.float64)
+    save_file({"inputs": x}, batch)
+    [f] = diagnose_files([path], CheckOptions(batch_path=str(batch), dtype="float64",
+                                              clip_batches=3))
+    [spec] = find_modules(load_checkpoint(path), None)
+    params = {k.removeprefix("m."): v for k, v in module.state_dict().items()}
+    built = fused.build(spec, params)
+    want = clip.minibatch_norms(lambda rows: fused.objective_on(spec, built, x[rows]),
+                                list(built.parameters()), 7, 3)
+    assert f.clip is not None
+    assert list(f.clip.norms) == pytest.approx(want, rel=1e-10)
