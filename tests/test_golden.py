@@ -1,7 +1,7 @@
 """Golden files: the text report (100 columns, no colour) and the JSON of every sample model.
 
 Regenerate after an intended change with `pytest tests/test_golden.py --regen-golden` and
-review the diff. JSON floats are compared to 1e-6 relative (thread counts may change the last
+review the diff. JSON floats are compared to 1e-5 relative (thread counts may change the last
 bits of float32 sums); everything else must match exactly. Every JSON output is validated
 against the shipped schema.
 """
@@ -39,7 +39,7 @@ def _run(args: list[str], capsys: pytest.CaptureFixture[str],
 def _close(a: Any, b: Any, where: str = "$") -> None:
     if isinstance(a, float) or isinstance(b, float):
         assert isinstance(a, int | float) and isinstance(b, int | float), where
-        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-300), f"{where}: {a} != {b}"
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-300), f"{where}: {a} != {b}"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), where
         for k in a:
