@@ -51,7 +51,7 @@ def input_projection(x: Tensor, w: LayerWeights) -> Tensor:
     return out + w.b_ih if w.b_ih is not None else out
 
 
-def _recurrent(h: Tensor, w: LayerWeights) -> Tensor:
+def recurrent(h: Tensor, w: LayerWeights) -> Tensor:
     """h W_hh^T + b_hh: (B, P) -> (B, G*H)."""
     if w.b_hh is None:
         return h @ w.w_hh.t()
@@ -67,21 +67,36 @@ def step(
     w: LayerWeights,
 ) -> tuple[Tensor, Tensor | None]:
     """One time step. `xp` is this step's input projection (B, G*H). Returns (h_t, c_t)."""
-    hp = _recurrent(h, w)
+    h_new, c_new, _ = step_from(cell, nonlinearity, xp, recurrent(h, w), h, c, w)
+    return h_new, c_new
+
+
+def step_from(
+    cell: CellType,
+    nonlinearity: str | None,
+    xp: Tensor,
+    hp: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    w: LayerWeights,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One time step from both pre-activation terms: xp = x W_ih^T + b_ih and
+    hp = h W_hh^T + b_hh, each (B, G*H). Returns (h_t, c_t, m_t), m_t being a projected
+    LSTM's output before the projection (None otherwise)."""
     if cell is CellType.RNN:
         pre = xp + hp
-        return (torch.relu(pre) if nonlinearity == "relu" else torch.tanh(pre)), None
+        return (torch.relu(pre) if nonlinearity == "relu" else torch.tanh(pre)), None, None
     if cell is CellType.LSTM:
         assert c is not None
         i, f, g, o = (xp + hp).chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        m = torch.sigmoid(o) * torch.tanh(c_new)
         if w.w_hr is not None:
-            h_new = h_new @ w.w_hr.t()
-        return h_new, c_new
+            return m @ w.w_hr.t(), c_new, m
+        return m, c_new, None
     x_r, x_z, x_n = xp.chunk(3, dim=1)
     h_r, h_z, h_n = hp.chunk(3, dim=1)
     r = torch.sigmoid(x_r + h_r)
     z = torch.sigmoid(x_z + h_z)
     n = torch.tanh(x_n + r * h_n)
-    return n + z * (h - n), None
+    return n + z * (h - n), None, None

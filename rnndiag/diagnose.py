@@ -194,7 +194,7 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
         result = replay(spec, params, inputs)
         k = clip.batches_for(options.clip_batches, batch_size)
         groups = torch.tensor_split(torch.arange(batch_size), k)
-        squares = pergrad.replay_sq_norms(spec, params, inputs, result, groups)
+        squares = pergrad.replay_sq_norms(spec, inputs, result, groups)
     scaled = pergrad.scale_to_minibatch_loss(squares, groups, batch_size)
     arrays = {k: v.detach().cpu().double().numpy() for k, v in params.items()}
     layers = tuple(

@@ -19,13 +19,12 @@ loss that averages over examples, the gradient of mini-batch k's own loss is tha
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from rnndiag.cells import LayerWeights
-from rnndiag.records import CellType, Direction, ModuleSpec
+from rnndiag.records import Direction, ModuleSpec
 from rnndiag.replay import ReplayResult, StepAdjoints
 
 
@@ -37,54 +36,23 @@ def previous(states: Tensor, direction: Direction) -> Tensor:
     return torch.cat([states[1:], zero])
 
 
-def preactivation_adjoints(spec: ModuleSpec, w: LayerWeights, x: Tensor, hs: Tensor,
-                           cs: Tensor | None, adj: StepAdjoints,
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dx, dh', h_prev, m): adjoints of the input- and hidden-side pre-activations (T, B, GH),
-    the previous hidden states (T, B, P) and, for a projected LSTM, m_t (T, B, H)."""
-    h_prev = previous(hs, adj.direction)
-    xp = (x @ w.w_ih.t() + (w.b_ih if w.b_ih is not None else 0.0)).detach().requires_grad_()
-    hp = (h_prev @ w.w_hh.t() + (w.b_hh if w.b_hh is not None else 0.0)).detach()
-    hp.requires_grad_()
-    m = None
-    with torch.enable_grad():
-        if spec.cell_type is CellType.RNN:
-            pre = xp + hp
-            out = torch.relu(pre) if spec.nonlinearity == "relu" else torch.tanh(pre)
-            dx, dh = torch.autograd.grad(out, (xp, hp), adj.dh)
-        elif spec.cell_type is CellType.LSTM:
-            assert cs is not None and adj.dc is not None
-            i, f, g, o = (xp + hp).chunk(4, dim=2)
-            c = torch.sigmoid(f) * previous(cs, adj.direction) + torch.sigmoid(i) * torch.tanh(g)
-            m_t = torch.sigmoid(o) * torch.tanh(cs)
-            dm = adj.dh @ w.w_hr if w.w_hr is not None else adj.dh
-            dx, dh = torch.autograd.grad((c, m_t), (xp, hp), (adj.dc, dm))
-            m = m_t.detach() if w.w_hr is not None else None
-        else:
-            x_r, x_z, x_n = xp.chunk(3, dim=2)
-            h_r, h_z, h_n = hp.chunk(3, dim=2)
-            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
-            n = torch.tanh(x_n + r * h_n)
-            out = n + z * (h_prev - n)
-            dx, dh = torch.autograd.grad(out, (xp, hp), adj.dh)
-    return dx, dh, h_prev, m
+def minibatch_sq_norms(x: Tensor, hs: Tensor, ms: Tensor | None, adj: StepAdjoints,
+                       bias: bool, groups: Sequence[Tensor]) -> list[float]:
+    """||gradient of one layer/direction's weights||^2 restricted to each group of examples.
 
-
-def minibatch_sq_norms(spec: ModuleSpec, w: LayerWeights, x: Tensor, hs: Tensor,
-                       cs: Tensor | None, adj: StepAdjoints, groups: Sequence[Tensor],
-                       ) -> list[float]:
-    """||gradient of this layer/direction's weights||^2 restricted to each group of examples.
-
-    x (T, B, I) is the layer's input, hs (T, B, P) and cs (T, B, H) its states.
+    x (T, B, I) is the layer's input, hs (T, B, P) its states, ms (T, B, H) a projected LSTM's
+    unprojected outputs; `adj` must carry the pre-activation adjoints.
     """
-    dx, dh, h_prev, m = preactivation_adjoints(spec, w, x, hs, cs, adj)
+    assert adj.dxin is not None and adj.dhin is not None
+    h_prev = previous(hs, adj.direction)
     out = []
     for rows in groups:
-        total = _outer_sq(dx[:, rows], x[:, rows]) + _outer_sq(dh[:, rows], h_prev[:, rows])
-        if w.b_ih is not None:
-            total += _sq(dx[:, rows].sum(dim=(0, 1))) + _sq(dh[:, rows].sum(dim=(0, 1)))
-        if m is not None:
-            total += _outer_sq(adj.dh[:, rows], m[:, rows])
+        dx, dh = adj.dxin[:, rows], adj.dhin[:, rows]
+        total = _outer_sq(dx, x[:, rows]) + _outer_sq(dh, h_prev[:, rows])
+        if bias:
+            total += _sq(dx.sum(dim=(0, 1))) + _sq(dh.sum(dim=(0, 1)))
+        if ms is not None:
+            total += _outer_sq(adj.dh[:, rows], ms[:, rows])
         out.append(total)
     return out
 
@@ -105,8 +73,8 @@ def scale_to_minibatch_loss(sq_norms: Sequence[float], groups: Sequence[Tensor],
     return [math.sqrt(s) * batch / len(rows) for s, rows in zip(sq_norms, groups, strict=True)]
 
 
-def replay_sq_norms(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
-                    result: ReplayResult, groups: Sequence[Tensor]) -> list[float]:
+def replay_sq_norms(spec: ModuleSpec, inputs: Tensor, result: ReplayResult,
+                    groups: Sequence[Tensor]) -> list[float]:
     """Squared mini-batch gradient norms over all of a replayed module's weights."""
     totals = [0.0] * len(groups)
     layer_input = inputs.transpose(0, 1)  # (T, B, I)
@@ -115,9 +83,8 @@ def replay_sq_norms(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tens
         outputs = []
         for k in range(per_layer):
             adj = result.adjoints[layer * per_layer + k]
-            hs, cs = result.states[layer * per_layer + k]
-            w = LayerWeights.of(spec, params, layer, adj.direction)
-            sq = minibatch_sq_norms(spec, w, layer_input, hs, cs, adj, groups)
+            hs, ms = result.states[layer * per_layer + k]
+            sq = minibatch_sq_norms(layer_input, hs, ms, adj, spec.bias, groups)
             totals = [a + b for a, b in zip(totals, sq, strict=True)]
             outputs.append(hs)
         layer_input = torch.cat(outputs, dim=2)

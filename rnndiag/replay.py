@@ -16,12 +16,13 @@ t = 0 reverse). The initial state is zero, as in PyTorch's default.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from rnndiag.cells import LayerWeights, input_projection, step
+from rnndiag.cells import LayerWeights, input_projection, recurrent, step_from
 from rnndiag.records import CellType, Direction, ModuleSpec
 
 
@@ -33,6 +34,10 @@ class StepAdjoints:
     direction: Direction
     dh: Tensor  # (T, B, P): dL/dh_t
     dc: Tensor | None  # (T, B, H): dL/dc_t, LSTM only
+    # With preactivations=True: dL/d(x W_ih^T + b_ih) and dL/d(h_prev W_hh^T + b_hh) per step,
+    # (T, B, G*H) each (the same tensor for RNN and LSTM, whose gates add the two terms).
+    dxin: Tensor | None = None
+    dhin: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,12 @@ class DirectionStates:
     direction: Direction
     h: list[Tensor]  # T tensors (B, P)
     c: list[Tensor] | None  # T tensors (B, H), LSTM only
+    # The pre-activation terms of every step (for mini-batch weight gradients): x W_ih^T + b_ih
+    # and h_prev W_hh^T + b_hh, (B, G*H) each; m: a projected LSTM's unprojected outputs.
+    xin: list[Tensor] = field(default_factory=list)
+    hin: list[Tensor] = field(default_factory=list)
+    m: list[Tensor] | None = None
+    cell: CellType | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,9 @@ class ReplayResult:
     c_n: Tensor | None
     loss: float
     adjoints: tuple[StepAdjoints, ...]  # layer-major, then direction
-    states: tuple[tuple[Tensor, Tensor | None], ...]  # (T,B,P) h and (T,B,H) c, detached
+    # per layer/direction: (T, B, P) states h and, for a projected LSTM, (T, B, H) outputs m
+    # before the projection; detached
+    states: tuple[tuple[Tensor, Tensor | None], ...]
 
 
 def final_step(direction: Direction, seq_len: int) -> int:
@@ -93,9 +106,9 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
         for k, direction in enumerate(spec.directions):
             index = layer * len(spec.directions) + k
             weights = LayerWeights.of(spec, params, layer, direction)
-            hs, cs = _run_direction(spec, weights, layer_input, direction, h0[index],
-                                    None if c0 is None else c0[index])
-            kept.append(DirectionStates(layer, direction, hs, cs))
+            kept.append(_run_direction(spec, weights, layer_input, layer, direction, h0[index],
+                                       None if c0 is None else c0[index]))
+            hs, cs = kept[-1].h, kept[-1].c
             last = final_step(direction, len(hs))
             h_n.append(hs[last])
             if cs is not None:
@@ -106,22 +119,30 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
                     tuple(kept))
 
 
-def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, direction: Direction,
-                   h: Tensor, c: Tensor | None) -> tuple[list[Tensor], list[Tensor] | None]:
-    """Unroll one layer and direction from (h, c); states by time index t."""
+def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
+                   direction: Direction, h: Tensor, c: Tensor | None) -> DirectionStates:
+    """Unroll one layer and direction from (h, c); everything kept by time index t."""
     seq_len = x.shape[1]
     # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
     # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
-    xs = input_projection(x, w).unbind(dim=1)
-    hs: list[Tensor | None] = [None] * seq_len
-    cs: list[Tensor | None] | None = [None] * seq_len if c is not None else None
+    proj = input_projection(x, w)
+    if spec.cell_type is CellType.GRU and not proj.requires_grad:
+        proj.requires_grad_()  # a GRU's input-side adjoints are wanted for weight gradients
+    xs = list(proj.unbind(dim=1))
+    hs: list[Any] = [None] * seq_len
+    hin: list[Any] = [None] * seq_len
+    cs: list[Any] | None = [None] * seq_len if c is not None else None
+    ms: list[Any] | None = [None] * seq_len if w.w_hr is not None else None
     order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
     for t in order:
-        h, c = step(spec.cell_type, spec.nonlinearity, xs[t], h, c, w)
+        hin[t] = recurrent(h, w)
+        h, c, m = step_from(spec.cell_type, spec.nonlinearity, xs[t], hin[t], h, c, w)
         hs[t] = h
         if cs is not None:
             cs[t] = c
-    return hs, cs  # type: ignore[return-value]
+        if ms is not None:
+            ms[t] = m
+    return DirectionStates(layer, direction, hs, cs, xs, hin, ms, spec.cell_type)
 
 
 def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
@@ -130,23 +151,30 @@ def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
 
 
 def adjoints(loss: Tensor, states: Sequence[DirectionStates], retain_graph: bool = False,
-             ) -> tuple[StepAdjoints, ...]:
-    """dL/dh_t (and dL/dc_t) of every kept state: one backward pass for all of them."""
-    flat: list[Tensor] = []
+             preactivations: bool = False) -> tuple[StepAdjoints, ...]:
+    """dL/dh_t (and dL/dc_t; with `preactivations` also the pre-activation adjoints) of every
+    kept state: one backward pass for all of them."""
+    groups: list[list[list[Tensor]]] = []
     for s in states:
-        flat.extend(s.h)
-        flat.extend(s.c or [])
+        wanted = [s.h, s.c or []]
+        if preactivations:  # GRU: its n gate scales only the hidden term, so both differ
+            wanted += [s.hin, s.xin if s.cell is CellType.GRU else []]
+        groups.append(wanted)
+    flat = [t for g in groups for part in g for t in part]
     grads = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=retain_graph)
     out, i = [], 0
-    for s in states:
-        dh = _stack(grads[i:i + len(s.h)], s.h)
-        i += len(s.h)
-        dc = None
-        if s.c is not None:
-            dc = _stack(grads[i:i + len(s.c)], s.c)
-            i += len(s.c)
-        out.append(StepAdjoints(s.layer, s.direction, dh, dc))
+    for s, wanted in zip(states, groups, strict=True):
+        stacked: list[Tensor | None] = []
+        for part in wanted:
+            stacked.append(_stack(grads[i:i + len(part)], part) if part else None)
+            i += len(part)
+        dh, dc = stacked[0], stacked[1]
+        assert dh is not None
+        dhin = stacked[2] if preactivations else None
+        dxin = (stacked[3] if stacked[3] is not None else dhin) if preactivations else None
+        out.append(StepAdjoints(s.layer, s.direction, dh, dc, dxin, dhin))
     return tuple(out)
+
 
 
 def _stack(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
@@ -165,8 +193,8 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> Re
     h0, c0 = zero_states(spec, batch, inputs)
     run = unroll(spec, params, inputs, h0, c0)
     loss = objective(run.finals(spec), batch)
-    found = adjoints(loss, run.states)
-    kept = tuple((torch.stack(s.h).detach(), None if s.c is None else torch.stack(s.c).detach())
+    found = adjoints(loss, run.states, preactivations=True)
+    kept = tuple((torch.stack(s.h).detach(), None if s.m is None else torch.stack(s.m).detach())
                  for s in run.states)
     return ReplayResult(run.output.detach(), run.h_n.detach(),
                         None if run.c_n is None else run.c_n.detach(), float(loss.item()),
