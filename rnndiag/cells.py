@@ -45,58 +45,49 @@ class LayerWeights:
         return LayerWeights(w_ih, w_hh, get("bias_ih"), get("bias_hh"), get("weight_hr"))
 
 
-def input_projection(x: Tensor, w: LayerWeights) -> Tensor:
-    """x W_ih^T + b_ih for every step at once: (B, T, I) -> (B, T, G*H)."""
-    out = torch.matmul(x, w.w_ih.t())
-    return out + w.b_ih if w.b_ih is not None else out
-
-
-def recurrent(h: Tensor, w: LayerWeights) -> Tensor:
-    """h W_hh^T + b_hh: (B, P) -> (B, G*H)."""
-    if w.b_hh is None:
-        return h @ w.w_hh.t()
-    return torch.addmm(w.b_hh, h, w.w_hh.t())
+def input_terms(x: Tensor, w: LayerWeights, cell: CellType) -> Tensor:
+    """Every step's input term at once, (B, T, I) -> (B, T, G*H): x W_ih^T + b_ih, plus b_hh
+    for RNN and LSTM (whose gates only ever see the sum; a GRU's n gate scales the hidden
+    term, so its b_hh stays on the hidden side)."""
+    biases = [b for b in (w.b_ih, w.b_hh if cell is not CellType.GRU else None) if b is not None]
+    flat = x.reshape(-1, x.shape[-1])
+    if not biases:
+        return (flat @ w.w_ih.t()).view(*x.shape[:-1], -1)
+    bias = biases[0] if len(biases) == 1 else biases[0] + biases[1]
+    return torch.addmm(bias, flat, w.w_ih.t()).view(*x.shape[:-1], -1)
 
 
 def step(
     cell: CellType,
     nonlinearity: str | None,
-    xp: Tensor,
+    xt: Tensor,
     h: Tensor,
     c: Tensor | None,
     w: LayerWeights,
-) -> tuple[Tensor, Tensor | None]:
-    """One time step. `xp` is this step's input projection (B, G*H). Returns (h_t, c_t)."""
-    h_new, c_new, _ = step_from(cell, nonlinearity, xp, recurrent(h, w), h, c, w)
-    return h_new, c_new
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """One time step from this step's input term `xt` (B, G*H) (see `input_terms`).
 
-
-def step_from(
-    cell: CellType,
-    nonlinearity: str | None,
-    xp: Tensor,
-    hp: Tensor,
-    h: Tensor,
-    c: Tensor | None,
-    w: LayerWeights,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One time step from both pre-activation terms: xp = x W_ih^T + b_ih and
-    hp = h W_hh^T + b_hh, each (B, G*H). Returns (h_t, c_t, m_t), m_t being a projected
-    LSTM's output before the projection (None otherwise)."""
+    Returns (h_t, c_t, m_t, pre): m_t is a projected LSTM's output before the projection
+    (None otherwise); `pre` is the hidden-side pre-activation whose gradient gives the
+    weight gradients: the gates a_t = xt + h W_hh^T for RNN and LSTM, h W_hh^T + b_hh for GRU.
+    Written with fused ops (addmm, addcmul, lerp) to keep the per-step op count low.
+    """
     if cell is CellType.RNN:
-        pre = xp + hp
-        return (torch.relu(pre) if nonlinearity == "relu" else torch.tanh(pre)), None, None
+        a = torch.addmm(xt, h, w.w_hh.t())
+        return (torch.relu(a) if nonlinearity == "relu" else torch.tanh(a)), None, None, a
     if cell is CellType.LSTM:
         assert c is not None
-        i, f, g, o = (xp + hp).chunk(4, dim=1)
-        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        a = torch.addmm(xt, h, w.w_hh.t())
+        i, f, g, o = a.chunk(4, dim=1)
+        c_new = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
         m = torch.sigmoid(o) * torch.tanh(c_new)
         if w.w_hr is not None:
-            return m @ w.w_hr.t(), c_new, m
-        return m, c_new, None
-    x_r, x_z, x_n = xp.chunk(3, dim=1)
-    h_r, h_z, h_n = hp.chunk(3, dim=1)
-    r = torch.sigmoid(x_r + h_r)
-    z = torch.sigmoid(x_z + h_z)
-    n = torch.tanh(x_n + r * h_n)
-    return n + z * (h - n), None, None
+            return m @ w.w_hr.t(), c_new, m, a
+        return m, c_new, None, a
+    hp = torch.addmm(w.b_hh, h, w.w_hh.t()) if w.b_hh is not None else h @ w.w_hh.t()
+    hidden = xt.shape[1] // 3
+    x_rz, x_n = xt.split([2 * hidden, hidden], dim=1)
+    h_rz, h_n = hp.split([2 * hidden, hidden], dim=1)
+    r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)
+    n = torch.tanh(torch.addcmul(x_n, r, h_n))
+    return torch.lerp(n, h, z), None, None, hp

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag.cells import LayerWeights, input_projection, recurrent, step_from
+from rnndiag.cells import LayerWeights, input_terms, step
 from rnndiag.records import CellType, Direction, ModuleSpec
 
 
@@ -125,7 +125,7 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     seq_len = x.shape[1]
     # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
     # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
-    proj = input_projection(x, w)
+    proj = input_terms(x, w, spec.cell_type)
     if spec.cell_type is CellType.GRU and not proj.requires_grad:
         proj.requires_grad_()  # a GRU's input-side adjoints are wanted for weight gradients
     xs = list(proj.unbind(dim=1))
@@ -135,8 +135,7 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     ms: list[Any] | None = [None] * seq_len if w.w_hr is not None else None
     order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
     for t in order:
-        hin[t] = recurrent(h, w)
-        h, c, m = step_from(spec.cell_type, spec.nonlinearity, xs[t], hin[t], h, c, w)
+        h, c, m, hin[t] = step(spec.cell_type, spec.nonlinearity, xs[t], h, c, w)
         hs[t] = h
         if cs is not None:
             cs[t] = c
