@@ -6,8 +6,8 @@ For each cell type (RNN, LSTM, GRU) at B=32, T=400, input 64, hidden 256, 2 laye
   rnndiag:  diagnose_files() on a safetensors checkpoint and batch file: loading, discovery,
             step-by-step replay, every per-step series, spans, static analysis, clip suggestion.
 Times are medians of --repeat runs after one warm-up; peak memory is the growth of the
-process's maximum resident set size while running the workload once, each in a fresh
-subprocess. Then the scaling in T (100, 400, 1600) for the LSTM.
+process's resident set (peak reset through /proc/self/clear_refs, then VmHWM - VmRSS) while
+running the workload once, each in a fresh subprocess. Then the scaling in T (100, 400, 1600) for the LSTM.
 
 Run: .venv/bin/python bench/bench_check.py [--repeat N] [--quick]
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import gc
 import statistics
 import subprocess
 import sys
@@ -59,14 +59,18 @@ def diagnosis(target: tuple[Path, Any]) -> None:
     assert f.error is None, f.error
 
 
-def median_time(fn: Any, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def median_times(fns: list[Any], repeat: int) -> list[float]:
+    """Medians of interleaved runs (a, b, a, b, ...) after one warm-up each, so that drift in
+    the machine's speed hits both sides alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for fn, bucket in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def peak_growth_mb(kind: str, steps: int, which: str) -> float:
@@ -83,10 +87,19 @@ def child(kind: str, steps: int, which: str) -> None:
         module, x, target = setup(kind, 32, steps, Path(tmp))
         import rnndiag.diagnose  # noqa: F401  (imports are not the workload)
 
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (Linux >= 4.0)
+        before = _status_kb("VmRSS")
         fused_step(module, x) if which == "fused" else diagnosis(target)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        after = _status_kb("VmHWM")
     print(json.dumps({"mb": (after - before) / 1024}))
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> None:
@@ -108,8 +121,8 @@ def main() -> None:
 
 def _row(kind: str, steps: int, args: argparse.Namespace, folder: Path, memory: bool) -> None:
     module, x, target = setup(kind, 32, steps, folder)
-    base = median_time(lambda: fused_step(module, x), args.repeat)
-    ours = median_time(lambda: diagnosis(target), args.repeat)
+    base, ours = median_times([lambda: fused_step(module, x), lambda: diagnosis(target)],
+                              args.repeat)
     mem = ""
     if memory:
         fm, dm = peak_growth_mb(kind, steps, "fused"), peak_growth_mb(kind, steps, "rnndiag")
