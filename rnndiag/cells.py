@@ -6,13 +6,14 @@ Weights as PyTorch stores them: W_ih (G*H, I), W_hh (G*H, P), b_ih and b_hh (G*H
 W_hr (P, H) for projected LSTMs. Gate order: LSTM (i, f, g, o); GRU (r, z, n).
 
 The input projection x_t W_ih^T + b_ih does not depend on the state, so it is computed for all
-steps at once (`input_projection`) and `step` only adds the recurrent part.
+steps at once (`input_terms`) and `step` only adds the recurrent part.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,6 +58,15 @@ def input_terms(x: Tensor, w: LayerWeights, cell: CellType) -> Tensor:
     return torch.addmm(bias, flat, w.w_ih.t()).view(*x.shape[:-1], -1)
 
 
+class StepOut(NamedTuple):
+    h: Tensor  # (B, P) the new state
+    c: Tensor | None  # (B, H) LSTM cell state
+    m: Tensor | None  # (B, H) a projected LSTM's output before the projection
+    pre: Tensor  # (B, G*H) hidden-side pre-activation: a_t = xt + h W_hh^T (RNN, LSTM),
+    #              h W_hh^T + b_hh (GRU); its gradient gives the weight gradients
+    n_pre: Tensor | None  # (B, H) GRU: x_n + r * hn, whose gradient is the input-side n adjoint
+
+
 def step(
     cell: CellType,
     nonlinearity: str | None,
@@ -64,17 +74,15 @@ def step(
     h: Tensor,
     c: Tensor | None,
     w: LayerWeights,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+) -> StepOut:
     """One time step from this step's input term `xt` (B, G*H) (see `input_terms`).
 
-    Returns (h_t, c_t, m_t, pre): m_t is a projected LSTM's output before the projection
-    (None otherwise); `pre` is the hidden-side pre-activation whose gradient gives the
-    weight gradients: the gates a_t = xt + h W_hh^T for RNN and LSTM, h W_hh^T + b_hh for GRU.
     Written with fused ops (addmm, addcmul, lerp) to keep the per-step op count low.
     """
     if cell is CellType.RNN:
         a = torch.addmm(xt, h, w.w_hh.t())
-        return (torch.relu(a) if nonlinearity == "relu" else torch.tanh(a)), None, None, a
+        out = torch.relu(a) if nonlinearity == "relu" else torch.tanh(a)
+        return StepOut(out, None, None, a, None)
     if cell is CellType.LSTM:
         assert c is not None
         a = torch.addmm(xt, h, w.w_hh.t())
@@ -82,12 +90,13 @@ def step(
         c_new = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
         m = torch.sigmoid(o) * torch.tanh(c_new)
         if w.w_hr is not None:
-            return m @ w.w_hr.t(), c_new, m, a
-        return m, c_new, None, a
+            return StepOut(m @ w.w_hr.t(), c_new, m, a, None)
+        return StepOut(m, c_new, None, a, None)
     hp = torch.addmm(w.b_hh, h, w.w_hh.t()) if w.b_hh is not None else h @ w.w_hh.t()
     hidden = xt.shape[1] // 3
     x_rz, x_n = xt.split([2 * hidden, hidden], dim=1)
     h_rz, h_n = hp.split([2 * hidden, hidden], dim=1)
     r, z = torch.sigmoid(x_rz + h_rz).chunk(2, dim=1)
-    n = torch.tanh(torch.addcmul(x_n, r, h_n))
-    return torch.lerp(n, h, z), None, None, hp
+    n_pre = torch.addcmul(x_n, r, h_n)
+    n = torch.tanh(n_pre)
+    return StepOut(torch.lerp(n, h, z), None, None, hp, n_pre)

@@ -1,19 +1,17 @@
 """Mini-batch weight-gradient norms from the captured per-step adjoints: no extra passes.
 
-For one layer and direction with states s_t = (h_t, c_t), inputs x_t and previous states
-s_prev(t) (t-1 forward, t+1 reverse, zero at the start), the weight gradients are sums over
-steps and examples of outer products of pre-activation adjoints with x_t or h_prev(t):
+For one layer and direction, with x_t its input, h_prev(t) the state step t started from
+(t-1 forward, t+1 reverse, zero at the start) and dpre_t the adjoint of the pre-activation
+(cells.StepOut.pre) that `replay.replay` captured at every step, the weight gradients are sums
+over steps and examples of outer products:
 
-    dW_ih = sum_{t,b} dx_{t,b} x_{t,b}^T     dW_hh = sum_{t,b} dh'_{t,b} h_prev(t),b^T
+    dW_hh = sum_{t,b} dpre_{t,b} h_prev(t),b^T      dW_ih = sum_{t,b} dx_{t,b} x_{t,b}^T
 
-with dx (input side) and dh' (hidden side) the adjoints of the pre-activations
-a^x_t = W_ih x_t + b_ih and a^h_t = W_hh h_prev(t) + b_hh. They follow from the captured total
-adjoints by one vector-Jacobian product of the cell equations, batched over all steps:
-RNN and GRU take dL/dh_t as the cotangent of h_t; an LSTM takes dL/dc_t (total) for c_t through
-the gates i, f, g, and dL/dh_t for h_t = o * tanh(c_t) through o only (c_t held fixed, its own
-path already being in dL/dc_t). A projected LSTM adds dW_hr = sum dL/dh_t m_t^T, m_t its
-unprojected output. Summing over the examples of mini-batch k only gives k's gradient; for a
-loss that averages over examples, the gradient of mini-batch k's own loss is that times B/B_k.
+with dx = dpre for RNN and LSTM (their gates add the two terms), and for a GRU dpre's r and z
+rows with the captured input-side n adjoint dxn. Biases get the sums of the same adjoints; a
+projected LSTM adds dW_hr = sum dL/dh_t m_t^T (m_t its unprojected output). Summing over the
+examples of mini-batch k only gives k's gradient; for a loss that averages over examples, the
+gradient of mini-batch k's own loss is that times B/B_k.
 """
 
 from __future__ import annotations
@@ -41,16 +39,26 @@ def minibatch_sq_norms(x: Tensor, hs: Tensor, ms: Tensor | None, adj: StepAdjoin
     """||gradient of one layer/direction's weights||^2 restricted to each group of examples.
 
     x (T, B, I) is the layer's input, hs (T, B, P) its states, ms (T, B, H) a projected LSTM's
-    unprojected outputs; `adj` must carry the pre-activation adjoints.
+    unprojected outputs; `adj` must carry the pre-activation adjoints (`replay.replay`).
+    W_ih gets the input-side adjoint: dpre itself for RNN and LSTM; for a GRU dpre's r and z
+    rows and dxn for the n rows (its n gate scales only the hidden term by r).
     """
-    assert adj.dxin is not None and adj.dhin is not None
+    assert adj.dpre is not None
     h_prev = previous(hs, adj.direction)
     out = []
     for rows in groups:
-        dx, dh = adj.dxin[:, rows], adj.dhin[:, rows]
-        total = _outer_sq(dx, x[:, rows]) + _outer_sq(dh, h_prev[:, rows])
+        dpre, x_k = adj.dpre[:, rows], x[:, rows]
+        total = _outer_sq(dpre, h_prev[:, rows])
+        if adj.dxn is None:
+            total += _outer_sq(dpre, x_k)
+        else:
+            hidden = adj.dxn.shape[-1]
+            dxn = adj.dxn[:, rows]
+            total += _outer_sq(dpre[..., :2 * hidden], x_k) + _outer_sq(dxn, x_k)
         if bias:
-            total += _sq(dx.sum(dim=(0, 1))) + _sq(dh.sum(dim=(0, 1)))
+            sums = dpre.sum(dim=(0, 1))
+            total += 2 * _sq(sums) if adj.dxn is None else (
+                _sq(sums) + _sq(sums[:2 * hidden]) + _sq(dxn.sum(dim=(0, 1))))
         if ms is not None:
             total += _outer_sq(adj.dh[:, rows], ms[:, rows])
         out.append(total)

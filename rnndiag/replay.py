@@ -3,9 +3,13 @@
 Conventions: inputs are batch-first (B, T, I). For direction `forward` the step order is
 t = 0..T-1, for `reverse` t = T-1..0; adjoints are stored by time index t either way, so
 `dh[t]` is the total derivative dL/dh_t of the state produced while reading x_t, summed over
-every path: through later steps of the same direction and through the layer above. They are
-obtained with `torch.autograd.grad(L, [every h_t and c_t])`, which returns exactly that total
-derivative for each intermediate tensor and leaves parameters' `.grad` untouched.
+every path: through later steps of the same direction and through the layer above.
+
+Two ways to capture them, both exact:
+- `replay` (checkpoint mode) registers a tensor hook on every h_t, c_t and pre-activation
+  while unrolling; one backward pass to the zero initial states fires each hook once with its
+  total gradient, written into a (T, B, .) buffer by time index. Nothing else is retained.
+- `adjoints` (user models) asks `torch.autograd.grad` for the gradient of every kept state.
 
 Objective when no task loss applies:
     L = 1/(2B) * sum_b sum_d ||h_final^{top,d}_b||^2,
@@ -15,8 +19,8 @@ t = 0 reverse). The initial state is zero, as in PyTorch's default.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,10 +38,11 @@ class StepAdjoints:
     direction: Direction
     dh: Tensor  # (T, B, P): dL/dh_t
     dc: Tensor | None  # (T, B, H): dL/dc_t, LSTM only
-    # With preactivations=True: dL/d(x W_ih^T + b_ih) and dL/d(h_prev W_hh^T + b_hh) per step,
-    # (T, B, G*H) each (the same tensor for RNN and LSTM, whose gates add the two terms).
-    dxin: Tensor | None = None
-    dhin: Tensor | None = None
+    # From `replay` only: dL/d(pre) of the hidden-side pre-activation (T, B, G*H), see
+    # cells.StepOut.pre (for RNN and LSTM also the input side's), and for a GRU the input-side
+    # n-gate adjoint dL/d(x_n + r * hn) (T, B, H).
+    dpre: Tensor | None = None
+    dxn: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,9 @@ class DirectionStates:
     direction: Direction
     h: list[Tensor]  # T tensors (B, P)
     c: list[Tensor] | None  # T tensors (B, H), LSTM only
-    # The pre-activation terms of every step (for mini-batch weight gradients): x W_ih^T + b_ih
-    # and h_prev W_hh^T + b_hh, (B, G*H) each; m: a projected LSTM's unprojected outputs.
-    xin: list[Tensor] = field(default_factory=list)
-    hin: list[Tensor] = field(default_factory=list)
-    m: list[Tensor] | None = None
-    cell: CellType | None = None
+    sequence: Tensor  # (B, T, P): the h_t stacked, as the layer above reads them
+    m: Tensor | None = None  # (T, B, H) a projected LSTM's unprojected outputs, detached
+    captured: StepAdjoints | None = None  # buffers the hooks fill (capture=True)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class ReplayResult:
     h_n: Tensor
     c_n: Tensor | None
     loss: float
-    adjoints: tuple[StepAdjoints, ...]  # layer-major, then direction
+    adjoints: tuple[StepAdjoints, ...]  # layer-major, then direction, with dpre (and dxn)
     # per layer/direction: (T, B, P) states h and, for a projected LSTM, (T, B, H) outputs m
     # before the projection; detached
     states: tuple[tuple[Tensor, Tensor | None], ...]
@@ -95,8 +97,9 @@ def zero_states(spec: ModuleSpec, batch: int, like: Tensor) -> tuple[Tensor, Ten
 
 
 def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: Tensor,
-           c0: Tensor | None) -> Unrolled:
-    """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state."""
+           c0: Tensor | None, capture: bool = False) -> Unrolled:
+    """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state;
+    with `capture`, hooks write every adjoint into buffers during the backward pass."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -106,42 +109,72 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
         for k, direction in enumerate(spec.directions):
             index = layer * len(spec.directions) + k
             weights = LayerWeights.of(spec, params, layer, direction)
-            kept.append(_run_direction(spec, weights, layer_input, layer, direction, h0[index],
-                                       None if c0 is None else c0[index]))
-            hs, cs = kept[-1].h, kept[-1].c
-            last = final_step(direction, len(hs))
-            h_n.append(hs[last])
-            if cs is not None:
-                c_n.append(cs[last])
-            outputs.append(torch.stack(hs, dim=1))
+            s = _run_direction(spec, weights, layer_input, layer, direction, h0[index],
+                               None if c0 is None else c0[index], capture)
+            kept.append(s)
+            last = final_step(direction, len(s.h))
+            h_n.append(s.h[last])
+            if s.c is not None:
+                c_n.append(s.c[last])
+            outputs.append(s.sequence)
         layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
     return Unrolled(layer_input, torch.stack(h_n), torch.stack(c_n) if c_n else None,
                     tuple(kept))
 
 
 def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
-                   direction: Direction, h: Tensor, c: Tensor | None) -> DirectionStates:
-    """Unroll one layer and direction from (h, c); everything kept by time index t."""
-    seq_len = x.shape[1]
+                   direction: Direction, h: Tensor, c: Tensor | None,
+                   capture: bool) -> DirectionStates:
+    """Unroll one layer and direction from (h, c); states kept by time index t."""
+    seq_len, batch = x.shape[1], x.shape[0]
     # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
     # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
-    proj = input_terms(x, w, spec.cell_type)
-    if spec.cell_type is CellType.GRU and not proj.requires_grad:
-        proj.requires_grad_()  # a GRU's input-side adjoints are wanted for weight gradients
-    xs = list(proj.unbind(dim=1))
+    xs = input_terms(x, w, spec.cell_type).unbind(dim=1)
+    buf = _buffers(spec, w, layer, direction, seq_len, batch, x) if capture else None
     hs: list[Any] = [None] * seq_len
-    hin: list[Any] = [None] * seq_len
     cs: list[Any] | None = [None] * seq_len if c is not None else None
     ms: list[Any] | None = [None] * seq_len if w.w_hr is not None else None
     order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
     for t in order:
-        h, c, m, hin[t] = step(spec.cell_type, spec.nonlinearity, xs[t], h, c, w)
+        out = step(spec.cell_type, spec.nonlinearity, xs[t], h, c, w)
+        h, c = out.h, out.c
         hs[t] = h
         if cs is not None:
             cs[t] = c
         if ms is not None:
-            ms[t] = m
-    return DirectionStates(layer, direction, hs, cs, xs, hin, ms, spec.cell_type)
+            ms[t] = out.m
+        if buf is not None:
+            _hook(h, buf.dh, t)
+            _hook(out.pre, buf.dpre, t)
+            if c is not None and buf.dc is not None:
+                _hook(c, buf.dc, t)
+            if out.n_pre is not None and buf.dxn is not None:
+                _hook(out.n_pre, buf.dxn, t)
+    m = torch.stack(ms).detach() if ms is not None else None
+    return DirectionStates(layer, direction, hs, cs, torch.stack(hs, dim=1), m, buf)
+
+
+def _buffers(spec: ModuleSpec, w: LayerWeights, layer: int, direction: Direction,
+             seq_len: int, batch: int, like: Tensor) -> StepAdjoints:
+    """Zeroed buffers: a state with no path to L keeps a zero gradient."""
+    def zeros(width: int) -> Tensor:
+        return like.new_zeros(seq_len, batch, width)
+
+    lstm, gru = spec.cell_type is CellType.LSTM, spec.cell_type is CellType.GRU
+    return StepAdjoints(layer, direction, zeros(spec.output_size),
+                        zeros(spec.hidden_size) if lstm else None, zeros(w.w_hh.shape[0]),
+                        zeros(spec.hidden_size) if gru else None)
+
+
+def _hook(tensor: Tensor, buffer: Tensor | None, t: int) -> None:
+    if buffer is not None and tensor.requires_grad:
+        tensor.register_hook(_writer(buffer, t))
+
+
+def _writer(buffer: Tensor, t: int) -> Callable[[Tensor], None]:
+    def write(grad: Tensor) -> None:
+        buffer[t].copy_(grad)
+    return write
 
 
 def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
@@ -150,30 +183,23 @@ def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
 
 
 def adjoints(loss: Tensor, states: Sequence[DirectionStates], retain_graph: bool = False,
-             preactivations: bool = False) -> tuple[StepAdjoints, ...]:
-    """dL/dh_t (and dL/dc_t; with `preactivations` also the pre-activation adjoints) of every
-    kept state: one backward pass for all of them."""
-    groups: list[list[list[Tensor]]] = []
+             ) -> tuple[StepAdjoints, ...]:
+    """dL/dh_t (and dL/dc_t) of every kept state: one backward pass for all of them."""
+    flat: list[Tensor] = []
     for s in states:
-        wanted = [s.h, s.c or []]
-        if preactivations:  # GRU: its n gate scales only the hidden term, so both differ
-            wanted += [s.hin, s.xin if s.cell is CellType.GRU else []]
-        groups.append(wanted)
-    flat = [t for g in groups for part in g for t in part]
+        flat.extend(s.h)
+        flat.extend(s.c or [])
     grads = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=retain_graph)
     out, i = [], 0
-    for s, wanted in zip(states, groups, strict=True):
-        stacked: list[Tensor | None] = []
-        for part in wanted:
-            stacked.append(_stack(grads[i:i + len(part)], part) if part else None)
-            i += len(part)
-        dh, dc = stacked[0], stacked[1]
-        assert dh is not None
-        dhin = stacked[2] if preactivations else None
-        dxin = (stacked[3] if stacked[3] is not None else dhin) if preactivations else None
-        out.append(StepAdjoints(s.layer, s.direction, dh, dc, dxin, dhin))
+    for s in states:
+        dh = _stack(grads[i:i + len(s.h)], s.h)
+        i += len(s.h)
+        dc = None
+        if s.c is not None:
+            dc = _stack(grads[i:i + len(s.c)], s.c)
+            i += len(s.c)
+        out.append(StepAdjoints(s.layer, s.direction, dh, dc))
     return tuple(out)
-
 
 
 def _stack(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
@@ -186,15 +212,16 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> Re
     """Run `spec` on `inputs` (B, T, I) with `params` (local names) and backpropagate the objective.
 
     Weights are used as given (no gradient is taken for them); the zero initial state of each
-    layer and direction is the leaf that puts every h_t on the autograd graph.
+    layer and direction is the leaf that puts every state on the autograd graph, and the one
+    backward pass runs to those leaves, firing the capture hooks on the way.
     """
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
-    run = unroll(spec, params, inputs, h0, c0)
+    run = unroll(spec, params, inputs, h0, c0, capture=True)
     loss = objective(run.finals(spec), batch)
-    found = adjoints(loss, run.states, preactivations=True)
-    kept = tuple((torch.stack(s.h).detach(), None if s.m is None else torch.stack(s.m).detach())
-                 for s in run.states)
+    torch.autograd.grad(loss, [h0] if c0 is None else [h0, c0])
+    found = tuple(s.captured for s in run.states if s.captured is not None)
+    kept = tuple((s.sequence.detach().transpose(0, 1), s.m) for s in run.states)
     return ReplayResult(run.output.detach(), run.h_n.detach(),
                         None if run.c_n is None else run.c_n.detach(), float(loss.item()),
                         found, kept)

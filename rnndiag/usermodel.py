@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -136,7 +137,9 @@ class Record:
             if not self.cell_h:
                 return []
             c = self.cell_c or None
-            return [(self.name, (DirectionStates(0, Direction.FORWARD, self.cell_h, c),))]
+            states = DirectionStates(0, Direction.FORWARD, self.cell_h, c,
+                                     torch.stack(self.cell_h, dim=1))
+            return [(self.name, (states,))]
         names = [self.name] + [f"{self.name}#{i + 1}" for i in range(1, len(self.calls))]
         return [(n, u.states) for n, u in zip(names, self.calls, strict=True)]
 
