@@ -14,8 +14,8 @@ from rnndiag.replay import StepAdjoints, final_step
 
 def series_norms(adjoint: Tensor) -> tuple[float, ...]:
     """||adjoint[t]||_2 over the whole batch for every t, accumulated in float64."""
-    flat = adjoint.detach().double().reshape(adjoint.shape[0], -1)
-    return tuple(float(v) for v in torch.linalg.vector_norm(flat, dim=1))
+    flat = adjoint.detach().reshape(adjoint.shape[0], -1)
+    return tuple(torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).tolist())
 
 
 def norms(adj: StepAdjoints) -> tuple[tuple[float, ...], tuple[float, ...] | None,

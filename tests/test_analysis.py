@@ -74,3 +74,16 @@ def test_horizon_counts_steps_back_from_final() -> None:
     assert analysis.horizon(r, final=3, th=TH) == 2
     assert analysis.horizon(list(reversed(r)), final=0, th=TH) == 2
     assert analysis.horizon([1.0, 1.0], final=1, th=TH) is None
+
+
+def test_sigma_max_equals_the_svd() -> None:
+    import numpy as np
+
+    from rnndiag.static import sigma_max
+
+    rng = np.random.default_rng(0)
+    for shape in [(12, 3), (3, 12), (64, 16), (5, 5)]:
+        w = rng.standard_normal(shape)
+        assert sigma_max(w) == pytest.approx(float(np.linalg.svd(w, compute_uv=False)[0]),
+                                             rel=1e-10)
+    assert sigma_max(np.zeros((4, 2))) == 0.0
