@@ -114,6 +114,11 @@ def check(
         help="Mini-batches for the clip suggestion (default min(8, B)).")] = None,
     clip_percentile: Annotated[float, typer.Option(
         help="Percentile of the mini-batch norms to suggest (50: the median).")] = 50.0,
+    device: Annotated[str, typer.Option(
+        help="Where to replay: cpu, cuda, cuda:N or auto (cuda when available).")] = "cpu",
+    max_memory: Annotated[str | None, typer.Option(
+        help="Refuse a replay estimated above this (e.g. 8G); default half of the RAM.")
+    ] = None,
     fail_on: Annotated[FailOn, typer.Option(
         help="Verdicts that make the exit code 1.")] = FailOn.ANY,
     output_format: Annotated[Format, typer.Option(
@@ -129,16 +134,23 @@ def check(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Replay each checkpoint's recurrent layers step by step and report gradient flow."""
+    from rnndiag.errors import RnnDiagError
     from rnndiag.outcome import FailOn as FailOnLevel
     from rnndiag.records import CheckOptions, Thresholds
+    from rnndiag.resources import parse_size
+
+    sink = Sink(output_format, output, save_svg, save_html)
+    try:
+        limit = parse_size(max_memory) if max_memory is not None else None
+    except RnnDiagError as exc:
+        raise typer.Exit(_fail(str(exc), sink, CheckOptions(), debug)) from None
 
     options = CheckOptions(
         batch_path=str(batch) if batch else None, batch_size=batch_size, seq_len=seq_len,
         seed=seed, nonlinearity=nonlinearity.value if nonlinearity else None,
         dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold),
         clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
-        model_kwargs=model_kwargs, loss=loss)
-    sink = Sink(output_format, output, save_svg, save_html)
+        model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit)
     raise typer.Exit(_run_check(paths, options, FailOnLevel(fail_on.value), sink, debug))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnndiag import clip, pergrad, static
+from rnndiag import clip, pergrad, resources, static
 from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
 from rnndiag.checkpoint import Checkpoint, is_lfs_pointer, load_checkpoint, sniff_format
 from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
@@ -42,6 +42,7 @@ def validate(options: CheckOptions) -> None:
         raise OptionError(f"--batch-size must be at least 1, got {options.batch_size}")
     if options.seq_len < 1:
         raise OptionError(f"--seq-len must be at least 1, got {options.seq_len}")
+    resources.resolve_device(options.device)
     if options.dtype not in DTYPES:
         raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     if not 0.0 <= options.clip_percentile <= 100.0:
@@ -186,9 +187,12 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
                      batch: BatchFile | None,
                      ) -> tuple[ModuleDiagnosis, list[float], int]:
     dtype = DTYPES[options.dtype]
-    params = module_params(spec, ckpt.tensors, dtype)
     desc, inputs = module_inputs(spec, ckpt, options, batch)
-    inputs = inputs.detach().to(dtype)
+    resources.check_fits(spec, inputs.shape[0], inputs.shape[1], dtype.itemsize,
+                         options.max_memory or resources.default_limit())
+    device = resources.resolve_device(options.device)
+    params = {k: v.to(device) for k, v in module_params(spec, ckpt.tensors, dtype).items()}
+    inputs = inputs.detach().to(device=device, dtype=dtype)
     batch_size, seq_len, _ = inputs.shape
     with torch.enable_grad():
         result = replay(spec, params, inputs)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rnndiag import clip, static
+from rnndiag import clip, resources, static
 from rnndiag.batch import BatchFile
 from rnndiag.checkpoint import load_checkpoint
 from rnndiag.errors import BatchError
@@ -56,8 +56,12 @@ def diagnose_model_file(path: Path, options: CheckOptions, batch: BatchFile,
     if options.dtype == "float64":
         model = model.double()
     load_strict(model, ckpt.tensors, str(path))
+    device = resources.resolve_device(options.device)
+    model = model.to(device)
     custom = load_callable(options.loss, "--loss") if options.loss else None
     inputs, targets = _batch(batch, options)
+    inputs = inputs.to(device)
+    targets = None if targets is None else targets.to(device)
     progress(f"{path}: replaying {options.model}")
     with capture(model) as records:
         output = first_output(call_model(model, inputs))

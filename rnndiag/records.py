@@ -300,3 +300,5 @@ class CheckOptions:
     model: str | None = None  # --model package.module:callable
     model_kwargs: str | None = None  # JSON object
     loss: str | None = None  # --loss package.module:callable
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    max_memory: int | None = None  # bytes; None: half of physical memory

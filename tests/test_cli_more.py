@@ -131,3 +131,49 @@ def test_sarif(capsys: pytest.CaptureFixture[str]) -> None:
         assert rules[r["ruleIndex"]] == r["ruleId"]
         assert r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] in (
             VANISHING, EXPLODING)
+
+
+def test_memory_estimate_refuses_with_sizes_that_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["check", VANISHING, "--seq-len", "5000", "--max-memory", "64M"])
+    err = capsys.readouterr().err
+    assert code == 2 and "above --max-memory 0.06 GiB" in err
+    fits = int(err.split("up to T=")[1].split()[0])
+    assert 0 < fits < 5000
+    assert main(["check", VANISHING, "--seq-len", str(fits), "--max-memory", "64M",
+                 "--fail-on", "never"]) == 0
+
+
+def test_max_memory_parsing(capsys: pytest.CaptureFixture[str]) -> None:
+    from rnndiag.resources import parse_size
+
+    assert parse_size("512M") == 512 * 2**20 and parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert main(["check", VANISHING, "--max-memory", "lots", "--format", "json"]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["exit_code"] == 2 and "expected a size" in err
+
+
+def test_device_auto_runs_and_unavailable_cuda_is_exit_2(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", VANISHING, *BATCH, "--device", "auto"]) == 1
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert main(["check", VANISHING, "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert main(["check", VANISHING, "--device", "tpu"]) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    for sample in ("rnn_tanh_vanishing.safetensors", "lstm_healthy.safetensors",
+                   "gru_bidir_2layer.pt"):
+        docs = []
+        for device in ("cpu", "cuda"):
+            main(["check", str(SAMPLES / sample), *BATCH, "--device", device, "--dtype",
+                  "float64", "--format", "json"])
+            docs.append(json.loads(capsys.readouterr().out))
+        cpu, gpu = (d["files"][0] for d in docs)
+        assert cpu["verdict"] == gpu["verdict"]
+        for m_c, m_g in zip(cpu["modules"], gpu["modules"], strict=True):
+            for l_c, l_g in zip(m_c["layers"], m_g["layers"], strict=True):
+                assert l_g["state_grad_norm"] == pytest.approx(l_c["state_grad_norm"],
+                                                               rel=1e-9, abs=1e-300)
