@@ -8,8 +8,9 @@ average norm). Also reported: the mean, Pascanu's band (0.5x to 10x the mean), t
 10th percentile (Seetharaman et al. 2020), the max, and the fraction of mini-batches whose
 norm the suggestion would clip (norm > suggestion).
 
-The K norms come from K forward/backward passes on B/K examples each with the fused PyTorch
-kernels (about one training step in all), not from K replays.
+Checkpoint mode derives the K norms from the adjoints the replay captured (rnndiag.pergrad);
+`minibatch_norms` (K forward/backward passes on B/K examples each, about one training step in
+all) serves user models and the tests.
 """
 
 from __future__ import annotations
