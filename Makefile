@@ -32,6 +32,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_startup.py
+	$(BIN)/python bench/bench_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
