@@ -5,9 +5,10 @@ For each cell type (RNN, LSTM, GRU) at B=32, T=400, input 64, hidden 256, 2 laye
             with the same final-state objective rnndiag uses;
   rnndiag:  diagnose_files() on a safetensors checkpoint and batch file: loading, discovery,
             step-by-step replay, every per-step series, spans, static analysis, clip suggestion.
-Times are medians of --repeat runs after one warm-up; peak memory is the growth of the
-process's resident set (peak reset through /proc/self/clear_refs, then VmHWM - VmRSS) while
-running the workload once, each in a fresh subprocess. Then the scaling in T (100, 400, 1600) for the LSTM.
+Times are medians of --repeat interleaved runs after one warm-up; peak memory is the growth of
+the process's resident set (peak reset through /proc/self/clear_refs, then VmHWM - VmRSS)
+while running the workload once, each in a fresh subprocess. Then the scaling in T (100, 400,
+1600) for the LSTM.
 
 Run: .venv/bin/python bench/bench_check.py [--repeat N] [--quick]
 """
@@ -15,8 +16,8 @@ Run: .venv/bin/python bench/bench_check.py [--repeat N] [--quick]
 from __future__ import annotations
 
 import argparse
-import json
 import gc
+import json
 import statistics
 import subprocess
 import sys
