@@ -143,6 +143,10 @@ def advice(files: Sequence[FileDiagnosis]) -> tuple[Advice, ...]:
         out.append(Advice("Clip the gradient norm (torch.nn.utils.clip_grad_norm_) and check "
                           "the learning rate; exploding gradients through time make steps "
                           "unstable.", tuple(exploding)))
+    if by_rule[Rule.NONFINITE_GRADIENT]:
+        out.append(Advice("Rerun with --dtype float64 to measure gradients beyond float32's "
+                          "range (about 3e38) where they overflowed.",
+                          tuple(by_rule[Rule.NONFINITE_GRADIENT])))
     if plain_vanishing:
         out.append(Advice("Use a gated cell (nn.LSTM or nn.GRU) or an orthogonal/identity "
                           "initialisation of W_hh: a plain RNN loses its gradient within a "

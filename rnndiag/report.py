@@ -94,6 +94,10 @@ def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
 
 
 def _clip(c: ClipSuggestion, loss: str) -> RenderableType:
+    if not all(math.isfinite(n) for n in c.norms):
+        bad = sum(not math.isfinite(n) for n in c.norms)
+        return Text(f"  clip undefined: {bad} of {c.batches} mini-batch gradient norms are not "
+                    "finite (see the exploding spans)", style="red")
     lo, hi = c.pascanu_band
     which = "all model parameters" if c.parameters == "model" else "the recurrent parameters"
     lines: list[RenderableType] = [
