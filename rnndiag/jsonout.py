@@ -70,6 +70,8 @@ def _options(o: CheckOptions, fail_on: FailOn) -> dict[str, Any]:
         "model": o.model,
         "model_kwargs": o.model_kwargs,
         "loss": o.loss,
+        "device": o.device,
+        "max_memory": o.max_memory,
     }
 
 
