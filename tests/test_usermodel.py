@@ -207,3 +207,32 @@ def test_model_rejecting_the_batch_is_one_line(tmp_path: Path,
                  "sample_models.user_models:Tagger"])
     err = capsys.readouterr().err
     assert code == 2 and "the model rejected the batch: IndexError" in err
+
+
+def l1_loss(output: Tensor, targets: Tensor) -> Tensor:
+    """A custom loss for the --loss test (importable as tests.test_usermodel:l1_loss)."""
+    return (output - targets).abs().mean()
+
+
+def test_custom_loss(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    torch.manual_seed(4)
+    model = Decoder()
+    path, batch = tmp_path / "d.safetensors", tmp_path / "b.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    x, y = torch.randn(4, 6, 2), torch.randn(4)
+    save_file({"inputs": x, "targets": y}, batch)
+    code = main(["check", str(path), "--batch", str(batch), "--model",
+                 "sample_models.user_models:Decoder", "--loss", "tests.test_usermodel:l1_loss",
+                 "--format", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code in (0, 1) and doc["files"][0]["loss"] == "custom:tests.test_usermodel:l1_loss"
+    want = float(l1_loss(model(x), y).detach())
+    assert doc["files"][0]["modules"][0]["objective"]["value"] == pytest.approx(want, rel=1e-6)
+
+
+def test_loss_without_model_is_an_option_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["check", str(ROOT / "sample_models" / "lstm_healthy.safetensors"), "--loss",
+                 "tests.test_usermodel:l1_loss"])
+    assert code == 2 and "--loss needs --model" in capsys.readouterr().err
