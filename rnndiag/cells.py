@@ -86,11 +86,10 @@ def step(
     if cell is CellType.LSTM:
         assert c is not None
         a = torch.addmm(xt, h, w.w_hh.t())
-        hidden = c.shape[1]
-        i, f, _, o = torch.sigmoid(a).chunk(4, dim=1)  # one sigmoid for the three gates
-        g = torch.tanh(a.narrow(1, 2 * hidden, hidden))
-        c_new = torch.addcmul(f * c, i, g)
-        m = o * torch.tanh(c_new)
+        i, f, g, o = a.chunk(4, dim=1)
+        # three sigmoids, not one over all four gates: each saves its output for the backward
+        c_new = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
+        m = torch.sigmoid(o) * torch.tanh(c_new)
         if w.w_hr is not None:
             return StepOut(m @ w.w_hr.t(), c_new, m, a, None)
         return StepOut(m, c_new, None, a, None)
