@@ -8,6 +8,7 @@ wrapper prefixes of DataParallel (`module.`) and torch.compile (`_orig_mod.`) ar
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,20 +77,48 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def _torch_load(path: Path) -> Any:
-    if tuple(int(p) for p in torch.__version__.split(".")[:2]) < MIN_TORCH:
+    if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < MIN_TORCH:
         raise CheckpointError(
             f"{path}: refusing to read a torch pickle with torch {torch.__version__} "
-            "(weights_only loading is unsafe before 2.6); upgrade torch or use safetensors"
+            "(weights_only loading is unsafe before 2.6, CVE-2025-32434); upgrade torch or "
+            "use safetensors"
         )
+    if _is_torchscript(path):
+        raise CheckpointError(f"{path}: refused: a TorchScript archive is a program, and rnndiag "
+                              "does not run programs; save model.state_dict() or use safetensors")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        names = _unsafe_globals(path)
+        what = (f"it needs unsafe globals {', '.join(names[:5])}"
+                + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                if names else f"it holds objects other than tensors ({_one_line(exc, 120)})")
         raise CheckpointError(
-            f"{path}: refused: the file holds pickled objects other than tensors and plain "
-            f"containers ({_one_line(exc, 160)}); save model.state_dict() or use safetensors"
+            f"{path}: refused: {what}; rnndiag loads only tensors and plain containers "
+            "(torch.load weights_only=True): save model.state_dict() or use safetensors"
         ) from None
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read torch checkpoint ({_one_line(exc)})") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A zip archive with TorchScript code (`*/code/` or `*/constants.pkl`), by its listing."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any("/code/" in n or n.endswith("/constants.pkl") for n in names)
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a pickle would import, found by a static scan that executes nothing."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # an old or odd file: the generic refusal still applies
+        return []
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
