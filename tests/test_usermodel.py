@@ -236,3 +236,24 @@ def test_loss_without_model_is_an_option_error(capsys: pytest.CaptureFixture[str
     code = main(["check", str(ROOT / "sample_models" / "lstm_healthy.safetensors"), "--loss",
                  "tests.test_usermodel:l1_loss"])
     assert code == 2 and "--loss needs --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("targets", "fragment"),
+    [(torch.randn(4, 3), "do not fit the model output"),
+     (torch.randint(0, 3, (4,)), "cross-entropy needs"),
+     (torch.randint(0, 3, (2,)), "differ in batch size")],
+    ids=["float-shape", "int-shape", "batch-size"],
+)
+def test_targets_that_do_not_fit(targets: Tensor, fragment: str, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    path, batch = tmp_path / "d.safetensors", tmp_path / "b.safetensors"
+    save_file({k: v.contiguous() for k, v in Decoder().state_dict().items()}, path)
+    save_file({"inputs": torch.randn(4, 6, 2), "targets": targets}, batch)
+    for fmt in ("text", "json"):
+        code = main(["check", str(path), "--batch", str(batch), "--model",
+                     "sample_models.user_models:Decoder", "--format", fmt])
+        out, err = capsys.readouterr()
+        assert code == 2 and fragment in err and err.count("\n") == 1
