@@ -156,9 +156,13 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
 
 def _buffers(spec: ModuleSpec, w: LayerWeights, layer: int, direction: Direction,
              seq_len: int, batch: int, like: Tensor) -> StepAdjoints:
-    """Zeroed buffers: a state with no path to L keeps a zero gradient."""
+    """Uninitialised buffers, filled row by row by the hooks (`_written` tracks the rows; the
+    rest are zeroed after the backward pass). Untouched memory is not resident yet, so the
+    buffers grow while the backward pass frees the graph instead of adding to its peak."""
     def zeros(width: int) -> Tensor:
-        return like.new_zeros(seq_len, batch, width)
+        buffer = like.new_empty(seq_len, batch, width)
+        _written[id(buffer)] = [False] * seq_len
+        return buffer
 
     lstm, gru = spec.cell_type is CellType.LSTM, spec.cell_type is CellType.GRU
     return StepAdjoints(layer, direction, zeros(spec.output_size),
@@ -171,10 +175,26 @@ def _hook(tensor: Tensor, buffer: Tensor | None, t: int) -> None:
         tensor.register_hook(_writer(buffer, t))
 
 
+_written: dict[int, list[bool]] = {}  # id(buffer) -> rows written, while a replay runs
+
+
 def _writer(buffer: Tensor, t: int) -> Callable[[Tensor], None]:
+    rows = _written[id(buffer)]
+
     def write(grad: Tensor) -> None:
         buffer[t].copy_(grad)
+        rows[t] = True
     return write
+
+
+def _finish(buffers: StepAdjoints) -> None:
+    """Zero the rows no gradient reached (a state with no path to L has gradient zero)."""
+    for buffer in (buffers.dh, buffers.dc, buffers.dpre, buffers.dxn):
+        if buffer is None:
+            continue
+        for t, done in enumerate(_written.pop(id(buffer), [])):
+            if not done:
+                buffer[t].zero_()
 
 
 def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
@@ -219,8 +239,12 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> Re
     h0, c0 = zero_states(spec, batch, inputs)
     run = unroll(spec, params, inputs, h0, c0, capture=True)
     loss = objective(run.finals(spec), batch)
-    torch.autograd.grad(loss, [h0] if c0 is None else [h0, c0])
-    found = tuple(s.captured for s in run.states if s.captured is not None)
+    try:
+        torch.autograd.grad(loss, [h0] if c0 is None else [h0, c0])
+    finally:
+        found = tuple(s.captured for s in run.states if s.captured is not None)
+        for buffers in found:
+            _finish(buffers)
     kept = tuple((s.sequence.detach().transpose(0, 1), s.m) for s in run.states)
     return ReplayResult(run.output.detach(), run.h_n.detach(),
                         None if run.c_n is None else run.c_n.detach(), float(loss.item()),
