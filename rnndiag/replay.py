@@ -53,14 +53,15 @@ class DirectionStates:
     direction: Direction
     h: list[Tensor]  # T tensors (B, P)
     c: list[Tensor] | None  # T tensors (B, H), LSTM only
-    sequence: Tensor  # (B, T, P): the h_t stacked, as the layer above reads them
+    sequence: Tensor | None  # (B, T, P): the h_t stacked, as the layer above reads them
     m: Tensor | None = None  # (T, B, H) a projected LSTM's unprojected outputs, detached
     captured: StepAdjoints | None = None  # buffers the hooks fill (capture=True)
 
 
 @dataclass(frozen=True)
 class Unrolled:
-    output: Tensor  # (B, T, D*P): top-layer outputs, as nn.RNN/LSTM/GRU return them
+    output: Tensor | None  # (B, T, D*P): top-layer outputs as nn.RNN/LSTM/GRU return them
+    #                        (None when unrolled with top_output=False)
     h_n: Tensor  # (L*D, B, P)
     c_n: Tensor | None  # (L*D, B, H), LSTM only
     states: tuple[DirectionStates, ...]  # layer-major, then direction
@@ -97,34 +98,40 @@ def zero_states(spec: ModuleSpec, batch: int, like: Tensor) -> tuple[Tensor, Ten
 
 
 def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: Tensor,
-           c0: Tensor | None, capture: bool = False) -> Unrolled:
+           c0: Tensor | None, capture: bool = False, top_output: bool = True) -> Unrolled:
     """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state;
-    with `capture`, hooks write every adjoint into buffers during the backward pass."""
+    with `capture`, hooks write every adjoint into buffers during the backward pass. Without
+    `top_output` the top layer's outputs are not stacked (saving a copy while the graph is
+    alive)."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
-    layer_input = inputs
+    layer_input: Tensor | None = inputs
     for layer in range(spec.num_layers):
+        assert layer_input is not None  # every layer below the top is stacked
         outputs = []
         for k, direction in enumerate(spec.directions):
             index = layer * len(spec.directions) + k
             weights = LayerWeights.of(spec, params, layer, direction)
+            stack = top_output or layer < spec.num_layers - 1
             s = _run_direction(spec, weights, layer_input, layer, direction, h0[index],
-                               None if c0 is None else c0[index], capture)
+                               None if c0 is None else c0[index], capture, stack)
             kept.append(s)
             last = final_step(direction, len(s.h))
             h_n.append(s.h[last])
             if s.c is not None:
                 c_n.append(s.c[last])
-            outputs.append(s.sequence)
-        layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            if s.sequence is not None:
+                outputs.append(s.sequence)
+        layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else (
+            outputs[0] if outputs else None)
     return Unrolled(layer_input, torch.stack(h_n), torch.stack(c_n) if c_n else None,
                     tuple(kept))
 
 
 def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                    direction: Direction, h: Tensor, c: Tensor | None,
-                   capture: bool) -> DirectionStates:
+                   capture: bool, stack: bool = True) -> DirectionStates:
     """Unroll one layer and direction from (h, c); states kept by time index t."""
     seq_len, batch = x.shape[1], x.shape[0]
     # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
@@ -151,7 +158,8 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
             if out.n_pre is not None and buf.dxn is not None:
                 _hook(out.n_pre, buf.dxn, t)
     m = torch.stack(ms).detach() if ms is not None else None
-    return DirectionStates(layer, direction, hs, cs, torch.stack(hs, dim=1), m, buf)
+    sequence = torch.stack(hs, dim=1) if stack else None
+    return DirectionStates(layer, direction, hs, cs, sequence, m, buf)
 
 
 def _buffers(spec: ModuleSpec, w: LayerWeights, layer: int, direction: Direction,
@@ -237,7 +245,7 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> Re
     """
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
-    run = unroll(spec, params, inputs, h0, c0, capture=True)
+    run = unroll(spec, params, inputs, h0, c0, capture=True, top_output=False)
     loss = objective(run.finals(spec), batch)
     try:
         torch.autograd.grad(loss, [h0] if c0 is None else [h0, c0])
@@ -245,7 +253,9 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> Re
         found = tuple(s.captured for s in run.states if s.captured is not None)
         for buffers in found:
             _finish(buffers)
-    kept = tuple((s.sequence.detach().transpose(0, 1), s.m) for s in run.states)
-    return ReplayResult(run.output.detach(), run.h_n.detach(),
+    kept = tuple((torch.stack([h.detach() for h in s.h]), s.m) for s in run.states)
+    top = kept[-len(spec.directions):]
+    output = torch.cat([h for h, _ in top], dim=2).transpose(0, 1)
+    return ReplayResult(output, run.h_n.detach(),
                         None if run.c_n is None else run.c_n.detach(), float(loss.item()),
                         found, kept)

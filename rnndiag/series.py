@@ -15,7 +15,10 @@ from rnndiag.replay import StepAdjoints, final_step
 def series_norms(adjoint: Tensor) -> tuple[float, ...]:
     """||adjoint[t]||_2 over the whole batch for every t, accumulated in float64."""
     flat = adjoint.detach().reshape(adjoint.shape[0], -1)
-    return tuple(torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).tolist())
+    out: list[float] = []
+    for chunk in flat.split(32):  # a float64 copy of 32 steps at a time, not of all T
+        out.extend(torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float64).tolist())
+    return tuple(out)
 
 
 def norms(adj: StepAdjoints) -> tuple[tuple[float, ...], tuple[float, ...] | None,

@@ -203,6 +203,7 @@ def _replay_forward(module: nn.Module, rec: Record) -> Callable[..., Any]:
         run = unroll(spec, dict(module.named_parameters()), x, h0, c0)
         rec.calls.append(run)
         out = run.output
+        assert out is not None  # unrolled with top_output=True
         h_n, c_n = run.h_n, run.c_n
         if unbatched:
             out, h_n = out.squeeze(0), h_n.squeeze(1)
