@@ -35,7 +35,8 @@ def previous(states: Tensor, direction: Direction) -> Tensor:
 
 
 def minibatch_sq_norms(x: Tensor, hs: Tensor, ms: Tensor | None, adj: StepAdjoints,
-                       bias: bool, groups: Sequence[Tensor]) -> list[float]:
+                       bias: bool, groups: Sequence[Tensor],
+                       nonlinearity: str | None = None) -> list[float]:
     """||gradient of one layer/direction's weights||^2 restricted to each group of examples.
 
     x (T, B, I) is the layer's input, hs (T, B, P) its states, ms (T, B, H) a projected LSTM's
@@ -43,11 +44,12 @@ def minibatch_sq_norms(x: Tensor, hs: Tensor, ms: Tensor | None, adj: StepAdjoin
     W_ih gets the input-side adjoint: dpre itself for RNN and LSTM; for a GRU dpre's r and z
     rows and dxn for the n rows (its n gate scales only the hidden term by r).
     """
-    assert adj.dpre is not None
     h_prev = previous(hs, adj.direction)
     out = []
     for rows in groups:
-        dpre, x_k = adj.dpre[:, rows], x[:, rows]
+        x_k = x[:, rows]
+        dpre = adj.dpre[:, rows] if adj.dpre is not None else _rnn_dpre(
+            adj.dh[:, rows], hs[:, rows], nonlinearity)
         total = _outer_sq(dpre, h_prev[:, rows])
         if adj.dxn is None:
             total += _outer_sq(dpre, x_k)
@@ -63,6 +65,13 @@ def minibatch_sq_norms(x: Tensor, hs: Tensor, ms: Tensor | None, adj: StepAdjoin
             total += _outer_sq(adj.dh[:, rows], ms[:, rows])
         out.append(total)
     return out
+
+
+def _rnn_dpre(dh: Tensor, h: Tensor, nonlinearity: str | None) -> Tensor:
+    """A plain RNN's pre-activation adjoint: dh * tanh'(a) = dh (1 - h^2), or dh [h > 0]."""
+    if nonlinearity == "relu":
+        return dh * (h > 0).to(dh.dtype)
+    return dh * (1 - h * h)
 
 
 def _outer_sq(delta: Tensor, values: Tensor) -> float:
@@ -92,7 +101,8 @@ def replay_sq_norms(spec: ModuleSpec, inputs: Tensor, result: ReplayResult,
         for k in range(per_layer):
             adj = result.adjoints[layer * per_layer + k]
             hs, ms = result.states[layer * per_layer + k]
-            sq = minibatch_sq_norms(layer_input, hs, ms, adj, spec.bias, groups)
+            sq = minibatch_sq_norms(layer_input, hs, ms, adj, spec.bias, groups,
+                                    spec.nonlinearity)
             totals = [a + b for a, b in zip(totals, sq, strict=True)]
             outputs.append(hs)
         layer_input = torch.cat(outputs, dim=2)

@@ -38,9 +38,10 @@ class StepAdjoints:
     direction: Direction
     dh: Tensor  # (T, B, P): dL/dh_t
     dc: Tensor | None  # (T, B, H): dL/dc_t, LSTM only
-    # From `replay` only: dL/d(pre) of the hidden-side pre-activation (T, B, G*H), see
-    # cells.StepOut.pre (for RNN and LSTM also the input side's), and for a GRU the input-side
-    # n-gate adjoint dL/d(x_n + r * hn) (T, B, H).
+    # From `replay` only (LSTM, GRU): dL/d(pre) of the hidden-side pre-activation (T, B, G*H),
+    # see cells.StepOut.pre (for LSTM also the input side's), and for a GRU the input-side
+    # n-gate adjoint dL/d(x_n + r * hn) (T, B, H). A plain RNN's is dh * phi'(a), computed
+    # from dh and h where needed (rnndiag.pergrad).
     dpre: Tensor | None = None
     dxn: Tensor | None = None
 
@@ -173,8 +174,10 @@ def _buffers(spec: ModuleSpec, w: LayerWeights, layer: int, direction: Direction
         return buffer
 
     lstm, gru = spec.cell_type is CellType.LSTM, spec.cell_type is CellType.GRU
+    # a plain RNN's pre-activation adjoint is dh * phi'(a), recoverable from dh and h later
+    dpre = None if spec.cell_type is CellType.RNN else zeros(w.w_hh.shape[0])
     return StepAdjoints(layer, direction, zeros(spec.output_size),
-                        zeros(spec.hidden_size) if lstm else None, zeros(w.w_hh.shape[0]),
+                        zeros(spec.hidden_size) if lstm else None, dpre,
                         zeros(spec.hidden_size) if gru else None)
 
 
