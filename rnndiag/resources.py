@@ -16,7 +16,7 @@ import re
 from rnndiag.errors import OptionError
 from rnndiag.records import CellType, ModuleSpec
 
-UNITS = {CellType.RNN: 8, CellType.LSTM: 20, CellType.GRU: 17}
+UNITS = {CellType.RNN: 6, CellType.LSTM: 18, CellType.GRU: 16}
 MARGIN = 1.25
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
