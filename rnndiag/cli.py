@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from rnndiag._version import __version__
+from rnndiag.outcome import FailOn  # torch-free, like every import at the top of this module
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from rnndiag.outcome import FailOn as FailOnLevel
     from rnndiag.records import CheckOptions, FileDiagnosis
 
 EXIT_HELP = """Exit codes: 0 nothing selected by --fail-on (healthy or skipped files);
@@ -58,13 +58,6 @@ class Nonlinearity(StrEnum):
 class DType(StrEnum):
     FLOAT32 = "float32"
     FLOAT64 = "float64"
-
-
-class FailOn(StrEnum):  # mirrors rnndiag.outcome.FailOn without importing the core
-    ANY = "any"
-    VANISHING = "vanishing"
-    EXPLODING = "exploding"
-    NEVER = "never"
 
 
 def _version(value: bool) -> None:
@@ -135,7 +128,6 @@ def check(
 ) -> None:
     """Replay each checkpoint's recurrent layers step by step and report gradient flow."""
     from rnndiag.errors import RnnDiagError
-    from rnndiag.outcome import FailOn as FailOnLevel
     from rnndiag.records import CheckOptions, Thresholds
     from rnndiag.resources import parse_size
 
@@ -151,7 +143,7 @@ def check(
         dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold),
         clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
         model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit)
-    raise typer.Exit(_run_check(paths, options, FailOnLevel(fail_on.value), sink, debug))
+    raise typer.Exit(_run_check(paths, options, fail_on, sink, debug))
 
 
 @app.command(epilog="Exit codes: 0 no problem found; 1 NaN/Inf in weights; 2 unusable input.")
@@ -261,7 +253,7 @@ def _write(path: Path, text: str) -> None:
     write_atomic(path, text)
 
 
-def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOnLevel, sink: Sink,
+def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: Sink,
                debug: bool) -> int:
     from rnndiag.errors import RnnDiagError
 

@@ -82,9 +82,9 @@ CELL_CASES = {
 @pytest.mark.parametrize("kind", list(CELL_CASES))
 def test_fast_norms_equal_fused_autograd(tmp_path: Path, kind: str) -> None:
     """The adjoint-derived norms vs autograd on rnndiag.fused's modules (cells: unrolled)."""
-    from rnndiag import fused
     from rnndiag.checkpoint import load_checkpoint
     from rnndiag.diagnose import find_modules
+    from tests import fused_oracle as fused
 
     torch.manual_seed(1)
     module = CELL_CASES[kind]()

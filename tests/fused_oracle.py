@@ -1,6 +1,7 @@
-"""PyTorch's own fused modules built from a ModuleSpec and a checkpoint's weights.
+"""Test oracle: PyTorch's own fused modules built from a ModuleSpec and a checkpoint's weights.
 
-Used where exactness does not need the step loop: the clip-norm mini-batch passes.
+The clip tests compute mini-batch gradient norms with these and plain autograd, as the oracle
+of rnndiag.pergrad (which derives them from the replay's captured adjoints).
 """
 
 from __future__ import annotations
@@ -50,5 +51,3 @@ def objective_on(spec: ModuleSpec, module: nn.Module, inputs: Tensor) -> Tensor:
     h_n = state[0] if isinstance(state, tuple) else state
     return objective(list(h_n[-len(spec.directions):]), batch)
 
-
-__all__ = ["build", "objective_on"]
