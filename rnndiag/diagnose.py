@@ -79,18 +79,24 @@ def diagnose_files(paths: Iterable[Path], options: CheckOptions,
 def _guard(path: Path, run: Callable[[Path], FileDiagnosis]) -> FileDiagnosis:
     """A file's RnnDiagError becomes its error record; the other files go on."""
     try:
-        return run(path)
+        return _lfs_skip(path) or run(path)
     except RnnDiagError as exc:
         return FileDiagnosis(str(path), "unknown", FileStatus.ERROR, error=str(exc))
+
+
+def _lfs_skip(path: Path) -> FileDiagnosis | None:
+    """A Git LFS pointer is skipped with a note, not failed."""
+    if path.is_file() and is_lfs_pointer(path):
+        return FileDiagnosis(str(path), "lfs-pointer", FileStatus.SKIPPED, notes=(LFS_NOTE,))
+    return None
 
 
 def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
                   progress: Progress = _quiet) -> FileDiagnosis:
     fmt = "unknown"
     try:
-        if path.is_file() and is_lfs_pointer(path):
-            return FileDiagnosis(str(path), "lfs-pointer", FileStatus.SKIPPED,
-                                 notes=(LFS_NOTE,))
+        if skipped := _lfs_skip(path):
+            return skipped
         if path.is_file():
             fmt = sniff_format(path)
         ckpt = load_checkpoint(path)

@@ -257,3 +257,15 @@ def test_targets_that_do_not_fit(targets: Tensor, fragment: str, tmp_path: Path,
                      "sample_models.user_models:Decoder", "--format", fmt])
         out, err = capsys.readouterr()
         assert code == 2 and fragment in err and err.count("\n") == 1
+
+
+def test_model_mode_skips_lfs_pointers(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    pointer, batch = tmp_path / "big.pt", tmp_path / "b.safetensors"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    save_file({"inputs": torch.randn(2, 4, 2)}, batch)
+    code = main(["check", str(pointer), "--batch", str(batch), "--model",
+                 "sample_models.user_models:Decoder", "--format", "json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["files"][0]["status"] == "skipped"
