@@ -19,12 +19,13 @@ from torch import Tensor
 
 from rnndiag.errors import CheckpointError
 from rnndiag.files import check_readable, is_lfs_pointer, sniff_format, unwrap_names
+from rnndiag.records import NonFiniteTensor
 from rnndiag.stfile import read_header
 
 # Keys under which training scripts nest the model's state dict (Lightning uses "state_dict").
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
-__all__ = ["Checkpoint", "check_readable", "is_lfs_pointer", "load_checkpoint", "read_tensors",
-           "sniff_format"]
+__all__ = ["Checkpoint", "check_readable", "is_lfs_pointer", "load_checkpoint",
+           "nonfinite_weights", "read_tensors", "sniff_format"]
 
 MIN_TORCH = (2, 6)  # torch.load(weights_only=True) is unsafe before 2.6 (CVE-2025-32434)
 
@@ -157,3 +158,14 @@ def _collect(obj: Mapping[Any, Any], prefix: str, out: dict[str, Tensor]) -> Non
             out[name] = value
         elif isinstance(value, Mapping):
             _collect(value, name + ".", out)
+
+
+def nonfinite_weights(tensors: Mapping[str, Tensor]) -> tuple[NonFiniteTensor, ...]:
+    """Floating-point tensors holding NaN or Inf, with counts, by name."""
+    out = []
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            out.append(NonFiniteTensor(name, int(torch.isnan(t).sum()),
+                                       int(torch.isinf(t).sum())))
+    return tuple(out)

@@ -15,7 +15,13 @@ from torch import Tensor
 
 from rnndiag import clip, pergrad, resources, static
 from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
-from rnndiag.checkpoint import Checkpoint, is_lfs_pointer, load_checkpoint, sniff_format
+from rnndiag.checkpoint import (
+    Checkpoint,
+    is_lfs_pointer,
+    load_checkpoint,
+    nonfinite_weights,
+    sniff_format,
+)
 from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
 from rnndiag.errors import ArchitectureError, OptionError, RnnDiagError
 from rnndiag.files import LFS_NOTE
@@ -28,7 +34,6 @@ from rnndiag.records import (
     FileStatus,
     ModuleDiagnosis,
     ModuleSpec,
-    NonFiniteTensor,
 )
 from rnndiag.replay import replay
 from rnndiag.series import layer_diagnosis
@@ -135,17 +140,6 @@ def _clip(squares: list[list[float]], options: CheckOptions, count: int) -> Clip
     """
     total = [math.sqrt(sum(parts)) for parts in zip(*squares, strict=True)]
     return clip.suggest(total, options.clip_percentile, "recurrent", count)
-
-
-def nonfinite_weights(tensors: Mapping[str, Tensor]) -> tuple[NonFiniteTensor, ...]:
-    """Floating-point tensors holding NaN or Inf, with counts, by name."""
-    out = []
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            out.append(NonFiniteTensor(name, int(torch.isnan(t).sum()),
-                                       int(torch.isinf(t).sum())))
-    return tuple(out)
 
 
 def find_modules(ckpt: Checkpoint, nonlinearity: str | None) -> list[ModuleSpec]:

@@ -32,7 +32,11 @@ class Loss:
 
     def __call__(self, output: Tensor, targets: Tensor) -> Tensor:
         assert self.fn is not None
-        value = self.fn(output, targets)
+        try:
+            value = self.fn(output, targets)
+        except Exception as exc:  # the user's loss (or a shape it rejects), in one line
+            text = " ".join(str(exc).split())[:200]
+            raise BatchError(f"loss {self.name} failed: {type(exc).__name__}: {text}") from None
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise BatchError(f"loss {self.name} must return a scalar tensor, got "
                              f"{type(value).__name__}{_shape(value)}")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from rnndiag import clip, resources, static
 from rnndiag.batch import BatchFile
-from rnndiag.checkpoint import load_checkpoint
+from rnndiag.checkpoint import load_checkpoint, nonfinite_weights
 from rnndiag.errors import BatchError
 from rnndiag.losses import Loss, choose, first_output
 from rnndiag.records import (
@@ -79,7 +79,8 @@ def diagnose_model_file(path: Path, options: CheckOptions, batch: BatchFile,
     suggestion = _clip(model, loss_def, inputs, targets, options)
     info = BatchInfo(batch.path, inputs.shape[0], modules[0].seq_len, None)
     return FileDiagnosis(str(path), ckpt.format, FileStatus.OK, modules, info, ckpt.notes,
-                         clip=suggestion, loss=loss_def.name)
+                         nonfinite_weights=nonfinite_weights(ckpt.tensors), clip=suggestion,
+                         loss=loss_def.name)
 
 
 def _batch(batch: BatchFile, options: CheckOptions) -> tuple[Tensor, Tensor | None]:

@@ -269,3 +269,21 @@ def test_model_mode_skips_lfs_pointers(tmp_path: Path, capsys: pytest.CaptureFix
                  "sample_models.user_models:Decoder", "--format", "json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)["files"][0]["status"] == "skipped"
+
+
+def failing_loss(output: Tensor, targets: Tensor) -> Tensor:
+    raise ValueError("shapes disagree")
+
+
+def test_custom_loss_that_fails_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    path, batch = tmp_path / "d.safetensors", tmp_path / "b.safetensors"
+    save_file({k: v.contiguous() for k, v in Decoder().state_dict().items()}, path)
+    save_file({"inputs": torch.randn(4, 6, 2), "targets": torch.randn(4)}, batch)
+    code = main(["check", str(path), "--batch", str(batch), "--model",
+                 "sample_models.user_models:Decoder", "--loss",
+                 "tests.test_usermodel:failing_loss"])
+    err = capsys.readouterr().err
+    assert code == 2 and "failed: ValueError: shapes disagree" in err
+    assert err.count("\n") == 1
