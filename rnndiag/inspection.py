@@ -30,6 +30,11 @@ Arrays = Mapping[str, np.ndarray]
 def inspect_file(path: Path, nonlinearity: str | None = None) -> InspectDiagnosis:
     fmt = "unknown"
     try:
+        if path.is_file() and not is_lfs_pointer(path):
+            fmt = sniff_format(path)  # named in the report even when reading fails
+    except RnnDiagError:
+        pass
+    try:
         fmt, arrays, metadata, notes = _read(path)
     except _LfsPointer:
         return InspectDiagnosis(str(path), "lfs-pointer", FileStatus.SKIPPED, notes=(LFS_NOTE,))
