@@ -317,19 +317,67 @@ class _progress:
 
     def update(self, message: str) -> None:
         if self.status is not None:
+            from rich.text import Text
+
             from rnndiag.report import safe
 
-            self.status.update(f"rnndiag: {safe(message)}")
+            # a Text, never a markup string: file and tensor names may hold '[...]'
+            self.status.update(Text(f"rnndiag: {safe(message)}"))
 
     def __exit__(self, *exc: object) -> None:
         if self.status is not None:
             self.status.stop()
 
 
+HOOK_COMMANDS = ("check", "inspect")
+HOOK_HELP = """For pre-commit: `rnndiag hook check|inspect [OPTIONS... --] FILES...`.
+
+pre-commit appends file names after the hook's `args:`, and a committed file may be named like
+an option (`--model=evil:x.safetensors`). Under `hook`, no file name is ever parsed as an
+option: the arguments before the first `--` are options (from your `args:`), everything after
+it is a file; with no `--`, every argument is a file. End `args:` with `--` when you give
+options, e.g. `args: [--batch, val.safetensors, --]`. An option position holding the name of
+an existing file that starts with '-' is refused (exit 2)."""
+
+
+@app.command(help=HOOK_HELP, context_settings={"allow_extra_args": True,
+                                               "ignore_unknown_options": True})
+def hook(ctx: typer.Context) -> None:
+    """Reached only when `main` did not rewrite the arguments: a usage error."""
+    _stderr("usage: rnndiag hook check|inspect [OPTIONS... --] FILES... "
+            "(see rnndiag hook --help)")
+    raise typer.Exit(2)
+
+
+def hook_argv(argv: Sequence[str]) -> list[str] | None:
+    """`hook CMD [OPTIONS --] FILES` -> `CMD OPTIONS -- FILES`, or None when it is not a hook
+    call. Raises OptionError when an option position names an existing '-' file."""
+    from rnndiag.errors import OptionError
+
+    if len(argv) < 2 or argv[0] != "hook" or argv[1] not in HOOK_COMMANDS:
+        return None
+    rest = list(argv[2:])
+    options, files = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) \
+        if "--" in rest else ([], rest)
+    for token in options:
+        if token.startswith("-") and os.path.lexists(token):
+            raise OptionError(f"refusing {token!r}: a file of that name exists, so it may be a "
+                              "file name passed by pre-commit, not an option from args:")
+    return [argv[1], *options, "--", *files]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (also usable in-process)."""
+    from rnndiag.errors import OptionError
+
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="rnndiag", standalone_mode=True)
+        args = hook_argv(args) or args
+    except OptionError as exc:
+        _stderr(str(exc))
+        return 2
+    try:
+        app(args=args, prog_name="rnndiag", standalone_mode=True)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 
 from rnndiag.errors import CheckpointError
 
-MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_HEADER = 100_000_000  # the safetensors library's own limit (bytes, not MiB)
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
             "C64": 8}
@@ -54,13 +54,22 @@ def read_header(path: Path) -> Header:
         if len(head) < 8:
             raise CheckpointError(f"{path}: invalid safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or 8 + n > size:
-            raise CheckpointError(f"{path}: invalid safetensors file (header length {n} "
-                                  f"exceeds the file size {size} or the {MAX_HEADER}-byte limit)")
+        # The declared length is never echoed: for a file that is not safetensors (a symlink
+        # to a private file, say) it is that file's first 8 bytes.
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: invalid safetensors file (its first 8 bytes do not "
+                                  f"give a header length that fits in its {size} bytes)")
+        if n > MAX_HEADER:
+            raise CheckpointError(f"{path}: invalid safetensors file (header longer than the "
+                                  f"{MAX_HEADER:,}-byte limit)")
         raw = f.read(n)
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as exc:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: invalid safetensors header (not UTF-8 text)") from None
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+    except ValueError as exc:
         raise CheckpointError(f"{path}: invalid safetensors header ({_short(exc)})") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{path}: invalid safetensors header (not a JSON object)")

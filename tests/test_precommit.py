@@ -83,3 +83,28 @@ def test_healthy_checkpoint_passes(repo: Path, tmp_path: Path) -> None:
     result = _try_repo(repo, "rnndiag-system", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_hostile_file_names_are_files_not_options(repo: Path, tmp_path: Path) -> None:
+    """Committed files named like options neither import code nor choose the output."""
+    from tests.test_hostile_names import EVIL_MODULE
+
+    (repo / "evilmod.py").write_text(EVIL_MODULE)
+    _stage(repo, "lstm_healthy.safetensors", "victim.safetensors")
+    _stage(repo, "adding_batch.safetensors", "batch.safetensors")  # what --batch= would name
+    for name, sample in (("--batch=batch.safetensors", "adding_batch.safetensors"),
+                         ("--model=evilmod:f.safetensors", "lstm_healthy.safetensors"),
+                         ("--output=victim.safetensors", "lstm_healthy.safetensors")):
+        shutil.copy(SAMPLES / sample, repo / name)
+        _git(repo, "add", "--", name)
+    _git(repo, "add", "evilmod.py")
+    victim = (repo / "victim.safetensors").read_bytes()
+    # rnndiag-system only: the other two hooks install their own environment (torch from PyPI);
+    # they share its `rnndiag hook` entry (test_hostile_names checks the entries, in-process)
+    result = _try_repo(repo, "rnndiag-system", tmp_path)
+    log = result.stdout + result.stderr
+    assert not (repo / "PWNED").exists(), log
+    assert (repo / "victim.safetensors").read_bytes() == victim, log
+    assert "--model=evilmod:f.safetensors" in log, log  # reported as a file
+    assert result.returncode == 1, log  # the LSTM vanishes on the synthetic batch
