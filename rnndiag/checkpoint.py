@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from rnndiag.errors import CheckpointError
-from rnndiag.files import check_readable, is_lfs_pointer, sniff_format, unwrap_names
+from rnndiag.files import check_readable, is_lfs_pointer, sniff_format
 from rnndiag.records import NonFiniteTensor
-from rnndiag.stfile import read_header
+from rnndiag.sources import RawFile, nonfinite, read
 
 # Keys under which training scripts nest the model's state dict (Lightning uses "state_dict").
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -40,41 +41,39 @@ class Checkpoint:
 
 
 def read_tensors(path: Path) -> tuple[str, dict[str, Tensor], dict[str, str]]:
-    """Return (format, flat name -> tensor, safetensors metadata) for a file, unmodified."""
-    check_readable(path)
-    fmt = sniff_format(path)
-    if fmt == "safetensors":
-        return fmt, *_read_safetensors(path)
-    return fmt, _flatten(_torch_load(path), path), {}
+    """Return (format, name -> torch tensor, safetensors metadata), wrapper prefixes removed."""
+    raw = read(path)
+    return raw.format, {k: _tensor(v) for k, v in raw.arrays.items()}, raw.metadata
+
+
+def _tensor(x: Any) -> Tensor:
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint's state dict; half-precision tensors are upcast to float32 (noted)."""
-    fmt, raw, metadata = read_tensors(path)
+    return checkpoint_of(read(path))
+
+
+def checkpoint_of(raw: RawFile) -> Checkpoint:
+    """torch tensors from what `sources.read` gave; float16/bfloat16 upcast to float32."""
     tensors, upcast = {}, []
-    for key, tensor in unwrap_names(raw, path).items():
-        if tensor.dtype in (torch.float16, torch.bfloat16):
-            upcast.append(f"{key} ({str(tensor.dtype).removeprefix('torch.')})")
+    for key, x in raw.arrays.items():
+        tensor = _tensor(x)
+        if raw.dtypes.get(key) in ("float16", "bfloat16"):
+            upcast.append(f"{key} ({raw.dtypes[key]})")
             tensor = tensor.float()
         tensors[key] = tensor
     notes = []
     if upcast:
         more = f" and {len(upcast) - 3} more" if len(upcast) > 3 else ""
         notes.append(f"upcast to float32: {', '.join(upcast[:3])}{more}")
-    return Checkpoint(str(path), fmt, tensors, metadata, tuple(notes))
+    return Checkpoint(str(raw.path), raw.format, tensors, raw.metadata, tuple(notes))
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    read_header(path)  # validates length, JSON, names, dtypes and offsets before safetensors
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as exc:  # safetensors raises several unrelated types for bad files
-        raise CheckpointError(f"{path}: invalid safetensors file ({_one_line(exc)})") from None
-    return tensors, metadata
+def torch_tensors(path: Path) -> dict[str, Tensor]:
+    """The flat name -> tensor state dict inside a torch file, read with weights_only=True."""
+    return _flatten(_torch_load(path), path)
 
 
 def _torch_load(path: Path) -> Any:
@@ -88,7 +87,10 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: refused: a TorchScript archive is a program, and rnndiag "
                               "does not run programs; save model.state_dict() or use safetensors")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # an open file, not the path: torch.load sends any path ending in .safetensors to the
+        # safetensors loader, overriding the format sniffed from the content
+        with path.open("rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         names = _unsafe_globals(path)
         what = (f"it needs unsafe globals {', '.join(names[:5])}"
@@ -111,6 +113,8 @@ def _is_torchscript(path: Path) -> bool:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
+    except Exception as exc:  # undecodable member names, unsupported zip versions, ...
+        raise CheckpointError(f"{path}: cannot read the zip archive ({_one_line(exc)})") from None
     return any("/code/" in n or n.endswith("/constants.pkl") for n in names)
 
 
@@ -161,11 +165,6 @@ def _collect(obj: Mapping[Any, Any], prefix: str, out: dict[str, Tensor]) -> Non
 
 
 def nonfinite_weights(tensors: Mapping[str, Tensor]) -> tuple[NonFiniteTensor, ...]:
-    """Floating-point tensors holding NaN or Inf, with counts, by name."""
-    out = []
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            out.append(NonFiniteTensor(name, int(torch.isnan(t).sum()),
-                                       int(torch.isinf(t).sum())))
-    return tuple(out)
+    """Floating-point tensors holding NaN or Inf, with counts, by name (`sources.nonfinite`)."""
+    return nonfinite({k: t.detach().cpu().numpy() for k, t in tensors.items()
+                      if t.is_floating_point()})

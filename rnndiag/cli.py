@@ -23,7 +23,7 @@ from rnndiag.outcome import FailOn  # torch-free, like every import at the top o
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from rnndiag.records import CheckOptions, FileDiagnosis
+    from rnndiag.records import CheckOptions, FileDiagnosis, InspectDiagnosis
 
 EXIT_HELP = """Exit codes: 0 nothing selected by --fail-on (healthy or skipped files);
 1 a layer is vanishing or exploding (as selected by --fail-on); 2 unusable input, unsafe
@@ -142,7 +142,7 @@ def check(
         seed=seed, nonlinearity=nonlinearity.value if nonlinearity else None,
         dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold),
         clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
-        model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit)
+        model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit, debug=debug)
     raise typer.Exit(_run_check(paths, options, fail_on, sink, debug))
 
 
@@ -162,26 +162,23 @@ def inspect(
     """Static, data-free check: architecture, NaN/Inf in weights, sigma_max(W_hh), forget bias."""
     sink = Sink(Format(output_format.value), output, None, None)
     try:
-        from rnndiag import jsonout
-        from rnndiag.inspection import inspect_file
-        from rnndiag.outcome import inspect_exit_code
+        from rnndiag.api import inspect_files
 
-        found = [inspect_file(p, nonlinearity.value if nonlinearity else None) for p in paths]
+        result = inspect_files(paths, nonlinearity=nonlinearity.value if nonlinearity else None,
+                               debug=debug)
         if sink.fmt is Format.JSON:
-            sink.json(jsonout.inspect_document(found))
+            sink.emit(result.to_json())
         else:
             from rnndiag.report import render_inspect
 
-            sink.renderable(render_inspect(found))
+            sink.renderable(render_inspect(result.files))
     except Exception as exc:  # RnnDiagError (bad --output) or a bug: one line, exit 2
         if debug:
             traceback.print_exc()
         _stderr(str(exc) if _is_ours(exc) else f"internal error: {type(exc).__name__}: {exc}")
         raise typer.Exit(2) from None
-    for f in found:
-        if f.error:
-            _stderr(f.error if f.error.startswith(f.path) else f"{f.path}: {f.error}")
-    raise typer.Exit(int(inspect_exit_code(found)))
+    _file_errors(result.files)
+    raise typer.Exit(result.exit_code)
 
 
 def _is_ours(exc: Exception) -> bool:
@@ -217,12 +214,7 @@ class Sink:
     def json(self, doc: dict[str, object]) -> None:
         from rnndiag import jsonout
 
-        self._emit(jsonout.dumps(doc))
-
-    def text(self, files: Sequence[FileDiagnosis], options: CheckOptions) -> None:
-        from rnndiag.report import render
-
-        self.renderable(render(files, options.thresholds))
+        self.emit(jsonout.dumps(doc))
 
     def renderable(self, renderable: RenderableType) -> None:
         from rich.console import Console
@@ -240,7 +232,7 @@ class Sink:
             if self.output is not None:
                 _write(self.output, record.export_text(clear=False, styles=False))
 
-    def _emit(self, text: str) -> None:
+    def emit(self, text: str) -> None:
         if self.output is None:
             sys.stdout.write(text)
         else:
@@ -258,28 +250,28 @@ def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: 
     from rnndiag.errors import RnnDiagError
 
     try:
-        from rnndiag import jsonout
-        from rnndiag.diagnose import diagnose_files
-        from rnndiag.outcome import exit_code
+        from rnndiag.api import check_files
 
         with _progress() as progress:
-            files = diagnose_files(paths, options, progress=progress)
+            result = check_files(paths, options=options, fail_on=fail_on, progress=progress)
         if sink.fmt is Format.JSON:
-            sink.json(jsonout.document(files, options, fail_on=fail_on))
+            sink.emit(result.to_json())
         elif sink.fmt is Format.SARIF:
-            from rnndiag import sarif
-
-            sink.json(sarif.document(files))
+            sink.emit(result.to_sarif())
         else:
-            sink.text(files, options)
+            sink.renderable(result.__rich__())
     except RnnDiagError as exc:
         return _fail(str(exc), sink, options, debug)
     except Exception as exc:  # a bug in rnndiag: still one line and exit 2
         return _fail(f"internal error: {type(exc).__name__}: {exc}", sink, options, debug)
+    _file_errors(result.files)
+    return result.exit_code
+
+
+def _file_errors(files: Sequence[FileDiagnosis] | Sequence[InspectDiagnosis]) -> None:
     for f in files:
         if f.error:
             _stderr(f.error if f.error.startswith(f.path) else f"{f.path}: {f.error}")
-    return int(exit_code(files, fail_on))
 
 
 def _fail(message: str, sink: Sink, options: CheckOptions, debug: bool) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,17 +16,10 @@ from torch import Tensor
 
 from rnndiag import clip, pergrad, resources, static
 from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
-from rnndiag.checkpoint import (
-    Checkpoint,
-    is_lfs_pointer,
-    load_checkpoint,
-    nonfinite_weights,
-    sniff_format,
-)
-from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
-from rnndiag.errors import ArchitectureError, OptionError, RnnDiagError
-from rnndiag.files import LFS_NOTE
-from rnndiag.modelcheck import diagnose_model_file
+from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
+from rnndiag.errors import ArchitectureError, OptionError
+from rnndiag.inspection import NO_RECURRENT, find_modules
+from rnndiag.modelcheck import diagnose_live, file_model_inputs
 from rnndiag.records import (
     BatchInfo,
     CheckOptions,
@@ -37,6 +31,8 @@ from rnndiag.records import (
 )
 from rnndiag.replay import replay
 from rnndiag.series import layer_diagnosis
+from rnndiag.sources import RawFile, guarded
+from rnndiag.usermodel import build_model, load_callable, load_strict
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -74,62 +70,72 @@ def diagnose_files(paths: Iterable[Path], options: CheckOptions,
         if batch is None:
             raise OptionError("--model needs --batch: a file with the 'inputs' your model "
                               "takes (and 'targets' for a task loss)")
-        return [_guard(path, lambda p: diagnose_model_file(p, options, batch, progress))
-                for path in paths]
-    if options.loss is not None:
-        raise OptionError("--loss needs --model (a loss applies to your model's output)")
-    return [diagnose_file(path, options, batch, progress) for path in paths]
+        run = partial(_model_file, options=options, batch=batch, progress=progress)
+    else:
+        if options.loss is not None:
+            raise OptionError("--loss needs --model (a loss applies to your model's output)")
+        run = partial(_checkpoint_file, options=options, batch=batch, progress=progress)
+    return [diagnose_file(path, run, options.debug) for path in paths]
 
 
-def _guard(path: Path, run: Callable[[Path], FileDiagnosis]) -> FileDiagnosis:
-    """A file's RnnDiagError becomes its error record; the other files go on."""
-    try:
-        return _lfs_skip(path) or run(path)
-    except RnnDiagError as exc:
-        return FileDiagnosis(str(path), "unknown", FileStatus.ERROR, error=str(exc))
+def diagnose_file(path: Path, work: Callable[[RawFile], FileDiagnosis],
+                  debug: bool = False) -> FileDiagnosis:
+    """`work` on the file's contents; a skipped or unusable file becomes its own record."""
+    def failed(fmt: str, status: FileStatus, error: str | None,
+               notes: tuple[str, ...]) -> FileDiagnosis:
+        return FileDiagnosis(str(path), fmt, status, notes=notes, error=error)
+
+    return guarded(path, work, failed, debug)
 
 
-def _lfs_skip(path: Path) -> FileDiagnosis | None:
-    """A Git LFS pointer is skipped with a note, not failed."""
-    if path.is_file() and is_lfs_pointer(path):
-        return FileDiagnosis(str(path), "lfs-pointer", FileStatus.SKIPPED, notes=(LFS_NOTE,))
-    return None
-
-
-def diagnose_file(path: Path, options: CheckOptions, batch: BatchFile | None,
-                  progress: Progress = _quiet) -> FileDiagnosis:
-    fmt = "unknown"
-    try:
-        if skipped := _lfs_skip(path):
-            return skipped
-        if path.is_file():
-            fmt = sniff_format(path)
-        ckpt = load_checkpoint(path)
-        fmt = ckpt.format
-        specs = find_modules(ckpt, options.nonlinearity)
-        if not specs:
-            return FileDiagnosis(str(path), fmt, FileStatus.SKIPPED, notes=ckpt.notes + (
-                "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file",))
-        bad = nonfinite_weights(ckpt.tensors)
-        modules, squares, count = [], [], 0
-        for spec in specs:
-            progress(f"{path}: replaying {spec.name or '<root>'} ({spec.kind.value})")
-            diagnosis, sq, n = _diagnose_module(spec, ckpt, options, batch)
-            modules.append(diagnosis)
-            squares.append(sq)
-            count += n
-        suggestion = _clip(squares, options, count)
-    except RnnDiagError as exc:
-        return FileDiagnosis(str(path), fmt, FileStatus.ERROR, error=str(exc))
+def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | None,
+                     progress: Progress) -> FileDiagnosis:
+    path = raw.path
+    ckpt = checkpoint_of(raw)
+    specs = checkpoint_modules(ckpt, options.nonlinearity)
+    if not specs:
+        return FileDiagnosis(str(path), ckpt.format, FileStatus.SKIPPED,
+                             notes=ckpt.notes + (NO_RECURRENT,))
+    bad = nonfinite_weights(ckpt.tensors)
+    modules, squares, count = [], [], 0
+    for spec in specs:
+        progress(f"{path}: replaying {spec.name or '<root>'} ({spec.kind.value})")
+        diagnosis, sq, n = _diagnose_module(spec, ckpt, options, batch)
+        modules.append(diagnosis)
+        squares.append(sq)
+        count += n
+    suggestion = _clip(squares, options, count)
     first = modules[0]
-    info = BatchInfo(
-        source=batch.path if batch else "synthetic",
-        batch_size=first.batch_size,
-        seq_len=first.seq_len,
-        seed=None if batch else options.seed,
-    )
-    return FileDiagnosis(str(path), fmt, FileStatus.OK, tuple(modules), info, ckpt.notes,
-                         nonfinite_weights=bad, clip=suggestion)
+    info = BatchInfo(source=batch.path if batch else "synthetic", batch_size=first.batch_size,
+                     seq_len=first.seq_len, seed=None if batch else options.seed)
+    return FileDiagnosis(str(path), ckpt.format, FileStatus.OK, tuple(modules), info,
+                         ckpt.notes, nonfinite_weights=bad, clip=suggestion)
+
+
+def checkpoint_modules(ckpt: Checkpoint, nonlinearity: str | None) -> list[ModuleSpec]:
+    """The recurrent modules of a loaded checkpoint (the discovery chain of every mode)."""
+    return find_modules({k: tuple(t.shape) for k, t in ckpt.tensors.items()}, ckpt.metadata,
+                        nonlinearity)
+
+
+def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
+                progress: Progress) -> FileDiagnosis:
+    """--model: build the user's model, load this checkpoint into it strictly, diagnose it."""
+    assert options.model is not None
+    ckpt = checkpoint_of(raw)
+    dtype, device = DTYPES[options.dtype], resources.resolve_device(options.device)
+    # a model we built: converted in place, before loading, so float64 weights stay exact
+    model = build_model(options.model, options.model_kwargs).to(dtype)
+    load_strict(model, ckpt.tensors, str(raw.path))
+    model = model.to(device)
+    inputs = file_model_inputs(batch.tensors, batch.path, dtype).map(lambda x: x.to(device))
+    custom = load_callable(options.loss, "--loss") if options.loss else None
+    live = diagnose_live(model, inputs, custom, options.loss, options,
+                         lambda m: progress(f"{raw.path}: {m}"))
+    info = BatchInfo(batch.path, live.batch_size, live.modules[0].seq_len, None)
+    return FileDiagnosis(str(raw.path), ckpt.format, FileStatus.OK, live.modules, info,
+                         ckpt.notes, nonfinite_weights=nonfinite_weights(ckpt.tensors),
+                         clip=live.clip, loss=live.loss)
 
 
 def _clip(squares: list[list[float]], options: CheckOptions, count: int) -> ClipSuggestion:
@@ -140,14 +146,6 @@ def _clip(squares: list[list[float]], options: CheckOptions, count: int) -> Clip
     """
     total = [math.sqrt(sum(parts)) for parts in zip(*squares, strict=True)]
     return clip.suggest(total, options.clip_percentile, "recurrent", count)
-
-
-def find_modules(ckpt: Checkpoint, nonlinearity: str | None) -> list[ModuleSpec]:
-    shapes = {name: tuple(t.shape) for name, t in ckpt.tensors.items()}
-    return [
-        resolve_nonlinearity(attach_embedding(spec, shapes), ckpt.metadata, nonlinearity)
-        for spec in discover(shapes)
-    ]
 
 
 def module_params(spec: ModuleSpec, tensors: Mapping[str, Tensor], dtype: torch.dtype,

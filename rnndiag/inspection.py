@@ -12,83 +12,43 @@ from pathlib import Path
 
 import numpy as np
 
-from rnndiag import static, stfile
+from rnndiag import static
 from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
-from rnndiag.errors import RnnDiagError
-from rnndiag.files import LFS_NOTE, check_readable, is_lfs_pointer, sniff_format, unwrap_names
-from rnndiag.records import (
-    FileStatus,
-    InspectDiagnosis,
-    ModuleSpec,
-    NonFiniteTensor,
-    StaticModule,
-)
+from rnndiag.records import FileStatus, InspectDiagnosis, ModuleSpec, StaticModule
+from rnndiag.sources import RawFile, as_numpy, guarded, nonfinite
+
+NO_RECURRENT = "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file"
 
 Arrays = Mapping[str, np.ndarray]
+Shape = tuple[int, ...]
 
 
-def inspect_file(path: Path, nonlinearity: str | None = None) -> InspectDiagnosis:
-    fmt = "unknown"
-    try:
-        if path.is_file() and not is_lfs_pointer(path):
-            fmt = sniff_format(path)  # named in the report even when reading fails
-    except RnnDiagError:
-        pass
-    try:
-        fmt, arrays, metadata, notes = _read(path)
-    except _LfsPointer:
-        return InspectDiagnosis(str(path), "lfs-pointer", FileStatus.SKIPPED, notes=(LFS_NOTE,))
-    except RnnDiagError as exc:
-        return InspectDiagnosis(str(path), fmt, FileStatus.ERROR, error=str(exc))
-    try:
-        shapes = {name: tuple(a.shape) for name, a in arrays.items()}
-        specs = [resolve_nonlinearity(attach_embedding(s, shapes), metadata, nonlinearity)
-                 for s in discover(shapes)]
+def find_modules(shapes: Mapping[str, Shape], metadata: Mapping[str, str],
+                 nonlinearity: str | None) -> list[ModuleSpec]:
+    """The discovery chain of every mode: modules from key names and shapes, the embedding
+    that may feed each, and a plain RNN's nonlinearity (option > metadata > tanh)."""
+    return [resolve_nonlinearity(attach_embedding(spec, shapes), metadata, nonlinearity)
+            for spec in discover(shapes)]
+
+
+def inspect_file(path: Path, nonlinearity: str | None = None,
+                 debug: bool = False) -> InspectDiagnosis:
+    def work(raw: RawFile) -> InspectDiagnosis:
+        arrays = as_numpy(raw)
+        specs = find_modules({name: a.shape for name, a in arrays.items()}, raw.metadata,
+                             nonlinearity)
         bad = nonfinite(arrays)
         if not specs:
-            return InspectDiagnosis(str(path), fmt, FileStatus.SKIPPED, nonfinite_weights=bad,
-                                    notes=notes + ("no recurrent layer (nn.RNN/LSTM/GRU or "
-                                                   "their cells) in this file",))
+            return InspectDiagnosis(str(path), raw.format, FileStatus.SKIPPED,
+                                    nonfinite_weights=bad, notes=(NO_RECURRENT,))
         modules = tuple(static_module(s, arrays) for s in specs)
-    except RnnDiagError as exc:
-        return InspectDiagnosis(str(path), fmt, FileStatus.ERROR, error=str(exc))
-    return InspectDiagnosis(str(path), fmt, FileStatus.OK, modules, bad, notes)
+        return InspectDiagnosis(str(path), raw.format, FileStatus.OK, modules, bad)
 
+    def failed(fmt: str, status: FileStatus, error: str | None,
+               notes: tuple[str, ...]) -> InspectDiagnosis:
+        return InspectDiagnosis(str(path), fmt, status, notes=notes, error=error)
 
-def _read(path: Path) -> tuple[str, dict[str, np.ndarray], dict[str, str], tuple[str, ...]]:
-    """(format, name -> float64/native array with wrapper prefixes removed, metadata, notes)."""
-    check_readable(path)
-    if is_lfs_pointer(path):
-        raise _LfsPointer()
-    fmt = sniff_format(path)
-    if fmt == "safetensors":
-        header = stfile.read_header(path)
-        raw = {name: stfile.read_array(header, name) for name in header.tensors}
-        metadata = header.metadata
-    else:  # a torch pickle can only be read safely by torch itself
-        from rnndiag.checkpoint import read_tensors
-
-        _, tensors, metadata = read_tensors(path)
-        raw = {name: t.detach().float().double().numpy() if t.is_floating_point()
-               else t.numpy() for name, t in tensors.items()}
-    return fmt, unwrap_names(raw, path), metadata, ()
-
-
-class _LfsPointer(Exception):
-    pass
-
-
-def nonfinite(arrays: Arrays) -> tuple[NonFiniteTensor, ...]:
-    """Every floating-point tensor with NaN or Inf values, by name."""
-    out = []
-    for name in sorted(arrays):
-        a = arrays[name]
-        if a.dtype.kind != "f":
-            continue
-        nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
-        if nan or inf:
-            out.append(NonFiniteTensor(name, nan, inf))
-    return tuple(out)
+    return guarded(path, work, failed, debug)
 
 
 def static_module(spec: ModuleSpec, arrays: Arrays) -> StaticModule:

@@ -302,3 +302,4 @@ class CheckOptions:
     loss: str | None = None  # --loss package.module:callable
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     max_memory: int | None = None  # bytes; None: half of physical memory
+    debug: bool = False  # let a bug in rnndiag raise (for the traceback) instead of reporting it

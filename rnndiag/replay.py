@@ -5,11 +5,13 @@ t = 0..T-1, for `reverse` t = T-1..0; adjoints are stored by time index t either
 `dh[t]` is the total derivative dL/dh_t of the state produced while reading x_t, summed over
 every path: through later steps of the same direction and through the layer above.
 
-Two ways to capture them, both exact:
-- `replay` (checkpoint mode) registers a tensor hook on every h_t, c_t and pre-activation
-  while unrolling; one backward pass to the zero initial states fires each hook once with its
-  total gradient, written into a (T, B, .) buffer by time index. Nothing else is retained.
-- `adjoints` (user models) asks `torch.autograd.grad` for the gradient of every kept state.
+One capture mechanism for every mode (`Capture`): while unrolling, a tensor hook is registered
+on every h_t and c_t (and, for the clip norms of checkpoint mode, every pre-activation); each
+`Capture.backward(loss, roots)` runs one backward pass from the loss to the roots (the zero
+initial states, or the first states of a chain) and the hooks write each total gradient into
+fresh (T, B, .) buffers by time index. Buffers start untouched (not resident yet), so they
+fill while the backward pass frees the graph instead of adding to its peak. Several backward
+passes over one graph (a per-step loss and its final-step term) each get their own buffers.
 
 Objective when no task loss applies:
     L = 1/(2B) * sum_b sum_d ||h_final^{top,d}_b||^2,
@@ -19,8 +21,9 @@ t = 0 reverse). The initial state is zero, as in PyTorch's default.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -56,7 +59,7 @@ class DirectionStates:
     c: list[Tensor] | None  # T tensors (B, H), LSTM only
     sequence: Tensor | None  # (B, T, P): the h_t stacked, as the layer above reads them
     m: Tensor | None = None  # (T, B, H) a projected LSTM's unprojected outputs, detached
-    captured: StepAdjoints | None = None  # buffers the hooks fill (capture=True)
+    chain: Chain | None = None  # the hooks' bookkeeping when unrolled with a Capture
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,12 @@ def zero_states(spec: ModuleSpec, batch: int, like: Tensor) -> tuple[Tensor, Ten
 
 
 def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: Tensor,
-           c0: Tensor | None, capture: bool = False, top_output: bool = True) -> Unrolled:
+           c0: Tensor | None, capture: Capture | None = None, top_output: bool = True,
+           ) -> Unrolled:
     """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state;
-    with `capture`, hooks write every adjoint into buffers during the backward pass. Without
-    `top_output` the top layer's outputs are not stacked (saving a copy while the graph is
-    alive)."""
+    with a `capture`, every state is watched by its hooks (one chain per layer and direction).
+    Without `top_output` the top layer's outputs are not stacked (saving a copy while the
+    graph is alive)."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -132,13 +136,15 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
 
 def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                    direction: Direction, h: Tensor, c: Tensor | None,
-                   capture: bool, stack: bool = True) -> DirectionStates:
+                   capture: Capture | None, stack: bool = True) -> DirectionStates:
     """Unroll one layer and direction from (h, c); states kept by time index t."""
-    seq_len, batch = x.shape[1], x.shape[0]
+    seq_len = x.shape[1]
     # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
     # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
     xs = input_terms(x, w, spec.cell_type).unbind(dim=1)
-    buf = _buffers(spec, w, layer, direction, seq_len, batch, x) if capture else None
+    chain = capture.chain(layer, direction) if capture is not None else None
+    pre = chain is not None and capture is not None and capture.pre \
+        and spec.cell_type is not CellType.RNN  # a plain RNN's is dh * phi'(a), from dh and h
     hs: list[Any] = [None] * seq_len
     cs: list[Any] | None = [None] * seq_len if c is not None else None
     ms: list[Any] | None = [None] * seq_len if w.w_hr is not None else None
@@ -151,92 +157,100 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
             cs[t] = c
         if ms is not None:
             ms[t] = out.m
-        if buf is not None:
-            _hook(h, buf.dh, t)
-            _hook(out.pre, buf.dpre, t)
-            if c is not None and buf.dc is not None:
-                _hook(c, buf.dc, t)
-            if out.n_pre is not None and buf.dxn is not None:
-                _hook(out.n_pre, buf.dxn, t)
+        if chain is not None:
+            chain.watch("dh", t, h)
+            if c is not None:
+                chain.watch("dc", t, c)
+            if pre:
+                chain.watch("dpre", t, out.pre)
+                if out.n_pre is not None:
+                    chain.watch("dxn", t, out.n_pre)
     m = torch.stack(ms).detach() if ms is not None else None
     sequence = torch.stack(hs, dim=1) if stack else None
-    return DirectionStates(layer, direction, hs, cs, sequence, m, buf)
+    return DirectionStates(layer, direction, hs, cs, sequence, m, chain)
 
 
-def _buffers(spec: ModuleSpec, w: LayerWeights, layer: int, direction: Direction,
-             seq_len: int, batch: int, like: Tensor) -> StepAdjoints:
-    """Uninitialised buffers, filled row by row by the hooks (`_written` tracks the rows; the
-    rest are zeroed after the backward pass). Untouched memory is not resident yet, so the
-    buffers grow while the backward pass frees the graph instead of adding to its peak."""
-    def zeros(width: int) -> Tensor:
-        buffer = like.new_empty(seq_len, batch, width)
-        _written[id(buffer)] = [False] * seq_len
-        return buffer
-
-    lstm, gru = spec.cell_type is CellType.LSTM, spec.cell_type is CellType.GRU
-    # a plain RNN's pre-activation adjoint is dh * phi'(a), recoverable from dh and h later
-    dpre = None if spec.cell_type is CellType.RNN else zeros(w.w_hh.shape[0])
-    return StepAdjoints(layer, direction, zeros(spec.output_size),
-                        zeros(spec.hidden_size) if lstm else None, dpre,
-                        zeros(spec.hidden_size) if gru else None)
+SLOTS = ("dh", "dc", "dpre", "dxn")  # the StepAdjoints fields a chain may capture
 
 
-def _hook(tensor: Tensor, buffer: Tensor | None, t: int) -> None:
-    if buffer is not None and tensor.requires_grad:
-        tensor.register_hook(_writer(buffer, t))
+class Chain:
+    """One layer and direction's watched states, by time index t.
+
+    `watch` registers a hook on a state; during a backward pass opened by `Capture`, the hook
+    copies the state's total gradient into row t of that pass's buffer for its slot.
+    """
+
+    def __init__(self, layer: int, direction: Direction) -> None:
+        self.layer, self.direction = layer, direction
+        self.steps = 0  # T: one more than the largest t watched
+        self._like: dict[str, tuple[Tensor, tuple[int, ...]]] = {}  # slot -> (empty, (B, W))
+        self._buffers: dict[str, Tensor] = {}  # slot -> (T, B, W), while a pass is open
+        self._written: dict[str, list[bool]] = {}
+
+    def watch(self, slot: str, t: int, tensor: Tensor) -> None:
+        self.steps = max(self.steps, t + 1)
+        if slot not in self._like:  # dtype, device and shape only: no graph kept alive
+            self._like[slot] = (tensor.new_empty(0), tuple(tensor.shape))
+        if tensor.requires_grad:
+            tensor.register_hook(partial(self._write, slot, t))
+
+    def _write(self, slot: str, t: int, grad: Tensor) -> None:
+        buffer = self._buffers.get(slot)
+        if buffer is not None:
+            buffer[t].copy_(grad)
+            self._written[slot][t] = True
+
+    def open(self) -> None:
+        """Fresh, untouched buffers for one backward pass."""
+        for slot, (like, shape) in self._like.items():
+            self._buffers[slot] = like.new_empty(self.steps, *shape)
+            self._written[slot] = [False] * self.steps
+
+    def close(self) -> StepAdjoints:
+        """Zero the rows no gradient reached (no path to L: gradient zero); hand them out."""
+        for slot, buffer in self._buffers.items():
+            for t, done in enumerate(self._written[slot]):
+                if not done:
+                    buffer[t].zero_()
+        found = {slot: self._buffers.get(slot) for slot in SLOTS}
+        self._buffers, self._written = {}, {}
+        dh = found["dh"]
+        assert dh is not None  # every chain watches its states
+        return StepAdjoints(self.layer, self.direction, dh, found["dc"], found["dpre"],
+                            found["dxn"])
 
 
-_written: dict[int, list[bool]] = {}  # id(buffer) -> rows written, while a replay runs
+class Capture:
+    """The hooks of every chain of one forward pass; `backward` returns their adjoints."""
 
+    def __init__(self, pre: bool = False) -> None:
+        self.pre = pre  # also watch pre-activations (the clip norms of checkpoint mode)
+        self.chains: list[Chain] = []
 
-def _writer(buffer: Tensor, t: int) -> Callable[[Tensor], None]:
-    rows = _written[id(buffer)]
+    def chain(self, layer: int, direction: Direction) -> Chain:
+        self.chains.append(Chain(layer, direction))
+        return self.chains[-1]
 
-    def write(grad: Tensor) -> None:
-        buffer[t].copy_(grad)
-        rows[t] = True
-    return write
+    def backward(self, loss: Tensor, roots: Sequence[Tensor], chains: Sequence[Chain],
+                 retain_graph: bool = False) -> tuple[StepAdjoints, ...]:
+        """One backward pass from `loss` to `roots`; the adjoints of `chains`, in order.
 
-
-def _finish(buffers: StepAdjoints) -> None:
-    """Zero the rows no gradient reached (a state with no path to L has gradient zero)."""
-    for buffer in (buffers.dh, buffers.dc, buffers.dpre, buffers.dxn):
-        if buffer is None:
-            continue
-        for t, done in enumerate(_written.pop(id(buffer), [])):
-            if not done:
-                buffer[t].zero_()
+        Every watched state between the loss and a root fires its hook once with its total
+        gradient dL/dh_t, summed over every path (a state passed as a root too).
+        """
+        for c in chains:
+            c.open()
+        try:
+            torch.autograd.grad(loss, list(roots), allow_unused=True,
+                                retain_graph=retain_graph)
+        finally:
+            found = tuple(c.close() for c in chains)
+        return found
 
 
 def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
     """L = 1/(2B) * sum over the given final states of ||h||^2."""
     return sum((h.pow(2).sum() for h in finals), finals[0].new_zeros(())) / (2 * batch)
-
-
-def adjoints(loss: Tensor, states: Sequence[DirectionStates], retain_graph: bool = False,
-             ) -> tuple[StepAdjoints, ...]:
-    """dL/dh_t (and dL/dc_t) of every kept state: one backward pass for all of them."""
-    flat: list[Tensor] = []
-    for s in states:
-        flat.extend(s.h)
-        flat.extend(s.c or [])
-    grads = torch.autograd.grad(loss, flat, allow_unused=True, retain_graph=retain_graph)
-    out, i = [], 0
-    for s in states:
-        dh = _stack(grads[i:i + len(s.h)], s.h)
-        i += len(s.h)
-        dc = None
-        if s.c is not None:
-            dc = _stack(grads[i:i + len(s.c)], s.c)
-            i += len(s.c)
-        out.append(StepAdjoints(s.layer, s.direction, dh, dc))
-    return tuple(out)
-
-
-def _stack(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
-    """Unused states (no path to L) have a zero gradient."""
-    return torch.stack([g if g is not None else torch.zeros_like(t)
-                        for g, t in zip(grads, like, strict=True)]).detach()
 
 
 def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> ReplayResult:
@@ -248,14 +262,10 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> Re
     """
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
-    run = unroll(spec, params, inputs, h0, c0, capture=True, top_output=False)
+    capture = Capture(pre=True)
+    run = unroll(spec, params, inputs, h0, c0, capture=capture, top_output=False)
     loss = objective(run.finals(spec), batch)
-    try:
-        torch.autograd.grad(loss, [h0] if c0 is None else [h0, c0])
-    finally:
-        found = tuple(s.captured for s in run.states if s.captured is not None)
-        for buffers in found:
-            _finish(buffers)
+    found = capture.backward(loss, [h0] if c0 is None else [h0, c0], capture.chains)
     kept = tuple((torch.stack([h.detach() for h in s.h]), s.m) for s in run.states)
     top = kept[-len(spec.directions):]
     output = torch.cat([h for h, _ in top], dim=2).transpose(0, 1)

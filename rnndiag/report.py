@@ -51,6 +51,16 @@ def safe(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
+def to_plain_text(renderable: RenderableType, width: int = 100) -> str:
+    """The renderable as plain text at `width` columns: what `--output` writes."""
+    import io
+
+    console = Console(record=True, highlight=False, width=width, file=io.StringIO(),
+                      force_terminal=True, color_system="truecolor")
+    console.print(renderable)
+    return console.export_text(clear=False, styles=False)
+
+
 def fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "-"

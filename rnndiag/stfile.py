@@ -28,6 +28,10 @@ NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", 
          "I16": "<i2", "I8": "i1", "U8": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8",
          "BOOL": "?", "C64": "<c8"}
 FLOATS = ("F64", "F32", "F16", "BF16")
+DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+               "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+               "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "C64": "complex64"}
 
 
 @dataclass(frozen=True)
@@ -147,3 +151,19 @@ def read_array(header: Header, name: str) -> np.ndarray:
     if t.dtype in FLOATS:
         return mm.astype(np.float64).reshape(t.shape)
     return np.array(mm).reshape(t.shape)
+
+
+def read_native(header: Header, name: str) -> np.ndarray:
+    """The tensor in its stored type (bfloat16 as float32, exactly), as a writable array."""
+    t = header.tensors[name]
+    if t.dtype not in NUMPY:
+        raise CheckpointError(f"{header.path}: tensor {name!r} has dtype "
+                              f"{DTYPE_NAMES.get(t.dtype, t.dtype)}, which rnndiag cannot read")
+    count = math.prod(t.shape)
+    if count == 0:
+        return np.zeros(t.shape, dtype=np.float32 if t.dtype == "BF16" else NUMPY[t.dtype])
+    mm = np.memmap(header.path, dtype=np.dtype(NUMPY[t.dtype]), mode="r",
+                   offset=header.data_start + t.begin, shape=(count,))
+    if t.dtype == "BF16":  # bfloat16 is the upper half of a float32
+        return (mm.astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+    return np.array(mm, dtype=mm.dtype.newbyteorder("=")).reshape(t.shape)

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from rnndiag.errors import ArchitectureError, BatchError, OptionError, RnnDiagError
 from rnndiag.records import Direction, ModuleKind, ModuleSpec
-from rnndiag.replay import DirectionStates, Unrolled, unroll, zero_states
+from rnndiag.replay import Capture, Chain, DirectionStates, Unrolled, unroll, zero_states
 
 STACKED: dict[type[nn.Module], ModuleKind] = {nn.RNN: ModuleKind.RNN, nn.LSTM: ModuleKind.LSTM,
                                               nn.GRU: ModuleKind.GRU}
@@ -45,7 +45,7 @@ def load_callable(target: str, option: str = "--model") -> Callable[..., Any]:
         sys.path.insert(0, cwd)
     try:
         obj: Any = importlib.import_module(module_name)
-    except Exception as exc:  # the user's import may fail in any way
+    except (Exception, SystemExit) as exc:  # the user's import may fail in any way
         raise OptionError(f"{option} {target}: cannot import {module_name!r} "
                           f"({type(exc).__name__}: {_line(exc)})") from None
     for part in attr.split("."):
@@ -74,7 +74,7 @@ def build_model(target: str, kwargs_json: str | None) -> nn.Module:
             raise OptionError("--model-kwargs must be a JSON object of keyword arguments")
     try:
         model = factory(**kwargs)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # sys.exit() in user code is not rnndiag's exit
         raise OptionError(f"--model {target}: calling it failed ({type(exc).__name__}: "
                           f"{_line(exc)})") from None
     if not isinstance(model, nn.Module):
@@ -121,47 +121,85 @@ def recurrent_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if type(m) in STACKED or type(m) in CELLS]
 
 
+@dataclass(frozen=True)
+class Sequence_:
+    """One recorded sequence of one recurrent module: its states and the roots that a backward
+    pass must reach for every state's hook to fire."""
+
+    name: str  # display name: the module's, `name#2` for its second sequence, ...
+    spec: ModuleSpec
+    module: nn.Module
+    states: tuple[DirectionStates, ...]
+    roots: tuple[Tensor, ...]
+
+
+@dataclass
+class _CellChain:
+    """A cell's run of calls where each call continued from the state the last one made."""
+
+    chain: Chain
+    h: list[Tensor] = field(default_factory=list)
+    c: list[Tensor] = field(default_factory=list)
+
+
 @dataclass
 class Record:
     """What one recurrent module did during the forward pass."""
 
     name: str
     spec: ModuleSpec
-    calls: list[Unrolled] = field(default_factory=list)  # stacked modules: one per call
-    cell_h: list[Tensor] = field(default_factory=list)  # cells: one state per call (= step)
-    cell_c: list[Tensor] = field(default_factory=list)
+    module: nn.Module
+    calls: list[tuple[Unrolled, tuple[Tensor, ...]]] = field(default_factory=list)
+    chains: list[_CellChain] = field(default_factory=list)  # cells only
 
-    def states(self) -> list[tuple[str, tuple[DirectionStates, ...]]]:
-        """(display name, states) per recorded sequence."""
-        if self.spec.kind.is_cell:
-            if not self.cell_h:
-                return []
-            c = self.cell_c or None
-            states = DirectionStates(0, Direction.FORWARD, self.cell_h, c,
-                                     torch.stack(self.cell_h, dim=1))
-            return [(self.name, (states,))]
-        names = [self.name] + [f"{self.name}#{i + 1}" for i in range(1, len(self.calls))]
-        return [(n, u.states) for n, u in zip(names, self.calls, strict=True)]
+    def sequences(self) -> list[Sequence_]:
+        """Every recorded sequence, in call order."""
+        found: list[tuple[tuple[DirectionStates, ...], tuple[Tensor, ...]]] = [
+            (run.states, roots) for run, roots in self.calls]
+        for cc in self.chains:
+            c = cc.c or None
+            states = DirectionStates(0, Direction.FORWARD, cc.h, c, torch.stack(cc.h, dim=1),
+                                     chain=cc.chain)
+            roots = tuple(x for x in (cc.h[0], *(cc.c[:1])) if x.requires_grad)
+            found.append(((states,), roots))
+        names = [self.name] + [f"{self.name}#{i + 1}" for i in range(1, len(found))]
+        return [Sequence_(n, self.spec, self.module, states, roots)
+                for n, (states, roots) in zip(names, found, strict=True)]
+
+
+@dataclass
+class Recording:
+    """Every recurrent module's record and the one Capture whose hooks watch their states."""
+
+    capture: Capture
+    records: list[Record]
+
+    def sequences(self) -> list[Sequence_]:
+        return [seq for rec in self.records for seq in rec.sequences()]
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module) -> Iterator[list[Record]]:
-    """Replay stacked modules step by step and record cell calls while the block runs."""
-    records = [Record(name, spec_of(name, m)) for name, m in recurrent_modules(model)]
-    modules = dict(recurrent_modules(model))
+def capture(model: nn.Module) -> Iterator[Recording]:
+    """Replay stacked modules step by step and record cell calls while the block runs.
+
+    The model is left as it was: forwards, hooks, every module's train/eval flag and the
+    tensors it keeps as plain attributes (a stateful model's `self.hidden`) are restored.
+    """
+    recording = Recording(Capture(), [Record(name, spec_of(name, m), m)
+                                      for name, m in recurrent_modules(model)])
     modes = {m: m.training for m in model.modules()}
     handles = []
     patched = []
     try:
         model.eval()
-        for rec in records:
-            module = modules[rec.name]
+        for rec in recording.records:
             if rec.spec.kind.is_cell:
-                handles.append(module.register_forward_hook(_cell_hook(rec)))
+                handles.append(rec.module.register_forward_hook(
+                    _cell_hook(rec, recording.capture), with_kwargs=True))
             else:
-                module.forward = _replay_forward(module, rec)
-                patched.append(module)
-        yield records
+                rec.module.forward = _replay_forward(rec, recording.capture)
+                patched.append(rec.module)
+        yield recording
     finally:
         for module in patched:
             del module.forward
@@ -171,37 +209,78 @@ def capture(model: nn.Module) -> Iterator[list[Record]]:
             m.training = training
 
 
-def _cell_hook(rec: Record) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
+def _tensor_attributes(model: nn.Module) -> dict[tuple[nn.Module, str], Any]:
+    """Plain attributes holding tensors (not parameters or buffers), or None (a stateful
+    model's `self.hidden = None` before its first call)."""
+    return {(m, k): v for m in model.modules() for k, v in vars(m).items()
+            if not k.startswith("_") and (v is None or isinstance(v, Tensor) or (
+                isinstance(v, tuple | list) and any(isinstance(x, Tensor) for x in v)))}
+
+
+def _cell_hook(rec: Record, cap: Capture) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         h, c = (output if isinstance(output, tuple) else (output, None))
         if h.dim() != 2:
             raise BatchError(f"{rec.name}: rnndiag records batched cell calls (B, H) only, got "
                              f"shape {tuple(h.shape)}")
-        rec.cell_h.append(h)
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        h_in = hx[0] if isinstance(hx, tuple | list) else hx
+        if not rec.chains or not _continues(h_in, rec.chains[-1].h[-1]):
+            rec.chains.append(_CellChain(cap.chain(0, Direction.FORWARD)))
+        cc = rec.chains[-1]
+        t = len(cc.h)
+        cc.h.append(h)
+        cc.chain.watch("dh", t, h)
         if c is not None:
-            rec.cell_c.append(c)
+            cc.c.append(c)
+            cc.chain.watch("dc", t, c)
     return hook
 
 
-def _replay_forward(module: nn.Module, rec: Record) -> Callable[..., Any]:
-    m: Any = module
+def _continues(h_in: Tensor | None, last: Tensor, depth: int = 6) -> bool:
+    """Whether a cell call continues from the state the last call made: that very tensor, or
+    one computed from it within a few operations (dropout, a mask, a residual). A state the
+    cell did not produce (zeros, an encoder's output) starts a new sequence."""
+    if h_in is None:
+        return False
+    if h_in is last:
+        return True
+    target, frontier = last.grad_fn, [h_in.grad_fn]
+    if target is None:
+        return False
+    for _ in range(depth):
+        nxt: list[Any] = []
+        for node in frontier:
+            if node is target:
+                return True
+            if node is not None:
+                nxt.extend(fn for fn, _ in node.next_functions)
+        frontier = nxt[:64]
+    return any(node is target for node in frontier)
+
+
+def _replay_forward(rec: Record, cap: Capture) -> Callable[..., Any]:
+    m: Any = rec.module
     spec = rec.spec
 
-    def forward(inputs: Any, hx: Any = None) -> Any:
-        if isinstance(inputs, PackedSequence):
+    def forward(input: Any, hx: Any = None) -> Any:  # nn.RNN.forward's own names
+        if isinstance(input, PackedSequence):
             raise BatchError(f"{rec.name}: packed sequences are not supported; pass the padded "
                              "tensor (the diagnosis then includes the padding steps)")
-        unbatched = inputs.dim() == 2
-        x = inputs.unsqueeze(0) if unbatched else (inputs if m.batch_first
-                                                   else inputs.transpose(0, 1))
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(0) if unbatched else (input if m.batch_first
+                                                  else input.transpose(0, 1))
+        # zero leaves: the roots every state's hook lies on the way to; a given state is
+        # added to them, so its value is unchanged and its own gradient still flows
         h0, c0 = zero_states(spec, x.shape[0], x)
+        roots = (h0,) if c0 is None else (h0, c0)
         if hx is not None:
             h_given, c_given = hx if isinstance(hx, tuple) else (hx, None)
-            h0 = h_given.unsqueeze(1) if unbatched else h_given
-            if c_given is not None:
-                c0 = c_given.unsqueeze(1) if unbatched else c_given
-        run = unroll(spec, dict(module.named_parameters()), x, h0, c0)
-        rec.calls.append(run)
+            h0 = h0 + (h_given.unsqueeze(1) if unbatched else h_given)
+            if c_given is not None and c0 is not None:
+                c0 = c0 + (c_given.unsqueeze(1) if unbatched else c_given)
+        run = unroll(spec, dict(m.named_parameters()), x, h0, c0, capture=cap)
+        rec.calls.append((run, roots))
         out = run.output
         assert out is not None  # unrolled with top_output=True
         h_n, c_n = run.h_n, run.c_n
@@ -215,24 +294,30 @@ def _replay_forward(module: nn.Module, rec: Record) -> Callable[..., Any]:
     return forward
 
 
-def final_states(records: list[Record]) -> list[Tensor]:
+def final_states(recording: Recording) -> list[Tensor]:
     """h_final of every recorded sequence (top layer, each direction): for the objective."""
     out: list[Tensor] = []
-    for rec in records:
-        if rec.spec.kind.is_cell:
-            out.extend(rec.cell_h[-1:])
-        for run in rec.calls:
+    for rec in recording.records:
+        out.extend(cc.h[-1] for cc in rec.chains)
+        for run, _ in rec.calls:
             out.extend(run.finals(rec.spec))
     return out
 
 
-def call_model(model: nn.Module, inputs: Tensor) -> Any:
+def call_model(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`model(*args, **kwargs)`; the model's own complaint about the batch in one line.
+
+    Every call starts from the model's state as it was: tensors a stateful model keeps as
+    attributes (`self.hidden`) are put back afterwards, so one call never feeds the next.
+    """
+    kept = _tensor_attributes(model)
     try:
-        return model(inputs)
+        return model(*args, **kwargs)
     except RnnDiagError:
         raise
-    except Exception as exc:  # the model's own complaint about the batch, one line
+    except (Exception, SystemExit) as exc:  # sys.exit() in user code is not rnndiag's exit
         raise BatchError(f"the model rejected the batch: {type(exc).__name__}: "
                          f"{_line(exc)}") from None
-
-
+    finally:
+        for (m, key), value in kept.items():
+            setattr(m, key, value)

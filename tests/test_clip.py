@@ -83,7 +83,7 @@ CELL_CASES = {
 def test_fast_norms_equal_fused_autograd(tmp_path: Path, kind: str) -> None:
     """The adjoint-derived norms vs autograd on rnndiag.fused's modules (cells: unrolled)."""
     from rnndiag.checkpoint import load_checkpoint
-    from rnndiag.diagnose import find_modules
+    from rnndiag.diagnose import checkpoint_modules
     from tests import fused_oracle as fused
 
     torch.manual_seed(1)
@@ -94,7 +94,7 @@ def test_fast_norms_equal_fused_autograd(tmp_path: Path, kind: str) -> None:
     save_file({"inputs": x}, batch)
     [f] = diagnose_files([path], CheckOptions(batch_path=str(batch), dtype="float64",
                                               clip_batches=3))
-    [spec] = find_modules(load_checkpoint(path), None)
+    [spec] = checkpoint_modules(load_checkpoint(path), None)
     params = {k.removeprefix("m."): v for k, v in module.state_dict().items()}
     built = fused.build(spec, params)
     want = clip.minibatch_norms(lambda rows: fused.objective_on(spec, built, x[rows]),

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rnndiag.checkpoint import load_checkpoint
-from rnndiag.diagnose import find_modules
+from rnndiag.diagnose import checkpoint_modules
 from rnndiag.errors import CheckpointError
 from rnndiag.records import ModuleKind
 
@@ -50,7 +50,7 @@ CONTAINERS: dict[str, Any] = {
 def test_torch_containers_and_prefixes(tmp_path: Path, layout: str) -> None:
     path = tmp_path / "ckpt.pt"
     torch.save(CONTAINERS[layout](), path)
-    specs = {s.name: s for s in find_modules(load_checkpoint(path), None)}
+    specs = {s.name: s for s in checkpoint_modules(load_checkpoint(path), None)}
     assert sorted(specs) == ["decoder", "encoder.rnn", "lstm"]
     gru, cell, lstm = specs["encoder.rnn"], specs["decoder"], specs["lstm"]
     assert (gru.kind, gru.input_size, gru.hidden_size, gru.num_layers, gru.bidirectional,
@@ -64,9 +64,9 @@ def test_safetensors_with_metadata(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     save_file({f"net.rnn.{k}": v.contiguous() for k, v in rnn.state_dict().items()}, path,
               metadata={"rnndiag.nonlinearity.net.rnn": "relu"})
-    [spec] = find_modules(load_checkpoint(path), None)
+    [spec] = checkpoint_modules(load_checkpoint(path), None)
     assert (spec.name, spec.nonlinearity) == ("net.rnn", "relu")
-    [spec] = find_modules(load_checkpoint(path), "tanh")  # the option wins
+    [spec] = checkpoint_modules(load_checkpoint(path), "tanh")  # the option wins
     assert spec.nonlinearity == "tanh"
 
 

@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from rnndiag.batch import BatchFile
+from rnndiag import check_model
 from rnndiag.cli import main
-from rnndiag.modelcheck import diagnose_model_file
-from rnndiag.records import CheckOptions, FileDiagnosis
+from rnndiag.records import FileDiagnosis
 from rnndiag.usermodel import capture
 from tests.conftest import ROOT
 
@@ -51,18 +50,8 @@ def _norms(grads: list[Tensor]) -> list[float]:
 
 def _run(model: nn.Module, inputs: Tensor, targets: Tensor | None, tmp_path: Path,
          ) -> FileDiagnosis:
-    path = tmp_path / "m.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    tensors = {"inputs": inputs} | ({"targets": targets} if targets is not None else {})
-    options = CheckOptions(model="x:y", dtype="float64", clip_batches=3)
-    import rnndiag.modelcheck as mc
-
-    orig = mc.build_model
-    mc.build_model = lambda target, kwargs: type(model)()  # a fresh instance, like the CLI
-    try:
-        return diagnose_model_file(path, options, BatchFile("batch", tensors), lambda m: None)
-    finally:
-        mc.build_model = orig
+    """The live-model API on a float64 model, with the CLI's three clip mini-batches."""
+    return check_model(model, inputs, targets, dtype="float64", clip_batches=3).files[0]
 
 
 def _gru_unrolled(gru: nn.GRU, x: Tensor) -> tuple[Tensor, dict[tuple[int, str], list[Tensor]]]:
@@ -166,9 +155,9 @@ def test_model_is_untouched(tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     modes = {name: m.training for name, m in model.named_modules()}
     tokens = torch.randint(0, 20, (B, T))
-    with capture(model) as records:
+    with capture(model) as recording:
         model(tokens).sum().backward()
-    assert records[0].calls
+    assert recording.records[0].calls
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert "forward" not in vars(model.rnn) and not model.rnn._forward_hooks

@@ -1,0 +1,128 @@
+"""Reading any input file: one guard, one reader per format, one NaN/Inf scan. Torch-free
+(the torch reader imports torch when a torch file is read).
+
+`read(path)` is the single way in for checkpoints (check, --model, inspect) and batch files:
+it checks the file is readable, skips Git LFS pointers (`Skipped`), sniffs the format from the
+content, reads the tensors with that format's reader (`READERS`) and removes wrapper prefixes
+(`module.`, `_orig_mod.`). `guarded` turns whatever goes wrong with one file into that file's
+record, so one bad file never hides the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from rnndiag import stfile
+from rnndiag.errors import CheckpointError, RnnDiagError
+from rnndiag.files import LFS_NOTE, check_readable, is_lfs_pointer, sniff_format, unwrap_names
+from rnndiag.records import FileStatus, NonFiniteTensor
+
+T = TypeVar("T")
+Reader = Callable[[Path], tuple[dict[str, Any], dict[str, str], dict[str, str]]]  # arrays,
+#   metadata, stored dtypes
+
+
+class Skipped(CheckpointError):
+    """The file is skipped with a note (a Git LFS pointer), not failed; to a caller that reads
+    one file directly, it is a file that holds no checkpoint."""
+
+    def __init__(self, path: Path, format: str, note: str) -> None:  # noqa: A002
+        super().__init__(f"{path}: {note}")
+        self.format, self.note = format, note
+
+
+@dataclass(frozen=True)
+class RawFile:
+    """A file's tensors as its format's reader gives them (numpy arrays for safetensors, torch
+    tensors for torch files), under names without wrapper prefixes, with their dtypes."""
+
+    path: Path
+    format: str  # "safetensors" | "torch"
+    arrays: dict[str, Any]
+    metadata: dict[str, str]
+    dtypes: dict[str, str]  # name -> the stored dtype ("float16", "bfloat16", "float32", ...)
+
+
+def guard(path: Path) -> str:
+    """The file's format, after the checks every input goes through first."""
+    check_readable(path)
+    if is_lfs_pointer(path):
+        raise Skipped(path, "lfs-pointer", LFS_NOTE)
+    return sniff_format(path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    header = stfile.read_header(path)
+    arrays = {name: stfile.read_native(header, name) for name in header.tensors}
+    dtypes = {name: stfile.DTYPE_NAMES.get(t.dtype, t.dtype) for name, t in
+              header.tensors.items()}
+    return arrays, header.metadata, dtypes
+
+
+def _read_torch(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    from rnndiag.checkpoint import torch_tensors  # a pickle is read safely only by torch
+
+    tensors = torch_tensors(path)
+    return tensors, {}, {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
+
+
+READERS: dict[str, Reader] = {"safetensors": _read_safetensors, "torch": _read_torch}
+
+
+def read(path: Path) -> RawFile:
+    fmt = guard(path)
+    arrays, metadata, dtypes = READERS[fmt](path)
+    return RawFile(path, fmt, unwrap_names(arrays, path), metadata, unwrap_names(dtypes, path))
+
+
+def as_numpy(raw: RawFile) -> dict[str, np.ndarray]:
+    """Every tensor as a numpy array: floats in float64, others in their own type."""
+    out = {}
+    for name, x in raw.arrays.items():
+        if not isinstance(x, np.ndarray):  # a torch tensor
+            x = x.detach().float().double().numpy() if x.is_floating_point() else x.numpy()
+        out[name] = x.astype(np.float64) if x.dtype.kind == "f" else x
+    return out
+
+
+def nonfinite(arrays: Mapping[str, Any]) -> tuple[NonFiniteTensor, ...]:
+    """Every floating-point tensor holding NaN or Inf, with counts, by name (numpy arrays, or
+    anything `np.asarray` views without a copy, such as CPU torch tensors)."""
+    out = []
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        if a.dtype.kind != "f" or a.size == 0:
+            continue
+        finite = np.isfinite(a)
+        if finite.all():
+            continue
+        nan = int(np.isnan(a).sum())
+        out.append(NonFiniteTensor(name, nan, int(a.size - finite.sum()) - nan))
+    return tuple(out)
+
+
+def guarded(path: Path, work: Callable[[RawFile], T],
+            failed: Callable[[str, FileStatus, str | None, tuple[str, ...]], T],
+            debug: bool = False) -> T:
+    """`work(read(path))`, or `failed(format, status, error, notes)` for a skipped or unusable
+    file. A bug in rnndiag is that file's error too (`internal error: ...`); `debug` lets it
+    raise instead, for the traceback."""
+    fmt = "unknown"
+    try:
+        fmt = guard(path)
+        return work(read(path))
+    except Skipped as skip:
+        return failed(skip.format, FileStatus.SKIPPED, None, (skip.note,))
+    except RnnDiagError as exc:
+        return failed(fmt, FileStatus.ERROR, str(exc), ())
+    except Exception as exc:
+        if debug:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        return failed(fmt, FileStatus.ERROR, f"{path}: internal error: "
+                      f"{type(exc).__name__}: {text}", ())
