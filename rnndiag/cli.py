@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from rnndiag.records import CheckOptions, FileDiagnosis, InspectDiagnosis
 
 EXIT_HELP = """Exit codes: 0 nothing selected by --fail-on (healthy or skipped files);
-1 a layer is vanishing or exploding (as selected by --fail-on); 2 unusable input, unsafe
+1 an error-level finding selected by --fail-on (a vanishing or exploding span, NaN/Inf
+gradients or weights); 2 unusable input, unsafe
 checkpoint, bad options or internal error (takes precedence)."""
 
 app = typer.Typer(
@@ -113,7 +114,8 @@ def check(
         help="Refuse a replay estimated above this (e.g. 8G); default half of the RAM.")
     ] = None,
     fail_on: Annotated[FailOn, typer.Option(
-        help="Verdicts that make the exit code 1.")] = FailOn.ANY,
+        help="Which error findings make the exit code 1: vanishing (RD001), exploding "
+        "(RD002, RD003, RD007), any, never.")] = FailOn.ANY,
     output_format: Annotated[Format, typer.Option(
         "--format", help="text for people, json for pipelines, sarif for code scanning.")
     ] = Format.TEXT,

@@ -10,23 +10,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from rnndiag._version import __version__
-from rnndiag.findings import Finding, Level, Rule, findings
+from rnndiag.findings import RULES, Finding, Level, findings
 from rnndiag.records import FileDiagnosis
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
-RULE_HELP = {
-    Rule.VANISHING_SPAN: "The gradient reaching these steps is below the vanishing threshold.",
-    Rule.EXPLODING_SPAN: "The gradient reaching these steps is above the exploding threshold.",
-    Rule.NONFINITE_GRADIENT: "The gradient becomes NaN/Inf during backpropagation through time.",
-    Rule.PASCANU_VANISHING: "sigma_max(W_hh) < 1/gamma: gradients must vanish over long spans.",
-    Rule.FORGET_BIAS_LOW: "A low LSTM forget-gate bias with a vanishing gradient.",
-    Rule.SHORT_HORIZON: "Steps back until the gradient drops below the vanishing threshold.",
-    Rule.NONFINITE_WEIGHTS: "A weight tensor holds NaN or Inf values.",
-}
 
 
 def document(files: Sequence[FileDiagnosis]) -> dict[str, Any]:
-    rules = list(Rule)
+    """Build one SARIF run: the rule table as the driver's rules, a result per finding."""
+    rules = list(RULES)
     return {
         "$schema": SARIF_SCHEMA,
         "version": "2.1.0",
@@ -34,8 +26,8 @@ def document(files: Sequence[FileDiagnosis]) -> dict[str, Any]:
             "tool": {"driver": {
                 "name": "rnndiag", "version": __version__,
                 "informationUri": "https://github.com/rnndiag/rnndiag",
-                "rules": [{"id": r.value, "name": r.slug,
-                           "shortDescription": {"text": RULE_HELP[r]}} for r in rules],
+                "rules": [{"id": i.id, "name": i.name, "shortDescription": {"text": i.help}}
+                          for i in RULES.values()],
             }},
             "results": [_result(x, rules.index(x.rule)) for f in files for x in findings(f)]
             + [_error(f) for f in files if f.error],
