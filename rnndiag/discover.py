@@ -3,7 +3,9 @@
 nn.RNN/LSTM/GRU store `weight_ih_l{k}[_reverse]`, `weight_hh_l{k}[_reverse]`, optional biases
 and, for projected LSTMs, `weight_hr_l{k}`. The cells store `weight_ih`, `weight_hh`, biases.
 With P = proj_size or hidden_size: W_ih (G*H, I_k), W_hh (G*H, P), W_hr (P, H), b (G*H,),
-where the gate multiple G is 1 (RNN), 4 (LSTM) or 3 (GRU).
+where the gate multiple G names the cell kind: 1 (RNN), 4 (LSTM) or 3 (GRU). The base names,
+shapes, gate multiples and which kinds may be projected come from the cell units
+(rnndiag.cells), so a new kind is found once it is registered.
 """
 
 from __future__ import annotations
@@ -12,22 +14,14 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cache
 
+from rnndiag import cells
+from rnndiag.cells import CellUnit
 from rnndiag.errors import ArchitectureError
-from rnndiag.records import ModuleKind, ModuleSpec
+from rnndiag.records import ModuleSpec
 
 Shape = tuple[int, ...]
-
-_STACKED = re.compile(
-    r"^(?:(?P<prefix>.+)\.)?(?P<base>weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)"
-    r"_l(?P<layer>\d+)(?P<rev>_reverse)?\Z",
-    re.DOTALL,  # names are untrusted and may hold any character, newlines included
-)
-_CELL = re.compile(r"^(?:(?P<prefix>.+)\.)?(?P<base>weight_ih|weight_hh|bias_ih|bias_hh)\Z",
-                   re.DOTALL)
-_KINDS = {1: ModuleKind.RNN, 4: ModuleKind.LSTM, 3: ModuleKind.GRU}
-_CELL_KINDS = {1: ModuleKind.RNN_CELL, 4: ModuleKind.LSTM_CELL, 3: ModuleKind.GRU_CELL}
-NONLINEARITIES = ("tanh", "relu")
 META_NONLINEARITY = "rnndiag.nonlinearity"  # safetensors __metadata__ key; may end in .<module>
 
 
@@ -47,12 +41,13 @@ class _Group:
 def discover(shapes: Mapping[str, Shape]) -> list[ModuleSpec]:
     """Every recurrent module in `shapes` (name -> shape), sorted by name."""
     groups: dict[tuple[str, bool], dict[tuple[str, int, bool], Shape]] = defaultdict(dict)
+    stacked_name, cell_name = _patterns(cells.all_bases(True), cells.all_bases(False))
     for name, shape in shapes.items():
-        m = _STACKED.match(name)
+        m = stacked_name.match(name)
         if m:
             key = (m["base"], int(m["layer"]), m["rev"] is not None)
             groups[(m["prefix"] or "", True)][key] = tuple(shape)
-        elif m := _CELL.match(name):
+        elif m := cell_name.match(name):
             groups[(m["prefix"] or "", False)][(m["base"], 0, False)] = tuple(shape)
     specs = []
     for (prefix, stacked), found in groups.items():
@@ -64,6 +59,21 @@ def discover(shapes: Mapping[str, Shape]) -> list[ModuleSpec]:
     return sorted(specs, key=lambda s: s.name)
 
 
+@cache
+def _patterns(stacked: tuple[str, ...], cell: tuple[str, ...]) -> tuple[re.Pattern[str],
+                                                                       re.Pattern[str]]:
+    """Key patterns of nn.RNN-style modules (`weight_hh_l1_reverse`) and of cells (`weight_hh`)
+    for the given parameter base names."""
+    # names are untrusted and may hold any character, newlines included: DOTALL
+    return (re.compile(rf"^(?:(?P<prefix>.+)\.)?(?P<base>{_either(stacked)})"
+                       r"_l(?P<layer>\d+)(?P<rev>_reverse)?\Z", re.DOTALL),
+            re.compile(rf"^(?:(?P<prefix>.+)\.)?(?P<base>{_either(cell)})\Z", re.DOTALL))
+
+
+def _either(bases: tuple[str, ...]) -> str:
+    return "|".join(re.escape(b) for b in bases)
+
+
 def _spec(g: _Group) -> ModuleSpec:
     """Check one group's shapes for consistency and describe it."""
     layers = sorted({layer for (_, layer, _) in g.shapes})
@@ -72,25 +82,23 @@ def _spec(g: _Group) -> ModuleSpec:
                                 f"'{g.prefix or '<root>'}' are not numbered 0..{len(layers) - 1}: "
                                 f"found {layers}")
     bidirectional = any(rev for (_, _, rev) in g.shapes)
-    hidden, proj, gates = _sizes(g)
+    hidden, proj, unit = _sizes(g)
     bias = ("bias_ih", 0, False) in g.shapes
     directions = (False, True) if bidirectional else (False,)
     input_size = _shape(g, "weight_ih", 0, False, 2)[1]
     for layer in layers:
         width = input_size if layer == 0 else len(directions) * (proj or hidden)
         for rev in directions:
-            _check_layer(g, layer, rev, gates * hidden, width, proj, hidden, bias)
-    kinds = _KINDS if g.stacked else _CELL_KINDS
-    kind = kinds[gates]
+            _check_layer(g, layer, rev, unit.param_shapes(width, hidden, proj, bias))
     return ModuleSpec(
-        name=g.prefix, kind=kind, input_size=input_size, hidden_size=hidden,
+        name=g.prefix, kind=unit.kind(g.stacked), input_size=input_size, hidden_size=hidden,
         proj_size=proj, num_layers=len(layers), bidirectional=bidirectional, bias=bias,
-        nonlinearity="tanh" if kind.cell_type.gates == 1 else None,
+        nonlinearity=unit.default_nonlinearity,
     )
 
 
-def _sizes(g: _Group) -> tuple[int, int, int]:
-    """(hidden_size, proj_size, gate multiple) from layer 0's forward tensors."""
+def _sizes(g: _Group) -> tuple[int, int, CellUnit]:
+    """(hidden_size, proj_size, cell unit) from layer 0's forward tensors."""
     w_hh = _shape(g, "weight_hh", 0, False, 2)
     proj = 0
     hidden = w_hh[1]
@@ -102,14 +110,22 @@ def _sizes(g: _Group) -> tuple[int, int, int]:
                                     f"match {g.key('weight_hr', 0, False)} {w_hr}: expected "
                                     f"(*, {proj})")
     rows = w_hh[0]
-    if hidden == 0 or rows % hidden or rows // hidden not in _KINDS:
+    unit = cells.by_gates(rows // hidden) if hidden and not rows % hidden else None
+    if unit is None:
+        choices = _listing([f"{u.gates} ({u.name})" for u in cells.units()])
         raise ArchitectureError(f"{g.key('weight_hh', 0, False)}: shape {w_hh} is not "
-                                f"(G*H, H) with G = 1 (RNN), 3 (GRU) or 4 (LSTM) for H = {hidden}")
-    gates = rows // hidden
-    if proj and gates != 4:
+                                f"(G*H, H) with G = {choices} for H = {hidden}")
+    if proj and not unit.projection:
+        projected = _listing([u.name for u in cells.units() if u.projection])
         raise ArchitectureError(f"{g.key('weight_hr', 0, False)}: a projection (proj_size) "
-                                f"exists only for LSTM, but the gate multiple is {gates}")
-    return hidden, proj, gates
+                                f"exists only for {projected}, but the gate multiple is "
+                                f"{unit.gates}")
+    return hidden, proj, unit
+
+
+def _listing(words: list[str]) -> str:
+    """Join words as 'a, b or c'."""
+    return " or ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
 
 
 def _shape(g: _Group, base: str, layer: int, rev: bool, ndim: int) -> Shape:
@@ -124,17 +140,8 @@ def _shape(g: _Group, base: str, layer: int, rev: bool, ndim: int) -> Shape:
     return shape
 
 
-def _check_layer(g: _Group, layer: int, rev: bool, rows: int, width: int, proj: int,
-                 hidden: int, bias: bool) -> None:
-    """Every tensor of one layer and direction has the shape the sizes imply."""
-    expected: dict[str, Shape] = {
-        "weight_ih": (rows, width),
-        "weight_hh": (rows, proj or hidden),
-    }
-    if bias:
-        expected |= {"bias_ih": (rows,), "bias_hh": (rows,)}
-    if proj:
-        expected["weight_hr"] = (proj, hidden)
+def _check_layer(g: _Group, layer: int, rev: bool, expected: Mapping[str, Shape]) -> None:
+    """Every tensor of one layer and direction has the `expected` shape (by base name)."""
     for base, want in expected.items():
         found = _shape(g, base, layer, rev, len(want))
         if found != want:
@@ -174,12 +181,14 @@ def _common_segments(a: str, b: str) -> int:
 
 def resolve_nonlinearity(spec: ModuleSpec, metadata: Mapping[str, str],
                          override: str | None) -> ModuleSpec:
-    """Set a plain RNN's nonlinearity: option > `rnndiag.nonlinearity.<name>` > file-wide > tanh."""
-    if spec.cell_type.gates != 1:
+    """Set a plain RNN's nonlinearity: option > `rnndiag.nonlinearity.<name>` > file-wide > tanh
+    (the unit's default); cells with a fixed activation are left as they are."""
+    choices = cells.unit(spec.cell_type).nonlinearities
+    if not choices:
         return spec
     value = override or metadata.get(f"{META_NONLINEARITY}.{spec.name}") \
-        or metadata.get(META_NONLINEARITY) or "tanh"
-    if value not in NONLINEARITIES:
+        or metadata.get(META_NONLINEARITY) or choices[0]
+    if value not in choices:
         raise ArchitectureError(f"{META_NONLINEARITY}: {value!r} in the file's metadata is not "
-                                f"one of {', '.join(NONLINEARITIES)}")
+                                f"one of {', '.join(choices)}")
     return replace(spec, nonlinearity=value)

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from rnndiag.cells import unit
 from rnndiag.records import (
-    CellType,
     FileDiagnosis,
     LayerDiagnosis,
     ModuleDiagnosis,
@@ -219,7 +219,7 @@ def advice(files: Sequence[FileDiagnosis]) -> tuple[Advice, ...]:
     """List what to try, from the findings of all files, by rank; each with its evidence."""
     found = [x for f in files for x in findings(f)]
     plain = {(f.path, m.spec.name) for f in files for m in f.modules
-             if m.spec.cell_type is CellType.RNN}
+             if not unit(m.spec.cell_type).gated}
     out: list[Advice] = []
     for rule, a in _advised():
         evidence = _evidence(a.pick, [x for r in (rule, *a.also) for x in found if x.rule is r],

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag.cells import LayerWeights, input_terms, step
-from rnndiag.records import CellType, Direction, ModuleSpec
+from rnndiag.cells import LayerWeights, input_terms, unit
+from rnndiag.records import Direction, ModuleSpec
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def zero_states(spec: ModuleSpec, batch: int, like: Tensor) -> tuple[Tensor, Ten
     """Zero (L*D, B, P) h0 and (L*D, B, H) c0 leaves that put every state on the graph."""
     n = spec.num_layers * len(spec.directions)
     h0 = like.new_zeros(n, batch, spec.output_size).requires_grad_()
-    if spec.cell_type is not CellType.LSTM:
+    if not unit(spec.cell_type).has_cell_state:
         return h0, None
     return h0, like.new_zeros(n, batch, spec.hidden_size).requires_grad_()
 
@@ -143,14 +143,16 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
     xs = input_terms(x, w, spec.cell_type).unbind(dim=1)
     chain = capture.chain(layer, direction) if capture is not None else None
+    cell = unit(spec.cell_type)
     pre = chain is not None and capture is not None and capture.pre \
-        and spec.cell_type is not CellType.RNN  # a plain RNN's is dh * phi'(a), from dh and h
+        and cell.captures_pre  # a plain RNN's is dh * phi'(a), from dh and h
+    step_fn, nonlinearity = cell.step, spec.nonlinearity  # looked up once, not per step
     hs: list[Any] = [None] * seq_len
     cs: list[Any] | None = [None] * seq_len if c is not None else None
     ms: list[Any] | None = [None] * seq_len if w.w_hr is not None else None
     order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
     for t in order:
-        out = step(spec.cell_type, spec.nonlinearity, xs[t], h, c, w)
+        out = step_fn(nonlinearity, xs[t], h, c, w)
         h, c = out.h, out.c
         hs[t] = h
         if cs is not None:

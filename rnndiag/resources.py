@@ -3,8 +3,8 @@
 The memory estimate is for one module's replay in checkpoint mode: every layer and direction
 keeps its states, the autograd graph of its steps and the captured adjoint buffers until the
 backward pass ends. Measured on CPU (bench/bench_check.py, float32), the growth of the
-process's resident set per layer and direction is about UNITS[cell] * T * B * max(H, P)
-values; the estimate adds 25% for the allocator and rounds up.
+process's resident set per layer and direction is about U * T * B * max(H, P) values, U being
+the cell unit's `memory_units`; the estimate adds 25% for the allocator and rounds up.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import math
 import os
 import re
 
+from rnndiag.cells import unit
 from rnndiag.errors import OptionError
-from rnndiag.records import CellType, ModuleSpec
+from rnndiag.records import ModuleSpec
 
-UNITS = {CellType.RNN: 6, CellType.LSTM: 18, CellType.GRU: 16}
 MARGIN = 1.25
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -41,7 +41,7 @@ def default_limit() -> int:
 def estimate(spec: ModuleSpec, batch: int, seq_len: int, itemsize: int) -> int:
     """Estimated peak bytes of replaying `spec` on a (batch, seq_len) input."""
     width = max(spec.hidden_size, spec.proj_size)
-    per_direction = UNITS[spec.cell_type] * seq_len * batch * width * itemsize
+    per_direction = unit(spec.cell_type).memory_units * seq_len * batch * width * itemsize
     return math.ceil(MARGIN * per_direction * spec.num_layers * len(spec.directions))
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from rnndiag.cells import unit
 from rnndiag.errors import ArchitectureError, BatchError, OptionError, RnnDiagError
 from rnndiag.records import Direction, ModuleKind, ModuleSpec
 from rnndiag.replay import Capture, Chain, DirectionStates, Unrolled, unroll, zero_states
@@ -113,7 +114,8 @@ def spec_of(name: str, module: nn.Module) -> ModuleSpec:
         name=name, kind=kind, input_size=m.input_size, hidden_size=m.hidden_size,
         proj_size=getattr(m, "proj_size", 0), num_layers=getattr(m, "num_layers", 1),
         bidirectional=getattr(m, "bidirectional", False), bias=m.bias,
-        nonlinearity=getattr(m, "nonlinearity", None) if kind.cell_type.gates == 1 else None)
+        nonlinearity=getattr(m, "nonlinearity", None) if unit(kind.cell_type).nonlinearities
+        else None)
 
 
 def recurrent_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

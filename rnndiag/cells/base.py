@@ -1,0 +1,117 @@
+"""What a cell kind is, as one record: `CellUnit` (torch-free; see rnndiag.cells.tensors).
+
+A unit holds the facts the rest of rnndiag used to branch on: the gate multiple G and the
+parameters of one layer and direction (by base name, `weight_ih`, ...), whether it carries a
+cell state c_t or may be projected, what the replay captures for it, how much memory its
+replay takes, and three functions: its step equations, its weight-gradient formula and its
+data-free reading of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+from rnndiag.records import CellType, ForgetBias, ModuleKind, ModuleSpec, PascanuReading
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+    from torch import Tensor
+
+    from rnndiag.cells.tensors import GradTerms, LayerWeights, StepOut
+
+Shape = tuple[int, ...]
+Getter = Callable[[str], "ArrayLike | None"]  # base name (`bias_ih`) -> one layer's array
+
+
+class StepFn(Protocol):
+    def __call__(self, nonlinearity: str | None, xt: Tensor, h: Tensor, c: Tensor | None,
+                 w: LayerWeights, /) -> StepOut:
+        """One time step from this step's input term `xt` (B, G*H) and the state (h, c)."""
+        ...
+
+
+class WeightSqFn(Protocol):
+    def __call__(self, g: GradTerms, rows: Tensor, /) -> float:
+        """||dL/d(every weight of the layer and direction)||^2 over the examples `rows`."""
+        ...
+
+
+class StaticReading(NamedTuple):
+    pascanu: PascanuReading
+    forget_bias: ForgetBias | None
+
+
+class StaticFn(Protocol):
+    def __call__(self, spec: ModuleSpec, get: Getter, sigma: float, /) -> StaticReading:
+        """Pascanu's reading and forget-gate statistics of one layer; sigma = sigma_max(W_hh)."""
+        ...
+
+
+class BufferWidths(NamedTuple):
+    """Widths W of the (T, B, W) adjoint buffers the replay fills (None: not captured)."""
+
+    dh: int
+    dc: int | None
+    dpre: int | None
+    dxn: int | None
+
+
+@dataclass(frozen=True)
+class CellUnit:
+    """One cell kind: its shapes, step equations, gradient formula and static reading."""
+
+    cell_type: CellType
+    name: str  # how messages name the kind: "LSTM"
+    gates: int  # G, the row multiple of W_ih, W_hh and the biases
+    gate_order: tuple[str, ...]  # the G row blocks, top to bottom: ("i", "f", "g", "o")
+    projection: bool  # may be projected: proj_size > 0, W_hr (P, H), h_t (B, P)
+    has_cell_state: bool  # carries c_t (B, H) besides h_t
+    nonlinearities: tuple[str, ...]  # choices of activation, the default first; () if fixed
+    folds_hidden_bias: bool  # b_hh joins the input term (the gates see only b_ih + b_hh)
+    captures_pre: bool  # the replay captures dL/d(StepOut.pre) (else derived from dh and h)
+    captures_n_pre: bool  # the replay captures dL/d(StepOut.n_pre)
+    memory_units: int  # replay bytes per T * B * max(H, P) * itemsize (rnndiag.resources)
+    step: StepFn
+    weight_sq: WeightSqFn
+    static: StaticFn
+
+    @property
+    def gated(self) -> bool:
+        return self.gates > 1
+
+    @property
+    def default_nonlinearity(self) -> str | None:
+        return self.nonlinearities[0] if self.nonlinearities else None
+
+    def kind(self, stacked: bool) -> ModuleKind:
+        """The nn.Module class: nn.LSTM when `stacked`, nn.LSTMCell otherwise."""
+        return next(k for k in ModuleKind
+                    if k.cell_type is self.cell_type and k.is_cell != stacked)
+
+    def param_shapes(self, input_size: int, hidden: int, proj: int, bias: bool,
+                     ) -> dict[str, Shape]:
+        """Shapes of one layer and direction's parameters by base name, in PyTorch's order."""
+        if proj and not self.projection:
+            raise ValueError(f"{self.name} has no projection (proj_size {proj})")
+        rows = self.gates * hidden
+        shapes: dict[str, Shape] = {"weight_ih": (rows, input_size),
+                                    "weight_hh": (rows, proj or hidden)}
+        if bias:
+            shapes |= {"bias_ih": (rows,), "bias_hh": (rows,)}
+        if proj:
+            shapes["weight_hr"] = (proj, hidden)
+        return shapes
+
+    def bases(self, stacked: bool) -> tuple[str, ...]:
+        """Every base name a parameter may have (only nn.LSTM, not the cells, projects)."""
+        proj = 1 if stacked and self.projection else 0
+        return tuple(self.param_shapes(1, 1, proj, True))
+
+    def buffer_widths(self, spec: ModuleSpec) -> BufferWidths:
+        """What the replay captures for `spec`: dL/dh_t, dL/dc_t, dL/dpre_t, dL/dn_pre_t."""
+        hidden = spec.hidden_size
+        return BufferWidths(spec.output_size, hidden if self.has_cell_state else None,
+                            self.gates * hidden if self.captures_pre else None,
+                            hidden if self.captures_n_pre else None)
