@@ -4,7 +4,7 @@ length N, N bytes of JSON header, then the data buffer).
 Everything is checked before any tensor is touched: header length bounded by the file size and
 `MAX_HEADER`, JSON that parses to an object without duplicate names, known dtypes, integer
 shapes, offsets inside the buffer whose size matches the shape, tensors that do not overlap.
-Arrays are read-only numpy views of a memory map; the file is opened read-only.
+Tensors are read from a read-only memory map (`read_native`); the file is opened read-only.
 """
 
 from __future__ import annotations
@@ -133,24 +133,6 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], buffer: int) -> No
                                   f"and {t.name!r} overlap")
         if t.end > t.begin:
             last_end, last_name = t.end, t.name
-
-
-def read_array(header: Header, name: str) -> np.ndarray:
-    """The tensor as a read-only float64 array (floats) or its native type (others)."""
-    t = header.tensors[name]
-    if t.dtype not in NUMPY:
-        raise CheckpointError(f"{header.path}: tensor {name!r} has dtype {t.dtype}, which "
-                              "rnndiag cannot read")
-    count = math.prod(t.shape)
-    if count == 0:
-        return np.zeros(t.shape, dtype=np.float64 if t.dtype in FLOATS else NUMPY[t.dtype])
-    mm = np.memmap(header.path, dtype=np.dtype(NUMPY[t.dtype]), mode="r",
-                   offset=header.data_start + t.begin, shape=(count,))
-    if t.dtype == "BF16":  # bfloat16 is the upper half of a float32
-        return (mm.astype(np.uint32) << 16).view(np.float32).astype(np.float64).reshape(t.shape)
-    if t.dtype in FLOATS:
-        return mm.astype(np.float64).reshape(t.shape)
-    return np.array(mm).reshape(t.shape)
 
 
 def read_native(header: Header, name: str) -> np.ndarray:
