@@ -6,7 +6,6 @@ error becomes one line on stderr and exit code 2 (`--debug` adds the traceback).
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import traceback
@@ -224,9 +223,9 @@ class Sink:
         if self.output is None:
             Console(highlight=False).print(renderable)
         if self.output is not None or self.svg or self.html:
-            record = Console(record=True, highlight=False, width=100, file=io.StringIO(),
-                             force_terminal=True, color_system="truecolor")
-            record.print(renderable)
+            from rnndiag.report import recorded
+
+            record = recorded(renderable)
             if self.svg:
                 _write(self.svg, record.export_svg(title="rnndiag check", clear=False))
             if self.html:

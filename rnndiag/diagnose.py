@@ -17,8 +17,9 @@ from torch import Tensor
 from rnndiag import clip, pergrad, resources, static
 from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
 from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
+from rnndiag.discover import find_modules
 from rnndiag.errors import ArchitectureError, OptionError
-from rnndiag.inspection import NO_RECURRENT, find_modules
+from rnndiag.inspection import NO_RECURRENT
 from rnndiag.modelcheck import diagnose_live, file_model_inputs
 from rnndiag.records import (
     BatchInfo,

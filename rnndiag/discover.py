@@ -192,3 +192,10 @@ def resolve_nonlinearity(spec: ModuleSpec, metadata: Mapping[str, str],
         raise ArchitectureError(f"{META_NONLINEARITY}: {value!r} in the file's metadata is not "
                                 f"one of {', '.join(choices)}")
     return replace(spec, nonlinearity=value)
+
+
+def find_modules(shapes: Mapping[str, Shape], metadata: Mapping[str, str],
+                 nonlinearity: str | None) -> list[ModuleSpec]:
+    """The discovery chain of every mode: modules from key names and shapes (each with the
+    embedding that may feed it), and a plain RNN's nonlinearity (option > metadata > tanh)."""
+    return [resolve_nonlinearity(spec, metadata, nonlinearity) for spec in discover(shapes)]

@@ -13,23 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from rnndiag import static
-from rnndiag.discover import attach_embedding, discover, resolve_nonlinearity
+from rnndiag.discover import find_modules
 from rnndiag.records import FileStatus, InspectDiagnosis, ModuleSpec, StaticModule
 from rnndiag.sources import RawFile, as_numpy, guarded, nonfinite
 
 NO_RECURRENT = "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file"
 
 Arrays = Mapping[str, np.ndarray]
-Shape = tuple[int, ...]
-
-
-def find_modules(shapes: Mapping[str, Shape], metadata: Mapping[str, str],
-                 nonlinearity: str | None) -> list[ModuleSpec]:
-    """The discovery chain of every mode: modules from key names and shapes, the embedding
-    that may feed each, and a plain RNN's nonlinearity (option > metadata > tanh)."""
-    return [resolve_nonlinearity(attach_embedding(spec, shapes), metadata, nonlinearity)
-            for spec in discover(shapes)]
-
 
 def inspect_file(path: Path, nonlinearity: str | None = None,
                  debug: bool = False) -> InspectDiagnosis:

@@ -51,14 +51,20 @@ def safe(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
-def to_plain_text(renderable: RenderableType, width: int = 100) -> str:
-    """The renderable as plain text at `width` columns: what `--output` writes."""
+def recorded(renderable: RenderableType, width: int = 100) -> Console:
+    """A console that has recorded `renderable` at `width` columns, in colour, for the text,
+    SVG and HTML exports (`--output`, `--save-svg`, `--save-html`, `.to_text()`)."""
     import io
 
     console = Console(record=True, highlight=False, width=width, file=io.StringIO(),
                       force_terminal=True, color_system="truecolor")
     console.print(renderable)
-    return console.export_text(clear=False, styles=False)
+    return console
+
+
+def to_plain_text(renderable: RenderableType, width: int = 100) -> str:
+    """The renderable as plain text at `width` columns: what `--output` writes."""
+    return recorded(renderable, width).export_text(clear=False, styles=False)
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

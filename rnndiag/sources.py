@@ -74,8 +74,10 @@ def _read_torch(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, s
 READERS: dict[str, Reader] = {"safetensors": _read_safetensors, "torch": _read_torch}
 
 
-def read(path: Path) -> RawFile:
-    fmt = guard(path)
+def read(path: Path, fmt: str | None = None) -> RawFile:
+    """The file's tensors; `fmt` is what `guard` already returned (it guards the file when not
+    given)."""
+    fmt = fmt or guard(path)
     arrays, metadata, dtypes = READERS[fmt](path)
     return RawFile(path, fmt, unwrap_names(arrays, path), metadata, unwrap_names(dtypes, path))
 
@@ -115,7 +117,7 @@ def guarded(path: Path, work: Callable[[RawFile], T],
     fmt = "unknown"
     try:
         fmt = guard(path)
-        return work(read(path))
+        return work(read(path, fmt))
     except Skipped as skip:
         return failed(skip.format, FileStatus.SKIPPED, None, (skip.note,))
     except RnnDiagError as exc:

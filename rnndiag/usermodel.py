@@ -184,8 +184,8 @@ class Recording:
 def capture(model: nn.Module) -> Iterator[Recording]:
     """Replay stacked modules step by step and record cell calls while the block runs.
 
-    The model is left as it was: forwards, hooks, every module's train/eval flag and the
-    tensors it keeps as plain attributes (a stateful model's `self.hidden`) are restored.
+    Forwards, hooks and every module's train/eval flag are restored on exit; `call_model`
+    puts back the tensors a model keeps as attributes (a stateful model's `self.hidden`).
     """
     recording = Recording(Capture(), [Record(name, spec_of(name, m), m)
                                       for name, m in recurrent_modules(model)])
