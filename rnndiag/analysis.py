@@ -1,15 +1,14 @@
-"""Per-step gradient series -> spans, growth per step, horizon, verdict.
+"""Ratio series -> spans, growth per step, horizon, verdict (pure Python).
 
-Definitions (all series indexed by time step t = 0..T-1; `final` is the last step the
-direction produced: T-1 forward, 0 reverse; k = |t - final| counts steps back from it):
+`r` is a layer's `ratio` series by time step t = 0..T-1 (rnndiag.credit computes it):
+r_t is the gradient reaching a state k = |t - final| steps back from a reference, relative to
+the gradient at the reference itself; None where no reference reaches t.
 
-- s_t = state_grad_norm[t]; r_t = s_t / s_final. When s_final is 0, r_t is 0 where s_t is 0
-  and +inf elsewhere; when s_final is not finite, every r_t is NaN.
 - vanishing span: maximal run of steps with r_t < vanish; exploding span: maximal run of steps
-  with r_t > explode or r_t not finite.
+  with r_t > explode or r_t not finite (NaN: a non-finite gradient). None ends a span.
 - verdict: exploding if any exploding span, else vanishing if any vanishing span, else healthy.
-- growth_per_step = exp(slope) of the least-squares line ln s_t = a + slope * k over the steps
-  k >= 1 with finite, non-zero s_t (at least two); < 1 shrinks going back in time.
+- growth_per_step = exp(slope) of the least-squares line ln r_t = a + slope * k over the steps
+  k >= 1 with finite, non-zero r_t (at least two); < 1 shrinks going back in time.
 - horizon: the smallest k >= 1 with r_t < vanish; None when no step is below it.
 """
 
@@ -20,17 +19,12 @@ from collections.abc import Sequence
 
 from rnndiag.records import Span, SpanKind, Thresholds, Verdict
 
-
-def ratios(state_norms: Sequence[float], final: int) -> tuple[float, ...]:
-    ref = state_norms[final]
-    if not math.isfinite(ref):
-        return tuple(math.nan for _ in state_norms)
-    if ref == 0.0:
-        return tuple(0.0 if s == 0.0 else math.inf for s in state_norms)
-    return tuple(s / ref for s in state_norms)
+Ratios = Sequence[float | None]
 
 
-def _kind(r: float, th: Thresholds) -> SpanKind | None:
+def _kind(r: float | None, th: Thresholds) -> SpanKind | None:
+    if r is None:
+        return None
     if not math.isfinite(r) or r > th.explode:
         return SpanKind.EXPLODING
     if r < th.vanish:
@@ -38,7 +32,7 @@ def _kind(r: float, th: Thresholds) -> SpanKind | None:
     return None
 
 
-def spans(r: Sequence[float], th: Thresholds) -> tuple[Span, ...]:
+def spans(r: Ratios, th: Thresholds) -> tuple[Span, ...]:
     """Maximal runs of consecutive steps of one kind, in time order."""
     found: list[Span] = []
     start = 0
@@ -52,10 +46,10 @@ def spans(r: Sequence[float], th: Thresholds) -> tuple[Span, ...]:
     return tuple(found)
 
 
-def _extreme(r: Sequence[float], kind: SpanKind) -> float | None:
+def _extreme(r: Ratios, kind: SpanKind) -> float | None:
     if kind is SpanKind.VANISHING:
-        return min(r)
-    finite = [x for x in r if math.isfinite(x)]
+        return min(x for x in r if x is not None)
+    finite = [x for x in r if x is not None and math.isfinite(x)]
     return max(finite) if finite else None
 
 
@@ -68,11 +62,11 @@ def verdict(found: Sequence[Span]) -> Verdict:
     return Verdict.HEALTHY
 
 
-def growth_per_step(state_norms: Sequence[float], final: int) -> float | None:
+def growth_per_step(r: Ratios, final: int) -> float | None:
     points = [
-        (abs(t - final), math.log(s))
-        for t, s in enumerate(state_norms)
-        if t != final and math.isfinite(s) and s > 0.0
+        (abs(t - final), math.log(x))
+        for t, x in enumerate(r)
+        if t != final and x is not None and math.isfinite(x) and x > 0.0
     ]
     if len(points) < 2:
         return None
@@ -86,9 +80,10 @@ def growth_per_step(state_norms: Sequence[float], final: int) -> float | None:
         return math.inf
 
 
-def horizon(r: Sequence[float], final: int, th: Thresholds) -> int | None:
+def horizon(r: Ratios, final: int, th: Thresholds) -> int | None:
     steps_back = sorted(range(len(r)), key=lambda t: abs(t - final))
     for t in steps_back[1:]:
-        if r[t] < th.vanish:
+        x = r[t]
+        if x is not None and x < th.vanish:
             return abs(t - final)
     return None

@@ -107,7 +107,9 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
                 thresholds: Thresholds | None = None, dtype: str | None = None,
                 device: str | None = None, clip_batches: int | None = None,
                 clip_percentile: float = 50.0, fail_on: FailOn | str = FailOn.ANY,
-                name: str | None = None, progress: Progress | None = None) -> Diagnosis:
+                name: str | None = None, progress: Progress | None = None,
+                output_key: str | int | None = None, time_axis: int | None = None,
+                ignore_index: int = -100) -> Diagnosis:
     """Diagnose a live model on a batch, exactly as `rnndiag check --model` does.
 
     `inputs` is what the model takes: a tensor (`model(x)`), a tuple of positional arguments
@@ -117,6 +119,8 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     default to the model's own; when they differ, a converted copy is diagnosed. The model is
     left exactly as it was, also when this raises: train/eval flags, hooks, forwards, dtype,
     device, parameter values and their `.grad`, tensors it keeps as attributes.
+    `output_key`, `time_axis` and `ignore_index` are `--output-key`, `--time-axis` and
+    `--ignore-index` (README, "Diagnose your own model").
 
     Raises `RnnDiagError` (one line naming the problem) when the model, inputs, targets or
     loss cannot be used.
@@ -133,7 +137,9 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     options = CheckOptions(thresholds=thresholds or Thresholds(), dtype=chosen,
                            clip_batches=clip_batches, clip_percentile=clip_percentile,
                            device=device or (str(floats[0].device) if floats else "cpu"),
-                           loss=getattr(loss, "__name__", "custom") if loss else None)
+                           loss=getattr(loss, "__name__", "custom") if loss else None,
+                           output_key=None if output_key is None else str(output_key),
+                           time_axis=time_axis, ignore_index=ignore_index)
     validate(options)
     target = converted(model, DTYPES[chosen], device)
     params = list(target.parameters())
@@ -143,8 +149,8 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     live = diagnose_live(target, batch, loss, options.loss, options,
                          progress or (lambda _: None))
     info = BatchInfo("inputs", live.batch_size, live.modules[0].seq_len, None)
-    found = FileDiagnosis(label, "module", FileStatus.OK, live.modules, info, clip=live.clip,
-                          loss=live.loss)
+    found = FileDiagnosis(label, "module", FileStatus.OK, live.modules, info, live.notes,
+                          clip=live.clip, loss=live.loss)
     return Diagnosis((found,), options, FailOn(fail_on))
 
 

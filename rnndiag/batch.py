@@ -95,3 +95,21 @@ def _check_nonempty(inputs: Tensor, where: str) -> None:
     if inputs.shape[0] == 0 or inputs.shape[1] == 0:
         raise BatchError(f"{where}: shape {tuple(inputs.shape)} has no "
                          f"{'examples' if inputs.shape[0] == 0 else 'time steps'}")
+
+
+def file_lengths(batch: BatchFile, batch_size: int, seq_len: int) -> Tensor | None:
+    """The batch file's `lengths` (B,), checked against the inputs' B and T; None if absent."""
+    lengths = batch.tensors.get("lengths")
+    if lengths is None:
+        return None
+    where = f"batch {batch.path}: 'lengths'"
+    if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool \
+            or tuple(lengths.shape) != (batch_size,):
+        raise BatchError(f"{where}: shape {tuple(lengths.shape)} dtype "
+                         f"{str(lengths.dtype).removeprefix('torch.')}: expected {batch_size} "
+                         "integer lengths, one per example")
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 1 or hi > seq_len:
+        raise BatchError(f"{where}: lengths span {lo}..{hi}, outside 1..{seq_len} (the "
+                         "inputs' time steps)")
+    return lengths.long()

@@ -103,6 +103,18 @@ def check(
         help="package.module:callable(output, targets) -> scalar loss (default: "
         "cross-entropy for integer targets, MSE for float targets, else the final-state "
         "objective).")] = None,
+    output_key: Annotated[str | None, typer.Option(
+        help="Which element of a tuple or dict output the loss scores (an index such as 1, a "
+        "key such as logits, dotted for nesting). Needed when the output holds several "
+        "tensors that fit the targets.")] = None,
+    time_axis: Annotated[int | None, typer.Option(
+        help="The output's time axis, 0 (time-major) or 1 (batch-first); needed only when "
+        "batch size and sequence length are equal.")] = None,
+    ignore_index: Annotated[int, typer.Option(
+        help="Cross-entropy targets with this value are padding, not scored.")] = -100,
+    state_key: Annotated[str | None, typer.Option(
+        help="The entry of a checkpoint container that holds the weights (e.g. model_state, "
+        "ema; dotted for nesting). Default: found automatically.")] = None,
     clip_batches: Annotated[int | None, typer.Option(
         help="Mini-batches for the clip suggestion (default min(8, B)).")] = None,
     clip_percentile: Annotated[float, typer.Option(
@@ -143,7 +155,9 @@ def check(
         seed=seed, nonlinearity=nonlinearity.value if nonlinearity else None,
         dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold),
         clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
-        model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit, debug=debug)
+        model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit, debug=debug,
+        state_key=state_key, output_key=output_key, time_axis=time_axis,
+        ignore_index=ignore_index)
     raise typer.Exit(_run_check(paths, options, fail_on, sink, debug))
 
 

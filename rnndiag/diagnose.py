@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from rnndiag import clip, pergrad, resources, static
-from rnndiag.batch import BatchFile, embed_or_check, file_inputs, load_batch, synthetic_inputs
+from rnndiag.batch import (
+    BatchFile,
+    embed_or_check,
+    file_inputs,
+    file_lengths,
+    load_batch,
+    synthetic_inputs,
+)
 from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
 from rnndiag.discover import find_modules
 from rnndiag.errors import ArchitectureError, OptionError
@@ -135,7 +142,7 @@ def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
                          lambda m: progress(f"{raw.path}: {m}"))
     info = BatchInfo(batch.path, live.batch_size, live.modules[0].seq_len, None)
     return FileDiagnosis(str(raw.path), ckpt.format, FileStatus.OK, live.modules, info,
-                         ckpt.notes, nonfinite_weights=nonfinite_weights(ckpt.tensors),
+                         ckpt.notes + live.notes, nonfinite_weights=nonfinite_weights(ckpt.tensors),
                          clip=live.clip, loss=live.loss)
 
 
@@ -193,8 +200,11 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
     params = {k: v.to(device) for k, v in module_params(spec, ckpt.tensors, dtype).items()}
     inputs = inputs.detach().to(device=device, dtype=dtype)
     batch_size, seq_len, _ = inputs.shape
+    lengths = None if batch is None else file_lengths(batch, batch_size, seq_len)
+    if lengths is not None:
+        desc += ", with lengths"
     with torch.enable_grad():
-        result = replay(spec, params, inputs)
+        result = replay(spec, params, inputs, lengths)
         k = clip.batches_for(options.clip_batches, batch_size)
         groups = torch.tensor_split(torch.arange(batch_size), k)
         squares = pergrad.replay_sq_norms(spec, inputs, result, groups)

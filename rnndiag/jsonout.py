@@ -29,7 +29,7 @@ from rnndiag.records import (
     Verdict,
 )
 
-SCHEMA_VERSION = "0.1.0"
+SCHEMA_VERSION = "0.2.0"
 OBJECTIVE = "final_state_energy"  # L = 1/(2B) sum_b sum_d ||h_final^{top,d}_b||^2
 
 
@@ -72,6 +72,10 @@ def _options(o: CheckOptions, fail_on: FailOn) -> dict[str, Any]:
         "loss": o.loss,
         "device": o.device,
         "max_memory": o.max_memory,
+        "state_key": o.state_key,
+        "output_key": o.output_key,
+        "time_axis": o.time_axis,
+        "ignore_index": o.ignore_index,
     }
 
 
@@ -181,21 +185,21 @@ def _layer(d: LayerDiagnosis) -> dict[str, Any]:
         "pascanu": d.pascanu.value,
         "forget_bias": _forget_bias(d.forget_bias),
         "spans": [_span(s) for s in d.spans],
-        "nonfinite_steps": [t for t, v in enumerate(d.reach_state_grad_norm or d.state_grad_norm)
-                            if not math.isfinite(v)],
+        "nonfinite_steps": [t for t, (v, r) in enumerate(zip(d.state_grad_norm, d.ratio,
+                                                             strict=True))
+                            if not math.isfinite(v) or (r is not None and not math.isfinite(r))],
         "grad_norm": _series(d.grad_norm),
         "cell_grad_norm": None if d.cell_grad_norm is None else _series(d.cell_grad_norm),
         "state_grad_norm": _series(d.state_grad_norm),
         "ratio": _series(d.ratio),
-        "verdict_series": d.verdict_series,
-        "reach_grad_norm": _maybe(d.reach_grad_norm),
-        "reach_cell_grad_norm": _maybe(d.reach_cell_grad_norm),
-        "reach_state_grad_norm": _maybe(d.reach_state_grad_norm),
+        "basis": d.basis.value,
+        "references": d.references,
+        "skipped_references": d.skipped_references,
+        "credit": None if d.credit is None else {
+            "positions": list(d.credit.positions),
+            "norms": [_series(row) for row in d.credit.norms],
+            "skipped_positions": list(d.credit.skipped)},
     }
-
-
-def _maybe(xs: Sequence[float] | None) -> list[float | None] | None:
-    return None if xs is None else _series(xs)
 
 
 def _finding(x: Finding) -> dict[str, Any]:
@@ -223,5 +227,5 @@ def _num(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _series(xs: Sequence[float]) -> list[float | None]:
+def _series(xs: Sequence[float | None]) -> list[float | None]:
     return [_num(x) for x in xs]

@@ -4,9 +4,10 @@
 `check --model` (a model built by the user's callable, its state dict loaded from a checkpoint,
 inputs from a batch file). The model is called as in training, `model(*args, **kwargs)`, with
 every recurrent submodule replayed step by step (rnndiag.usermodel); one backward pass of the
-loss through the shared capture hooks yields every dL/dh_t and dL/dc_t, and, when the loss has
-a term at every step, one more per direction kind gives the reach of the final step's term
-alone. The clip suggestion uses all model parameters that require grad.
+loss through the shared capture hooks yields every dL/dh_t and dL/dc_t. When the scored output
+has a time axis, the credit passes (rnndiag.temporal) measure how far each position's own loss
+term reaches back; ratios and verdicts come from them (rnndiag.credit). The clip suggestion
+uses all model parameters that require grad.
 """
 
 from __future__ import annotations
@@ -24,15 +25,11 @@ from torch import Tensor, nn
 
 from rnndiag import clip, static
 from rnndiag.errors import BatchError
-from rnndiag.losses import Loss, LossFn, choose, first_output
-from rnndiag.records import (
-    CheckOptions,
-    ClipSuggestion,
-    Direction,
-    ModuleDiagnosis,
-)
+from rnndiag.losses import Loss, LossFn, choose, pick
+from rnndiag.records import CheckOptions, ClipSuggestion, ModuleDiagnosis
 from rnndiag.replay import StepAdjoints, objective
 from rnndiag.series import layer_diagnosis
+from rnndiag.temporal import CreditRows, credit_rows, scored_sequences
 from rnndiag.usermodel import Recording, Sequence_, call_model, capture, final_states
 
 _POSITIONAL = re.compile(r"^inputs\.(\d+)\Z")
@@ -41,23 +38,11 @@ _KEYWORD = re.compile(r"^inputs\.([A-Za-z_]\w*)\Z")
 
 @dataclass(frozen=True)
 class ModelInputs:
-    """What the model is called with, `model(*args, **kwargs)`, and the targets of its loss.
-
-    `batch_size` B is the leading size of the first input tensor; slicing a mini-batch
-    (`rows`) slices every tensor whose leading size is B and passes the others unchanged.
-    """
+    """What the model is called with, `model(*args, **kwargs)`, and the targets of its loss."""
 
     args: tuple[Any, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)
     targets: Tensor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        first = next((x for x in (*self.args, *self.kwargs.values()) if isinstance(x, Tensor)
-                      and x.dim() > 0), None)
-        if first is None:
-            raise BatchError("the model's inputs hold no tensor with a batch dimension")
-        return int(first.shape[0])
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> ModelInputs:
         """Apply `fn` to every tensor (inputs and targets)."""
@@ -67,9 +52,28 @@ class ModelInputs:
                                                             self.kwargs.items()},
                            None if self.targets is None else fn(self.targets))
 
-    def rows(self, index: Tensor) -> ModelInputs:
-        b = self.batch_size
-        return self.map(lambda x: x[index] if x.dim() > 0 and x.shape[0] == b else x)
+    def rows(self, index: Tensor, slicing: Slicing) -> ModelInputs:
+        """The examples `index` of every tensor that has the batch axis (see `Slicing`)."""
+        return self.map(partial(slicing.rows, index))
+
+
+@dataclass(frozen=True)
+class Slicing:
+    """How to cut a mini-batch out of an input or target tensor: along the axis of size B,
+    the second one for time-major sequences (T, B, ...); a tensor without one is passed
+    unchanged (a shared table, a scalar)."""
+
+    batch: int
+    time_major: bool
+
+    def rows(self, index: Tensor, x: Tensor) -> Tensor:
+        index = index.to(x.device)
+        if x.dim() >= 2 and x.shape[1] == self.batch and (self.time_major or
+                                                           x.shape[0] != self.batch):
+            return x[:, index]
+        if x.dim() >= 1 and x.shape[0] == self.batch:
+            return x[index]
+        return x
 
 
 def inputs_of(inputs: Any, targets: Tensor | None = None) -> ModelInputs:
@@ -114,33 +118,47 @@ class LiveDiagnosis:
     clip: ClipSuggestion
     loss: str
     batch_size: int
+    notes: tuple[str, ...] = ()
 
 
 def diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                   custom_name: str | None, options: CheckOptions,
                   progress: Callable[[str], None] = lambda _: None) -> LiveDiagnosis:
     """Run the model once with every recurrent state captured; analyse; suggest a clip."""
-    batch = inputs.batch_size
-    if inputs.targets is not None and inputs.targets.dim() > 0 \
-            and inputs.targets.shape[0] != batch:
-        raise BatchError(f"targets {tuple(inputs.targets.shape)} and inputs differ in batch "
-                         f"size ({batch})")
     progress("replaying the model")
     with capture(model) as rec:
-        output = first_output(call_model(model, inputs.args, inputs.kwargs))
-        loss_def = choose(output, inputs.targets, custom, custom_name)
-        loss = _loss(loss_def, output, inputs.targets, rec, batch)
+        output = call_model(model, inputs.args, inputs.kwargs)
         seqs = rec.sequences()
         if not seqs:
             raise BatchError("no nn.RNN/LSTM/GRU or cell ran during the model's forward")
-        found, reach = _adjoints(rec, seqs, loss, loss_def, output, inputs.targets)
-    modules = _modules(seqs, found, reach, loss_def.name, float(loss.detach()), options)
+        batch = seqs[0].states[0].h[0].shape[0]
+        _check_targets(inputs.targets, batch)
+        loss_def = choose(output, inputs.targets, custom, custom_name, options.output_key,
+                          options.ignore_index)
+        loss = _loss(loss_def, output, inputs.targets, rec, batch)
+        measured = _measure(rec, seqs, loss, loss_def, output, batch, options)
+    modules = _modules(seqs, measured, loss_def.name, float(loss.detach()), options)
     progress("mini-batch gradient norms")
-    suggestion = _clip(model, loss_def, inputs, options)
-    return LiveDiagnosis(modules, suggestion, loss_def.name, batch)
+    suggestion = _clip(model, loss_def, inputs, Slicing(batch, measured.time_major), options)
+    return LiveDiagnosis(modules, suggestion, _loss_name(loss_def), batch, measured.notes)
 
 
-def _loss(loss_def: Loss, output: Tensor, targets: Tensor | None, rec: Recording,
+def _check_targets(targets: Tensor | None, batch: int) -> None:
+    """Targets must have the batch axis: first (B, ...), second (T, B, ...) or a flattened
+    leading (T*B, ...) one."""
+    if targets is None or targets.dim() == 0:
+        return
+    if targets.shape[0] % batch == 0 or (targets.dim() > 1 and targets.shape[1] == batch):
+        return
+    raise BatchError(f"targets {tuple(targets.shape)} and the recurrent states differ in batch "
+                     f"size ({batch}): no axis of the targets has that size")
+
+
+def _loss_name(loss_def: Loss) -> str:
+    return loss_def.name if loss_def.key is None else f"{loss_def.name} on output[{loss_def.key}]"
+
+
+def _loss(loss_def: Loss, output: Any, targets: Tensor | None, rec: Recording,
           batch: int) -> Tensor:
     if loss_def.fn is None:
         return objective(final_states(rec), batch)
@@ -148,44 +166,73 @@ def _loss(loss_def: Loss, output: Tensor, targets: Tensor | None, rec: Recording
     return loss_def(output, targets)
 
 
-def _adjoints(rec: Recording, seqs: Sequence[Sequence_], loss: Tensor, loss_def: Loss,
-              output: Tensor, targets: Tensor | None,
-              ) -> tuple[tuple[StepAdjoints, ...], dict[int, StepAdjoints] | None]:
-    """All adjoints of the loss; with a per-step loss also those of each direction's final
-    step's term alone (by index into the flat list of states)."""
+@dataclass(frozen=True)
+class Measured:
+    """The loss's adjoints of every state (flat, in sequence order) and the credit rows of
+    the states whose steps are the scored output's positions."""
+
+    found: tuple[StepAdjoints, ...]
+    credit: CreditRows | None
+    time_major: bool
+    notes: tuple[str, ...]
+
+
+def _measure(rec: Recording, seqs: Sequence[Sequence_], loss: Tensor, loss_def: Loss,
+             output: Any, batch: int, options: CheckOptions) -> Measured:
     states = [s for seq in seqs for s in seq.states]
     chains = [s.chain for s in states if s.chain is not None]
     roots = [r for seq in seqs for r in seq.roots if r.requires_grad]
     if not loss.requires_grad or not roots:
         raise BatchError("the loss does not depend on any recurrent state (do the recurrent "
                          "parameters or the inputs require grad?)")
-    found = rec.capture.backward(loss, roots, chains, retain_graph=loss_def.per_step)
-    if not loss_def.per_step:
-        return found, None
-    assert targets is not None
-    reach: dict[int, StepAdjoints] = {}
-    for direction, t in ((Direction.FORWARD, output.shape[1] - 1), (Direction.REVERSE, 0)):
-        picked = [i for i, s in enumerate(states) if s.direction is direction]
-        if picked:
-            term = loss_def.at_step(output, targets, t)
-            got = rec.capture.backward(term, roots, [chains[i] for i in picked],
-                                       retain_graph=True)
-            reach.update(zip(picked, got, strict=True))
-    return found, reach
+    found = rec.capture.backward(loss, roots, chains, retain_graph=loss_def.fn is not None)
+    conventions = _conventions(seqs)
+    scored = None if loss_def.fn is None else scored_sequences(
+        loss, pick(output, loss_def.key), batch, {**_cells(seqs), **conventions},
+        options.time_axis, loss_def.classes_last)
+    if scored is None:
+        major = options.time_axis == 0 if options.time_axis is not None else (
+            bool(conventions) and not any(conventions.values()))
+        return Measured(found, None, major, ())
+    rows = credit_rows(scored, states, rec.capture, roots, batch)
+    return Measured(found, rows, scored.time_major, _credit_notes(rows, scored.steps))
 
 
-def _modules(seqs: Sequence[Sequence_], found: Sequence[StepAdjoints],
-             reach: dict[int, StepAdjoints] | None, loss_name: str, loss_value: float,
+def _conventions(seqs: Sequence[Sequence_]) -> dict[int, bool | None]:
+    """Each stacked module's sequence length -> its batch_first."""
+    return {s.chain.steps: bool(getattr(seq.module, "batch_first", False))
+            for seq in seqs if not seq.spec.kind.is_cell for s in seq.states[:1]
+            if s.chain is not None}
+
+
+def _cells(seqs: Sequence[Sequence_]) -> dict[int, bool | None]:
+    return {s.chain.steps: None for seq in seqs if seq.spec.kind.is_cell for s in seq.states
+            if s.chain is not None}
+
+
+def _credit_notes(rows: CreditRows, steps: int) -> tuple[str, ...]:
+    notes = []
+    if rows.skipped:
+        notes.append(f"credit: sampled positions {', '.join(map(str, rows.skipped))} of "
+                     f"{steps} are scored by no example (ignored targets or padding): skipped")
+    if rows.unscored:
+        notes.append(f"credit: {rows.unscored} example(s) score no position: left out")
+    return tuple(notes)
+
+
+def _modules(seqs: Sequence[Sequence_], measured: Measured, loss_name: str, loss_value: float,
              options: CheckOptions) -> tuple[ModuleDiagnosis, ...]:
     out, i = [], 0
+    credit = measured.credit
     for seq in seqs:
         arrays = {k: v.detach().cpu().double().numpy() for k, v in
                   seq.module.named_parameters()}
         layers = []
         for s in seq.states:
             st = static.static_layer(seq.spec, arrays, s.layer, s.direction)
-            extra = None if reach is None else reach.get(i)
-            layers.append(layer_diagnosis(found[i], st, options.thresholds, extra))
+            rows = None if credit is None else credit.rows.get(i)
+            layers.append(layer_diagnosis(measured.found[i], st, options.thresholds, rows,
+                                          () if credit is None else credit.skipped))
             i += 1
         first = seq.states[0].h
         out.append(ModuleDiagnosis(replace(seq.spec, name=seq.name), "model(inputs)",
@@ -205,26 +252,26 @@ def _eval(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs,
+def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
           options: CheckOptions) -> ClipSuggestion:
     params = [p for p in model.parameters() if p.requires_grad]
-    batch = inputs.batch_size
-    k = clip.batches_for(options.clip_batches, batch)
+    k = clip.batches_for(options.clip_batches, slicing.batch)
     with _eval(model):
-        norms = clip.minibatch_norms(partial(_rows_loss, model, loss_def, inputs), params,
-                                     batch, k)
+        norms = clip.minibatch_norms(partial(_rows_loss, model, loss_def, inputs, slicing),
+                                     params, slicing.batch, k)
     return clip.suggest(norms, options.clip_percentile, "model",
                         sum(p.numel() for p in params))
 
 
-def _rows_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, rows: Tensor) -> Tensor:
-    part = inputs.rows(rows)
+def _rows_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
+               rows: Tensor) -> Tensor:
+    part = inputs.rows(rows, slicing)
     if loss_def.fn is None:  # the objective needs the recurrent final states: record them
         with capture(model) as rec:
             call_model(model, part.args, part.kwargs)
             return objective(final_states(rec), len(rows))
     assert part.targets is not None
-    return loss_def(first_output(call_model(model, part.args, part.kwargs)), part.targets)
+    return loss_def(call_model(model, part.args, part.kwargs), part.targets)
 
 
 def converted(model: nn.Module, dtype: torch.dtype | None, device: str | None) -> nn.Module:

@@ -145,16 +145,40 @@ class ForgetBias:
 
 
 @dataclass(frozen=True)
+class Credit:
+    """The temporal credit matrix of one layer and direction (rnndiag.credit).
+
+    For each sampled output position s (a time index of the scored output), `norms[i][t]` is
+    ||dL_s/dh_t||_2 over the batch, L_s being the loss's linearisation restricted to position
+    s (its cotangent zero at every other position); the LSTM cell state is included as in
+    `state_grad_norm`. `skipped` lists sampled positions that no example scores.
+    """
+
+    positions: tuple[int, ...]
+    norms: tuple[tuple[float, ...], ...]
+    skipped: tuple[int, ...] = ()
+
+
+class RatioBasis(StrEnum):
+    """What `ratio` compares (see README, "What is measured")."""
+
+    LOSS = "loss"  # the whole loss's gradient, against each example's last step it reaches
+    CREDIT = "credit"  # per-position terms, by distance s - t from each scored position s
+
+
+@dataclass(frozen=True)
 class LayerDiagnosis:
     """One layer and direction. Series are indexed by time step t = 0..T-1."""
 
     layer: int
     direction: Direction
-    grad_norm: tuple[float, ...]  # ||dL/dh_t||_2 over the batch
+    grad_norm: tuple[float, ...]  # ||dL/dh_t||_2 over the batch (examples alive at t)
     cell_grad_norm: tuple[float, ...] | None  # ||dL/dc_t||_2 (LSTM only)
     state_grad_norm: tuple[float, ...]  # sqrt(grad_norm^2 + cell_grad_norm^2)
-    ratio: tuple[float, ...]  # state_grad_norm[t] / state_grad_norm[final step]
-    final_step: int  # T-1 forward, 0 reverse
+    # r at distance k = |t - final_step| from every reference (rnndiag.credit); None where no
+    # reference reaches that far (steps after the last scored position, or beyond every length)
+    ratio: tuple[float | None, ...]
+    final_step: int  # the latest reference step (forward), the earliest (reverse)
     growth_per_step: float | None
     horizon: int | None
     sigma_max_hh: float
@@ -162,18 +186,10 @@ class LayerDiagnosis:
     forget_bias: ForgetBias | None
     spans: tuple[Span, ...]
     verdict: Verdict
-    # With a loss that has a term at every step: the same series for the term at this
-    # direction's final step alone (t = T-1 forward, t = 0 reverse). Ratios, spans, growth,
-    # horizon and verdict then use `reach_state_grad_norm` (see `verdict_series`).
-    reach_grad_norm: tuple[float, ...] | None = None
-    reach_cell_grad_norm: tuple[float, ...] | None = None
-    reach_state_grad_norm: tuple[float, ...] | None = None
-
-    @property
-    def verdict_series(self) -> str:
-        return "state_grad_norm" if self.reach_state_grad_norm is None \
-            else "reach_state_grad_norm"
-
+    basis: RatioBasis = RatioBasis.LOSS
+    references: int = 0  # (example, position) references pooled into `ratio`
+    skipped_references: int = 0  # references left out: their own gradient is zero
+    credit: Credit | None = None  # basis CREDIT only
 
 @dataclass(frozen=True)
 class ModuleDiagnosis:
@@ -303,3 +319,7 @@ class CheckOptions:
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     max_memory: int | None = None  # bytes; None: half of physical memory
     debug: bool = False  # let a bug in rnndiag raise (for the traceback) instead of reporting it
+    state_key: str | None = None  # --state-key: the sub-dict of a container holding the weights
+    output_key: str | None = None  # --output-key: which element of a tuple/dict output to score
+    time_axis: int | None = None  # --time-axis 0|1 of the output; None: from sizes
+    ignore_index: int = -100  # cross-entropy targets with this value are not scored

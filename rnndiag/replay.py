@@ -47,6 +47,7 @@ class StepAdjoints:
     # from dh and h where needed (rnndiag.pergrad).
     dpre: Tensor | None = None
     dxn: Tensor | None = None
+    alive: Tensor | None = None  # (T, B) bool: step t exists for example b (variable lengths)
 
 
 @dataclass(frozen=True)
@@ -101,13 +102,23 @@ def zero_states(spec: ModuleSpec, batch: int, like: Tensor) -> tuple[Tensor, Ten
     return h0, like.new_zeros(n, batch, spec.hidden_size).requires_grad_()
 
 
+def alive_mask(lengths: Tensor, steps: int) -> Tensor:
+    """(T, B) bool: t < lengths[b]."""
+    return torch.arange(steps, device=lengths.device).unsqueeze(1) < lengths.unsqueeze(0)
+
+
 def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: Tensor,
            c0: Tensor | None, capture: Capture | None = None, top_output: bool = True,
-           ) -> Unrolled:
+           alive: Tensor | None = None) -> Unrolled:
     """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state;
     with a `capture`, every state is watched by its hooks (one chain per layer and direction).
     Without `top_output` the top layer's outputs are not stacked (saving a copy while the
-    graph is alive)."""
+    graph is alive).
+
+    Variable lengths, as a PackedSequence runs: with `alive` (T, B), a step that does not exist
+    for an example keeps its state unchanged (h_t = h_{t-1} forward; reverse, the state stays
+    h0 until the example's last step), so each example runs exactly on its own length, h_n
+    holds its own final state, and the captured adjoints of such steps are zero."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -120,7 +131,7 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
             weights = LayerWeights.of(spec, params, layer, direction)
             stack = top_output or layer < spec.num_layers - 1
             s = _run_direction(spec, weights, layer_input, layer, direction, h0[index],
-                               None if c0 is None else c0[index], capture, stack)
+                               None if c0 is None else c0[index], capture, stack, alive)
             kept.append(s)
             last = final_step(direction, len(s.h))
             h_n.append(s.h[last])
@@ -136,13 +147,15 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
 
 def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                    direction: Direction, h: Tensor, c: Tensor | None,
-                   capture: Capture | None, stack: bool = True) -> DirectionStates:
+                   capture: Capture | None, stack: bool = True, alive: Tensor | None = None,
+                   ) -> DirectionStates:
     """Unroll one layer and direction from (h, c); states kept by time index t."""
     seq_len = x.shape[1]
     # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
     # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
     xs = input_terms(x, w, spec.cell_type).unbind(dim=1)
-    chain = capture.chain(layer, direction) if capture is not None else None
+    chain = capture.chain(layer, direction, alive) if capture is not None else None
+    keep = None if alive is None else alive.unsqueeze(2).unbind(0)  # T of (B, 1)
     cell = unit(spec.cell_type)
     pre = chain is not None and capture is not None and capture.pre \
         and cell.captures_pre  # a plain RNN's is dh * phi'(a), from dh and h
@@ -153,7 +166,11 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
     for t in order:
         out = step_fn(nonlinearity, xs[t], h, c, w)
-        h, c = out.h, out.c
+        if keep is None:
+            h, c = out.h, out.c
+        else:
+            h = torch.where(keep[t], out.h, h)
+            c = None if c is None or out.c is None else torch.where(keep[t], out.c, c)
         hs[t] = h
         if cs is not None:
             cs[t] = c
@@ -182,8 +199,8 @@ class Chain:
     copies the state's total gradient into row t of that pass's buffer for its slot.
     """
 
-    def __init__(self, layer: int, direction: Direction) -> None:
-        self.layer, self.direction = layer, direction
+    def __init__(self, layer: int, direction: Direction, alive: Tensor | None = None) -> None:
+        self.layer, self.direction, self.alive = layer, direction, alive
         self.steps = 0  # T: one more than the largest t watched
         self._like: dict[str, tuple[Tensor, tuple[int, ...]]] = {}  # slot -> (empty, (B, W))
         self._buffers: dict[str, Tensor] = {}  # slot -> (T, B, W), while a pass is open
@@ -209,17 +226,20 @@ class Chain:
             self._written[slot] = [False] * self.steps
 
     def close(self) -> StepAdjoints:
-        """Zero the rows no gradient reached (no path to L: gradient zero); hand them out."""
+        """Zero the rows no gradient reached (no path to L: gradient zero) and the steps past an
+        example's length; hand them out."""
         for slot, buffer in self._buffers.items():
             for t, done in enumerate(self._written[slot]):
                 if not done:
                     buffer[t].zero_()
+            if self.alive is not None:
+                buffer.mul_(self.alive.reshape(*self.alive.shape, *[1] * (buffer.dim() - 2)))
         found = {slot: self._buffers.get(slot) for slot in SLOTS}
         self._buffers, self._written = {}, {}
         dh = found["dh"]
         assert dh is not None  # every chain watches its states
         return StepAdjoints(self.layer, self.direction, dh, found["dc"], found["dpre"],
-                            found["dxn"])
+                            found["dxn"], self.alive)
 
 
 class Capture:
@@ -229,8 +249,8 @@ class Capture:
         self.pre = pre  # also watch pre-activations (the clip norms of checkpoint mode)
         self.chains: list[Chain] = []
 
-    def chain(self, layer: int, direction: Direction) -> Chain:
-        self.chains.append(Chain(layer, direction))
+    def chain(self, layer: int, direction: Direction, alive: Tensor | None = None) -> Chain:
+        self.chains.append(Chain(layer, direction, alive))
         return self.chains[-1]
 
     def backward(self, loss: Tensor, roots: Sequence[Tensor], chains: Sequence[Chain],
@@ -255,9 +275,11 @@ def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
     return sum((h.pow(2).sum() for h in finals), finals[0].new_zeros(())) / (2 * batch)
 
 
-def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> ReplayResult:
+def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
+           lengths: Tensor | None = None) -> ReplayResult:
     """Run `spec` on `inputs` (B, T, I) with `params` (local names) and backpropagate the objective.
 
+    With `lengths` (B,), example b runs on its first lengths[b] steps only (see `unroll`).
     Weights are used as given (no gradient is taken for them); the zero initial state of each
     layer and direction is the leaf that puts every state on the autograd graph, and the one
     backward pass runs to those leaves, firing the capture hooks on the way.
@@ -265,7 +287,8 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor) -> Re
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
     capture = Capture(pre=True)
-    run = unroll(spec, params, inputs, h0, c0, capture=capture, top_output=False)
+    alive = None if lengths is None else alive_mask(lengths.to(inputs.device), inputs.shape[1])
+    run = unroll(spec, params, inputs, h0, c0, capture=capture, top_output=False, alive=alive)
     loss = objective(run.finals(spec), batch)
     found = capture.backward(loss, [h0] if c0 is None else [h0, c0], capture.chains)
     kept = tuple((torch.stack([h.detach() for h in s.h]), s.m) for s in run.states)

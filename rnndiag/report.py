@@ -26,6 +26,7 @@ from rnndiag.records import (
     ModuleDiagnosis,
     ModuleSpec,
     PascanuReading,
+    RatioBasis,
     Span,
     SpanKind,
     StaticLayer,
@@ -158,11 +159,15 @@ def _module(m: ModuleDiagnosis, f: FileDiagnosis, th: Thresholds) -> list[Render
                           describe(m), "  ", Text(m.verdict.value, style=VERDICT_STYLE[m.verdict]))
     fed = Text(f"  replayed on {safe(m.inputs)}: B={m.batch_size}, T={m.seq_len}{seed}; "
                f"L = {safe(m.objective)} = {fmt(m.loss)}", style="dim")
-    if any(d.reach_state_grad_norm is not None for d in m.layers):
-        fed.append("\n  the loss has a term at every step: verdicts use the reach of the "
-                   "term at each direction's final step alone (reach_state_grad_norm)")
+    if any(d.basis is RatioBasis.CREDIT for d in m.layers):
+        fed.append("\n  ratios are temporal credit: each scored position's own loss term, "
+                   "measured k steps back from that position")
+    for d in m.layers:
+        if d.skipped_references:
+            fed.append(f"\n  {layer_label(d)}: {d.skipped_references} reference(s) skipped: "
+                       "no gradient at the reference step itself")
     return [title, fed, _layers_table(m.layers), FlowStrips(m.layers, th),
-            *_spans_table(m.layers)]
+            *_spans_table(m.layers), *_credit(m.layers, th)]
 
 
 def layer_label(d: LayerDiagnosis) -> str:
@@ -220,12 +225,17 @@ def buckets(n: int, width: int) -> list[range]:
     return [range(edges[i], edges[i + 1]) for i in range(count)]
 
 
-def strip(ratios: Sequence[float], width: int, th: Thresholds) -> Iterator[tuple[str, str]]:
-    """(glyph, style) per bucket; a bucket shows its most extreme r_t (farthest from 1)."""
+def strip(ratios: Sequence[float | None], width: int, th: Thresholds,
+          ) -> Iterator[tuple[str, str]]:
+    """(glyph, style) per bucket; a bucket shows its most extreme r_t (farthest from 1); a
+    bucket no reference reaches is blank."""
     lo = math.log10(th.vanish) - STRIP_DECADES_BELOW
     hi = math.log10(th.explode)
     for bucket in buckets(len(ratios), width):
-        values = [ratios[t] for t in bucket]
+        values = [r for r in (ratios[t] for t in bucket) if r is not None]
+        if not values:
+            yield " ", "dim"
+            continue
         if any(not math.isfinite(r) for r in values):
             yield NONFINITE_GLYPH, "bold red"
             continue
@@ -234,6 +244,42 @@ def strip(ratios: Sequence[float], width: int, th: Thresholds) -> Iterator[tuple
         index = round((min(max(level, lo), hi) - lo) / (hi - lo) * (len(GLYPHS) - 1))
         style = "red" if r > th.explode else "yellow" if r < th.vanish else "green"
         yield GLYPHS[index], style
+
+
+CREDIT_ROWS = 4  # sampled positions drawn per layer in the text report (all are in the JSON)
+
+
+def _credit(layers: Sequence[LayerDiagnosis], th: Thresholds) -> list[RenderableType]:
+    """The credit matrix in a few lines: for some sampled positions s, ||dL_s/dh_t|| relative
+    to ||dL_s/dh_s|| over t, drawn like the ratio strips."""
+    lines: list[RenderableType] = []
+    for d in layers:
+        if d.credit is None or not d.credit.positions:
+            continue
+        rows = list(zip(d.credit.positions, d.credit.norms, strict=True))
+        step = max(1, math.ceil(len(rows) / CREDIT_ROWS))
+        lines.append(Text(f"  {layer_label(d)} credit of the term at position s, by step t:",
+                          style="dim"))
+        lines.extend(CreditRow(s, norms, th) for s, norms in rows[::-1][::step][::-1])
+    return lines
+
+
+class CreditRow:
+    """One sampled position s: ||dL_s/dh_t|| / ||dL_s/dh_s|| over t, bucketed like a strip."""
+
+    def __init__(self, s: int, norms: Sequence[float], th: Thresholds) -> None:
+        self.s, self.th = s, th
+        ref = norms[s]
+        self.r: list[float | None] = [None if ref == 0 else x / ref for x in norms]
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        prefix, suffix = f"  {f's={self.s}':>8} t=0 ", f" {len(self.r) - 1}"
+        width = max(4, min(options.max_width - len(prefix) - len(suffix), 120))
+        line = Text(prefix, no_wrap=True, overflow="crop")
+        for glyph, style in strip(self.r, width, self.th):
+            line.append(glyph, style=style)
+        line.append(suffix, style="dim")
+        yield line
 
 
 def _spans_table(layers: Sequence[LayerDiagnosis]) -> list[RenderableType]:

@@ -1,15 +1,23 @@
-"""Captured adjoints -> per-step norm series -> a LayerDiagnosis (norms in float64)."""
+"""Captured adjoints -> per-step norm series and ratios -> a LayerDiagnosis (float64 norms)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from rnndiag import analysis
-from rnndiag.records import LayerDiagnosis, StaticLayer, Thresholds
-from rnndiag.replay import StepAdjoints, final_step
+from rnndiag import analysis, credit
+from rnndiag.records import (
+    Credit,
+    LayerDiagnosis,
+    RatioBasis,
+    StaticLayer,
+    Thresholds,
+)
+from rnndiag.replay import StepAdjoints
 
 
 def series_norms(adjoint: Tensor) -> tuple[float, ...]:
@@ -31,31 +39,56 @@ def norms(adj: StepAdjoints) -> tuple[tuple[float, ...], tuple[float, ...] | Non
     return grad, cell, state
 
 
+@dataclass(frozen=True)
+class Row:
+    """One credit pass of one layer and direction, reduced at once to sq[t, b]
+    (rnndiag.credit.state_sq), with each example's reference step (-1: none); `position` is
+    the sampled output position, None for the pass at each example's last (reverse: first)
+    scored position."""
+
+    sq: Tensor
+    refs: Tensor
+    alive: Tensor | None
+    position: int | None = None
+
+
 def layer_diagnosis(adj: StepAdjoints, st: StaticLayer, th: Thresholds,
-                    reach: StepAdjoints | None = None) -> LayerDiagnosis:
-    """Analyse `adj`, or `reach` (the last step's loss term alone) when one is given."""
+                    rows: Sequence[Row] | None = None, skipped: Sequence[int] = ()
+                    ) -> LayerDiagnosis:
+    """Analyse the loss's adjoints `adj`; the ratios come from the credit `rows` when given
+    (basis `credit`), else from `adj` against each example's last reached step (`loss`)."""
     grad, cell, state = norms(adj)
-    reach_grad, reach_cell, reach_state = norms(reach) if reach is not None else (None,) * 3
-    used = reach_state if reach_state is not None else state
-    final = final_step(adj.direction, adj.dh.shape[0])
-    r = analysis.ratios(used, final)
+    direction = adj.direction
+    if rows is None:
+        sq = credit.state_sq(adj)
+        pooled = credit.pool(sq, credit.reached(sq, direction), direction, adj.alive)
+        found_credit = None
+    else:
+        pooled = credit.merge([credit.pool(row.sq, row.refs, direction, row.alive)
+                               for row in rows], direction)
+        sampled = [row for row in rows if row.position is not None]
+        found_credit = Credit(tuple(row.position for row in sampled if row.position is not None),
+                              tuple(credit.norms_over_batch(row.sq) for row in sampled),
+                              tuple(skipped))
+    r, final = credit.ratio_series(pooled, direction)
     found = analysis.spans(r, th)
     return LayerDiagnosis(
         layer=adj.layer,
-        direction=adj.direction,
+        direction=direction,
         grad_norm=grad,
         cell_grad_norm=cell,
         state_grad_norm=state,
         ratio=r,
         final_step=final,
-        growth_per_step=analysis.growth_per_step(used, final),
+        growth_per_step=analysis.growth_per_step(r, final),
         horizon=analysis.horizon(r, final, th),
         sigma_max_hh=st.sigma_max_hh,
         pascanu=st.pascanu,
         forget_bias=st.forget_bias,
         spans=found,
         verdict=analysis.verdict(found),
-        reach_grad_norm=reach_grad,
-        reach_cell_grad_norm=reach_cell,
-        reach_state_grad_norm=reach_state,
+        basis=RatioBasis.LOSS if rows is None else RatioBasis.CREDIT,
+        references=pooled.references,
+        skipped_references=pooled.skipped,
+        credit=found_credit,
     )

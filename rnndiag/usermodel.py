@@ -22,12 +22,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from rnndiag.cells import unit
 from rnndiag.errors import ArchitectureError, BatchError, OptionError, RnnDiagError
 from rnndiag.records import Direction, ModuleKind, ModuleSpec
-from rnndiag.replay import Capture, Chain, DirectionStates, Unrolled, unroll, zero_states
+from rnndiag.replay import (
+    Capture,
+    Chain,
+    DirectionStates,
+    Unrolled,
+    alive_mask,
+    unroll,
+    zero_states,
+)
 
 STACKED: dict[type[nn.Module], ModuleKind] = {nn.RNN: ModuleKind.RNN, nn.LSTM: ModuleKind.LSTM,
                                               nn.GRU: ModuleKind.GRU}
@@ -266,12 +274,16 @@ def _replay_forward(rec: Record, cap: Capture) -> Callable[..., Any]:
     spec = rec.spec
 
     def forward(input: Any, hx: Any = None) -> Any:  # nn.RNN.forward's own names
-        if isinstance(input, PackedSequence):
-            raise BatchError(f"{rec.name}: packed sequences are not supported; pass the padded "
-                             "tensor (the diagnosis then includes the padding steps)")
-        unbatched = input.dim() == 2
-        x = input.unsqueeze(0) if unbatched else (input if m.batch_first
-                                                  else input.transpose(0, 1))
+        packed = input if isinstance(input, PackedSequence) else None
+        alive = None
+        if packed is not None:  # each example runs on its own length, as the fused kernel
+            x, lengths = pad_packed_sequence(packed, batch_first=True)
+            alive = alive_mask(lengths.to(x.device), x.shape[1])
+            unbatched = False
+        else:
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(0) if unbatched else (input if m.batch_first
+                                                      else input.transpose(0, 1))
         # zero leaves: the roots every state's hook lies on the way to; a given state is
         # added to them, so its value is unchanged and its own gradient still flows
         h0, c0 = zero_states(spec, x.shape[0], x)
@@ -281,12 +293,14 @@ def _replay_forward(rec: Record, cap: Capture) -> Callable[..., Any]:
             h0 = h0 + (h_given.unsqueeze(1) if unbatched else h_given)
             if c_given is not None and c0 is not None:
                 c0 = c0 + (c_given.unsqueeze(1) if unbatched else c_given)
-        run = unroll(spec, dict(m.named_parameters()), x, h0, c0, capture=cap)
+        run = unroll(spec, dict(m.named_parameters()), x, h0, c0, capture=cap, alive=alive)
         rec.calls.append((run, roots))
-        out = run.output
+        out: Any = run.output
         assert out is not None  # unrolled with top_output=True
         h_n, c_n = run.h_n, run.c_n
-        if unbatched:
+        if packed is not None:
+            out = _repack(out, packed)
+        elif unbatched:
             out, h_n = out.squeeze(0), h_n.squeeze(1)
             c_n = None if c_n is None else c_n.squeeze(1)
         elif not m.batch_first:
@@ -294,6 +308,15 @@ def _replay_forward(rec: Record, cap: Capture) -> Callable[..., Any]:
         return out, ((h_n, c_n) if c_n is not None else h_n)
 
     return forward
+
+
+def _repack(out: Tensor, like: PackedSequence) -> PackedSequence:
+    """(B, T, W) outputs in the batch's own order -> a PackedSequence laid out as `like`."""
+    order = like.sorted_indices
+    ordered = out if order is None else out.index_select(0, order.to(out.device))
+    steps = like.batch_sizes.tolist()  # examples alive at each step, longest first
+    data = torch.cat([ordered[:n, t] for t, n in enumerate(steps)])
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 def final_states(recording: Recording) -> list[Tensor]:

@@ -13,14 +13,13 @@ TH = Thresholds()
 V, E = SpanKind.VANISHING, SpanKind.EXPLODING
 
 
-def test_ratios_relative_to_final_step() -> None:
-    assert analysis.ratios([4.0, 2.0, 1.0], final=2) == (4.0, 2.0, 1.0)
-    assert analysis.ratios([4.0, 2.0, 1.0], final=0) == (1.0, 0.5, 0.25)
-
-
-def test_ratios_with_zero_or_nonfinite_reference() -> None:
-    assert analysis.ratios([0.0, 3.0, 0.0], final=2) == (0.0, math.inf, 0.0)
-    assert all(math.isnan(r) for r in analysis.ratios([1.0, math.inf], final=1))
+def test_none_breaks_spans_and_is_ignored() -> None:
+    th = Thresholds()
+    r = [1e-5, None, 1e-5, 1.0, None]
+    assert analysis.spans(r, th) == (Span(SpanKind.VANISHING, 0, 0, 1e-5),
+                                     Span(SpanKind.VANISHING, 2, 2, 1e-5))
+    assert analysis.horizon(r, final=3, th=th) == 1
+    assert analysis.growth_per_step([None, 0.25, 0.5, 1.0, None], final=3) == 0.5
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from rnndiag import check_model
 from rnndiag.cli import main
 from rnndiag.records import FileDiagnosis
 from rnndiag.usermodel import capture
+from tests import credit_oracle
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -91,18 +92,36 @@ def test_tagger_per_step_cross_entropy(tmp_path: Path) -> None:
     for d in module.layers:
         want = _norms([h.grad for h in states[(d.layer, d.direction.value)]])
         assert d.grad_norm == pytest.approx(want, rel=1e-9)
-        assert d.verdict_series == "reach_state_grad_norm"
-    # oracle 2: the reach of the final step's term alone (t = T-1 forward, t = 0 reverse)
-    for direction, t in (("forward", T - 1), ("reverse", 0)):
-        for hs in states.values():
-            for h in hs:
-                h.grad = None
-        F.cross_entropy(logits[:, t], labels[:, t]).backward(retain_graph=True)
-        for d in module.layers:
-            if d.direction.value == direction:
-                want = _norms([h.grad if h.grad is not None else torch.zeros_like(h)
-                               for h in states[(d.layer, direction)]])
-                assert d.reach_grad_norm == pytest.approx(want, rel=1e-9, abs=1e-300)
+        assert d.basis.value == "credit"
+    # oracle 2: temporal credit. g = dL/dlogits; row "last": each example's last (reverse:
+    # first) position; one row per sampled position s (all 9 here), from <g at s, logits>
+    g = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1)),
+                            logits, retain_graph=True)[0]
+    everyone = [h for hs in states.values() for h in hs]
+
+    def row(mask: Tensor) -> dict[tuple[int, str], list[Tensor]]:
+        grads = torch.autograd.grad((logits * g * mask).sum(), everyone, retain_graph=True,
+                                    allow_unused=True)
+        flat = credit_oracle.zeros_for_none(grads, everyone)
+        return {key: flat[i * T:(i + 1) * T] for i, key in enumerate(states)}
+
+    for d in module.layers:
+        forward = d.direction.value == "forward"
+        last = T - 1 if forward else 0
+        mask = torch.zeros(B, T, 1, dtype=torch.float64)
+        mask[:, last] = 1
+        rows = [([last] * B, row(mask)[(d.layer, d.direction.value)], None)]
+        for s in credit_oracle.positions(T):
+            mask = torch.zeros(B, T, 1, dtype=torch.float64)
+            mask[:, s] = 1
+            rows.append(([s] * B, row(mask)[(d.layer, d.direction.value)], None))
+        want, final, used, skipped = credit_oracle.ratio(rows, forward, T)
+        assert d.final_step == final and (d.references, d.skipped_references) == (used, skipped)
+        assert d.ratio == pytest.approx(want, rel=1e-9)
+        assert d.credit is not None and list(d.credit.positions) == credit_oracle.positions(T)
+        for s, got_norms, (_, dh, _) in zip(d.credit.positions, d.credit.norms, rows[1:],
+                                             strict=True):
+            assert got_norms == pytest.approx(credit_oracle.norms(dh), rel=1e-9, abs=1e-300), s
 
 
 def test_lstmcell_loop_with_mse(tmp_path: Path) -> None:
@@ -112,7 +131,8 @@ def test_lstmcell_loop_with_mse(tmp_path: Path) -> None:
     got = _run(model, x, y, tmp_path)
     [module] = got.modules
     [d] = module.layers
-    assert module.spec.name == "cell" and module.seq_len == T and d.reach_grad_norm is None
+    assert module.spec.name == "cell" and module.seq_len == T and d.credit is None
+    assert d.basis.value == "loss"
     hs, cs = [], []
     h = x.new_zeros(B, 12)
     c = torch.zeros_like(h)

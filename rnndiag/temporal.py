@@ -1,0 +1,209 @@
+"""The scored output's batch and time axes, and the temporal credit passes over it (model mode).
+
+Axes: the batch size B is the recurrent states' own (h_t is (B, H)), never a guess from the
+inputs. A scored output tensor has a time axis when one of its first two axes is B and the
+other is the step count T of a recorded recurrent sequence: (B, T, ...) batch-first or
+(T, B, ...) time-major; a leading (T*B, ...) or (B*T, ...) axis, as code that flattens for a
+Linear head makes, is unflattened following the recurrent module's `batch_first`. When B == T
+the sizes cannot tell: `--time-axis` must. Under cross-entropy the last axis holds classes and
+is never the time axis.
+
+The credit passes (definitions in rnndiag.credit): with g = dL/d(output), one backward pass of
+<g restricted to each example's last scored position, output> (first scored position, for
+reverse directions), and one of <g restricted to s, output> for each of up to `SAMPLES`
+positions s spread over the sequence. A position is scored by an example when g is non-zero
+there; positions scored by no example are skipped and listed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rnndiag import credit
+from rnndiag.errors import BatchError
+from rnndiag.records import Direction
+from rnndiag.replay import Capture, DirectionStates
+from rnndiag.series import Row
+
+SAMPLES = 16  # sampled positions per credit matrix, besides each example's last scored one
+
+View = Callable[[Tensor], Tensor]  # a scored tensor (or its gradient) -> (B, T, ...)
+
+
+@dataclass(frozen=True)
+class Axes:
+    """Where batch and time are: `time_major` for slicing inputs; `steps` T of the scored
+    output (None: it has no time axis)."""
+
+    batch: int
+    time_major: bool
+    steps: int | None = None
+
+
+def tensors_of(output: Any) -> list[Tensor]:
+    """Every tensor in a (nested) tuple, list or dict output, in order."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, Mapping):
+        return [t for v in output.values() for t in tensors_of(v)]
+    if isinstance(output, tuple | list):
+        return [t for v in output for t in tensors_of(v)]
+    return []
+
+
+def sequence_view(x: Tensor, batch: int, steps: Mapping[int, bool | None],
+                  time_axis: int | None, classes_last: bool) -> tuple[int, View, bool] | None:
+    """(T, a view to (B, T, ...), time-major) when `x` has a batch and a time axis; `steps`
+    maps each recorded sequence length T to its module's batch_first (None for cells)."""
+    usable = x.dim() - (1 if classes_last else 0)  # axes that may be batch or time
+    if usable >= 2:
+        d0, d1 = x.shape[0], x.shape[1]
+        if time_axis is not None:
+            t = x.shape[time_axis]
+            if x.shape[1 - time_axis] == batch and t in steps:
+                return t, _identity if time_axis == 1 else _swap, time_axis == 0
+            return None
+        if d0 == batch and d1 == batch and batch in steps:
+            raise BatchError(f"the scored output {tuple(x.shape)} has batch size and sequence "
+                             f"length both {batch}: say which axis is time with --time-axis 0 "
+                             "(time-major) or 1 (batch-first)")
+        if d0 == batch and d1 in steps:
+            return d1, _identity, False
+        if d1 == batch and d0 in steps:
+            return d0, _swap, True
+    if usable >= 1:
+        for t, batch_first in steps.items():
+            if batch_first is not None and t > 1 and x.shape[0] == t * batch:
+                return t, _unflatten(batch, t, batch_first), not batch_first
+    return None
+
+
+def _identity(v: Tensor) -> Tensor:
+    return v
+
+
+def _swap(v: Tensor) -> Tensor:
+    return v.transpose(0, 1)
+
+
+def _unflatten(batch: int, steps: int, batch_first: bool) -> View:
+    if batch_first:
+        return lambda v: v.unflatten(0, (batch, steps))
+    return lambda v: v.unflatten(0, (steps, batch)).transpose(0, 1)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The scored output's tensors that have a time axis of length `steps`, viewed (B, T, ...),
+    with the loss's gradient g for each (same views)."""
+
+    steps: int
+    views: tuple[Tensor, ...]
+    grads: tuple[Tensor, ...]
+    time_major: bool
+
+    def scored(self) -> Tensor:
+        """(B, T) bool: example b has a loss term at position s (g non-zero there)."""
+        found = torch.zeros(self.grads[0].shape[:2], dtype=torch.bool,
+                            device=self.grads[0].device)
+        for g in self.grads:
+            found |= (g != 0).flatten(2).any(2) if g.dim() > 2 else g != 0
+        return found
+
+    def term(self, mask: Tensor) -> Tensor:
+        """<g restricted to `mask` (B, T), output>: the loss's terms at those positions."""
+        total = self.views[0].new_zeros(())
+        for v, g in zip(self.views, self.grads, strict=True):
+            m = mask.reshape(*mask.shape, *[1] * (g.dim() - 2)).to(g.dtype)
+            total = total + (v * (g * m).detach()).sum()
+        return total
+
+
+def scored_sequences(loss: Tensor, output: Any, batch: int,
+                     steps: Mapping[int, bool | None], time_axis: int | None,
+                     classes_last: bool) -> Scored | None:
+    """The scored output's sequence tensors and their gradients; None when none has a time
+    axis (a loss on a pooled output: the whole loss is the last step's term)."""
+    found: list[tuple[Tensor, int, View, bool]] = []
+    for x in tensors_of(output):
+        if x.requires_grad and x.is_floating_point():
+            seen = sequence_view(x, batch, steps, time_axis, classes_last)
+            if seen is not None:
+                found.append((x, *seen))
+    if not found:
+        return None
+    length = found[0][1]
+    found = [f for f in found if f[1] == length]
+    grads = torch.autograd.grad(loss, [x for x, *_ in found], retain_graph=True,
+                                allow_unused=True)
+    kept = [(view(x), view(g)) for (x, _, view, _), g in zip(found, grads, strict=True)
+            if g is not None]
+    if not kept:
+        return None
+    return Scored(length, tuple(v for v, _ in kept), tuple(g for _, g in kept), found[0][3])
+
+
+def positions(steps: int, count: int = SAMPLES) -> list[int]:
+    """Up to `count` positions spread evenly over 0..steps-1, both ends included."""
+    n = min(count, steps)
+    if n == 1:
+        return [steps - 1]
+    return sorted({round(i * (steps - 1) / (n - 1)) for i in range(n)})
+
+
+@dataclass
+class CreditRows:
+    """The credit rows of every aligned state (by index into the flat list of states)."""
+
+    rows: dict[int, list[Row]] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)  # sampled positions no example scores
+    unscored: int = 0  # examples that score no position at all
+
+
+def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capture,
+                roots: Sequence[Tensor], batch: int) -> CreditRows:
+    """Run the credit passes for every state whose steps are the scored positions."""
+    aligned = [i for i, s in enumerate(states) if s.chain is not None
+               and s.chain.steps == scored.steps and s.h[0].shape[0] == batch]
+    out = CreditRows({i: [] for i in aligned})
+    if not aligned:
+        return out
+    hit = scored.scored()  # (B, T)
+    out.unscored = int((~hit.any(1)).sum())
+    steps = torch.arange(scored.steps, device=hit.device)
+    for direction in (Direction.FORWARD, Direction.REVERSE):
+        picked = [i for i in aligned if states[i].direction is direction]
+        if not picked:
+            continue
+        if direction is Direction.FORWARD:
+            refs = torch.where(hit, steps, -1).amax(1)
+        else:
+            first = torch.where(hit, steps, scored.steps).amin(1)
+            refs = torch.where(first == scored.steps, -1, first)
+        mask = (steps.unsqueeze(0) == refs.unsqueeze(1)) & (refs.unsqueeze(1) >= 0)
+        _pass(scored.term(mask), refs, None, picked, states, capture, roots, out)
+    for s in positions(scored.steps):
+        column = hit[:, s]
+        if not bool(column.any()):
+            out.skipped.append(s)
+            continue
+        mask = torch.zeros_like(hit)
+        mask[:, s] = column
+        refs = torch.where(column, s, -1)
+        _pass(scored.term(mask), refs, s, aligned, states, capture, roots, out)
+    return out
+
+
+def _pass(term: Tensor, refs: Tensor, position: int | None, picked: Sequence[int],
+          states: Sequence[DirectionStates], capture: Capture, roots: Sequence[Tensor],
+          out: CreditRows) -> None:
+    chains = [states[i].chain for i in picked]
+    found = capture.backward(term, roots, [c for c in chains if c is not None],
+                             retain_graph=True)
+    for i, adj in zip(picked, found, strict=True):
+        out.rows[i].append(Row(credit.state_sq(adj), refs, adj.alive, position))

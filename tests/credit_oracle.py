@@ -1,0 +1,82 @@
+"""An independent, loop-by-loop oracle of rnndiag's ratio definition (README, "What is measured").
+
+Inputs come from plain autograd on a hand-unrolled model: for each backward pass ("row"), the
+gradient reaching every state, grads[t] of shape (B, H) (an LSTM's cell-state gradient is
+passed as a second list and added), and each example's reference step (-1: none). Nothing here
+imports rnndiag.
+
+    r(k)^2 = sum over rows and examples b reaching k of ||g[ref_b -+ k][b]||^2
+             / sum of ||g[ref_b][b]||^2          (references with a zero gradient skipped)
+
+ratio[t] = r(|t - final|) on the side looked back on (t <= final forward, t >= final
+reverse), final being the latest (forward) / earliest (reverse) reference used; None elsewhere
+and where no reference reaches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Row = tuple[Sequence[int], Sequence[Tensor], Sequence[Tensor] | None]  # refs, dh[t], dc[t]
+
+
+def _sq(dh: Sequence[Tensor], dc: Sequence[Tensor] | None, t: int, b: int) -> float:
+    total = float(dh[t][b].double().pow(2).sum())
+    if dc is not None:
+        total += float(dc[t][b].double().pow(2).sum())
+    return total
+
+
+def ratio(rows: Sequence[Row], forward: bool, steps: int,
+          alive: Sequence[Sequence[bool]] | None = None,
+          ) -> tuple[list[float | None], int, int, int]:
+    """(ratio by t, final_step, references used, references skipped)."""
+    num, den = [0.0] * steps, [0.0] * steps
+    used, skipped, finals = 0, 0, []
+    for refs, dh, dc in rows:
+        for b, s in enumerate(refs):
+            if s < 0:
+                continue
+            ref = _sq(dh, dc, s, b)
+            if ref == 0.0:
+                skipped += 1
+                continue
+            used += 1
+            finals.append(s)
+            for t in range(steps):
+                k = s - t if forward else t - s
+                if k < 0 or (alive is not None and not alive[t][b]):
+                    continue
+                num[k] += _sq(dh, dc, t, b)
+                den[k] += ref
+    if not finals:
+        return [None] * steps, steps - 1 if forward else 0, used, skipped
+    final = max(finals) if forward else min(finals)
+    r = [None if d == 0.0 else math.sqrt(n / d) for n, d in zip(num, den, strict=True)]
+    out: list[float | None] = []
+    for t in range(steps):
+        k = final - t if forward else t - final
+        out.append(r[k] if k >= 0 else None)
+    return out, final, used, skipped
+
+
+def positions(steps: int, count: int = 16) -> list[int]:
+    """The sampled positions: up to 16 spread evenly over 0..steps-1, both ends included."""
+    n = min(count, steps)
+    if n == 1:
+        return [steps - 1]
+    return sorted({round(i * (steps - 1) / (n - 1)) for i in range(n)})
+
+
+def norms(dh: Sequence[Tensor], dc: Sequence[Tensor] | None = None) -> list[float]:
+    """||.||_2 over the batch at each t (state incl. cell)."""
+    return [math.sqrt(sum(_sq(dh, dc, t, b) for b in range(dh[t].shape[0])))
+            for t in range(len(dh))]
+
+
+def zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True)]
