@@ -56,6 +56,9 @@ def validate(options: CheckOptions) -> None:
         raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
     if not 0.0 <= options.clip_percentile <= 100.0:
         raise OptionError(f"--clip-percentile must be within 0..100, got {options.clip_percentile}")
+    if options.time_axis not in (None, 0, 1):
+        raise OptionError(f"--time-axis must be 0 (time-major) or 1 (batch-first), got "
+                          f"{options.time_axis}")
     th = options.thresholds
     if not 0.0 < th.vanish < 1.0 < th.explode < float("inf"):
         raise OptionError("thresholds must satisfy 0 < --vanish-threshold < 1 < "

@@ -30,7 +30,7 @@ from rnndiag.records import CheckOptions, ClipSuggestion, ModuleDiagnosis
 from rnndiag.replay import StepAdjoints, objective
 from rnndiag.series import layer_diagnosis
 from rnndiag.temporal import CreditRows, credit_rows, scored_sequences
-from rnndiag.usermodel import Recording, Sequence_, call_model, capture, final_states
+from rnndiag.usermodel import Recording, Sequence_, call_model, capture, eager, final_states
 
 _POSITIONAL = re.compile(r"^inputs\.(\d+)\Z")
 _KEYWORD = re.compile(r"^inputs\.([A-Za-z_]\w*)\Z")
@@ -54,7 +54,9 @@ class ModelInputs:
 
     def rows(self, index: Tensor, slicing: Slicing) -> ModelInputs:
         """The examples `index` of every tensor that has the batch axis (see `Slicing`)."""
-        return self.map(partial(slicing.rows, index))
+        part = ModelInputs(self.args, self.kwargs).map(partial(slicing.rows, index))
+        return replace(part, targets=None if self.targets is None
+                       else slicing.target_rows(index, self.targets))
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,19 @@ class Slicing:
         if x.dim() >= 1 and x.shape[0] == self.batch:
             return x[index]
         return x
+
+    def target_rows(self, index: Tensor, y: Tensor) -> Tensor:
+        """As `rows`; targets may also be flattened, (T*B, ...) time-major or (B*T, ...)."""
+        n = y.shape[0] if y.dim() else 0
+        if n == self.batch or n % self.batch or (y.dim() >= 2 and y.shape[1] == self.batch):
+            return self.rows(index, y)
+        index = index.to(y.device)
+        steps = n // self.batch
+        if self.time_major:
+            grid: Tensor = y.reshape(steps, self.batch, *y.shape[1:])[:, index]
+        else:
+            grid = y.reshape(self.batch, steps, *y.shape[1:])[index]
+        return grid.flatten(0, 1)
 
 
 def inputs_of(inputs: Any, targets: Tensor | None = None) -> ModelInputs:
@@ -256,7 +271,7 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
           options: CheckOptions) -> ClipSuggestion:
     params = [p for p in model.parameters() if p.requires_grad]
     k = clip.batches_for(options.clip_batches, slicing.batch)
-    with _eval(model):
+    with _eval(model), eager():
         norms = clip.minibatch_norms(partial(_rows_loss, model, loss_def, inputs, slicing),
                                      params, slicing.batch, k)
     return clip.suggest(norms, options.clip_percentile, "model",

@@ -251,10 +251,11 @@ CREDIT_ROWS = 4  # sampled positions drawn per layer in the text report (all are
 
 def _credit(layers: Sequence[LayerDiagnosis], th: Thresholds) -> list[RenderableType]:
     """The credit matrix in a few lines: for some sampled positions s, ||dL_s/dh_t|| relative
-    to ||dL_s/dh_s|| over t, drawn like the ratio strips."""
+    to ||dL_s/dh_s|| over t, drawn like the ratio strips (the top layer of each module)."""
     lines: list[RenderableType] = []
-    for d in layers:
-        if d.credit is None or not d.credit.positions:
+    top = max((d.layer for d in layers if d.credit is not None), default=None)
+    for d in layers:  # the top layer's: the one the loss reads (all layers are in the JSON)
+        if d.credit is None or not d.credit.positions or d.layer != top:
             continue
         rows = list(zip(d.credit.positions, d.credit.norms, strict=True))
         step = max(1, math.ceil(len(rows) / CREDIT_ROWS))
@@ -270,7 +271,8 @@ class CreditRow:
     def __init__(self, s: int, norms: Sequence[float], th: Thresholds) -> None:
         self.s, self.th = s, th
         ref = norms[s]
-        self.r: list[float | None] = [None if ref == 0 else x / ref for x in norms]
+        # a zero is no path at all (a state after s, in a causal direction): drawn blank
+        self.r: list[float | None] = [None if ref == 0 or x == 0 else x / ref for x in norms]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         prefix, suffix = f"  {f's={self.s}':>8} t=0 ", f" {len(self.r) - 1}"
@@ -333,7 +335,9 @@ def _summary(files: Sequence[FileDiagnosis], th: Thresholds) -> RenderableType:
     body = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     lo = th.vanish / 10**STRIP_DECADES_BELOW
     legend = Text.assemble(
-        "\nr_t = ‖∂L/∂s_t‖ / ‖∂L/∂s_final‖ (s = h, and c for LSTM; L2 over the batch). Strip: ",
+        "\nr_t = ‖∂L/∂s_t‖ / ‖∂L/∂s_ref‖, k = |t - ref| steps from each example's reference "
+        "(its final step; under temporal credit, each scored position's own term); s = h, and "
+        "c for LSTM; L2 over the batch. Strip: ",
         (GLYPHS[0], "yellow"), f" r ≤ {lo:.0e} … ", (GLYPHS[-1], "red"),
         f" r ≥ {th.explode:.0e} (log scale), ", (NONFINITE_GLYPH, "bold red"), " non-finite; ",
         ("yellow", "yellow"), f" < {th.vanish:g}, ", ("red", "red"), f" > {th.explode:g}.",

@@ -200,7 +200,9 @@ def capture(model: nn.Module) -> Iterator[Recording]:
     modes = {m: m.training for m in model.modules()}
     handles = []
     patched = []
+    stance = contextlib.ExitStack()
     try:
+        stance.enter_context(eager())
         model.eval()
         for rec in recording.records:
             if rec.spec.kind.is_cell:
@@ -211,12 +213,21 @@ def capture(model: nn.Module) -> Iterator[Recording]:
                 patched.append(rec.module)
         yield recording
     finally:
+        stance.close()
         for module in patched:
             del module.forward
         for handle in handles:
             handle.remove()
         for m, training in modes.items():
             m.training = training
+
+
+def eager() -> contextlib.AbstractContextManager[Any]:
+    """Run torch.compile'd forwards as plain Python while the block runs: the replay and its
+    hooks are Python that a compiled graph would trace away (and compiling costs minutes)."""
+    if "torch._dynamo" not in sys.modules:  # nothing was compiled: no import of dynamo
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")  # type: ignore[no-any-return]
 
 
 def _tensor_attributes(model: nn.Module) -> dict[tuple[nn.Module, str], Any]:

@@ -1,0 +1,177 @@
+"""The pieces of the temporal credit measurement, each against a hand computation: pooling of
+references (rnndiag.credit), the scored output's axes (rnndiag.temporal), the output and loss
+choice (rnndiag.losses), mini-batch slicing of time-major and flattened tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rnndiag import credit
+from rnndiag.errors import BatchError
+from rnndiag.losses import choose, pick
+from rnndiag.modelcheck import ModelInputs, Slicing
+from rnndiag.records import Direction
+from rnndiag.temporal import positions, sequence_view
+
+FWD, REV = Direction.FORWARD, Direction.REVERSE
+
+
+def _sq(rows: list[list[float]]) -> Tensor:
+    """sq[t][b] from a (T, B) list."""
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_pool_per_example_references_and_lengths() -> None:
+    # example 0 ends at t=3 (sq 1, 4, 16, 64 going back), example 1 at t=1 (sq 9 at t=1, 1 at 0)
+    sq = _sq([[64.0, 1.0], [16.0, 9.0], [4.0, 0.0], [1.0, 0.0]])
+    p = credit.pool(sq, torch.tensor([3, 1]), FWD, None)
+    assert (p.references, p.skipped, p.final) == (2, 0, 3)
+    r = credit.by_distance(p)
+    assert r[0] == 1.0
+    assert r[1] == pytest.approx(math.sqrt((4.0 + 1.0) / (1.0 + 9.0)))
+    assert r[2] == pytest.approx(math.sqrt(16.0 / 1.0)) and r[3] == pytest.approx(8.0)
+    ratio, final = credit.ratio_series(p, FWD)
+    assert final == 3 and ratio[3] == 1.0 and ratio[0] == pytest.approx(8.0)
+
+
+def test_zero_reference_is_skipped_never_divided_by() -> None:
+    # the loss ignores example 1's reference step: without skipping, r would be inf (a false
+    # "exploding"); with it, example 1 simply does not count
+    sq = _sq([[4.0, 5.0], [1.0, 0.0]])
+    p = credit.pool(sq, torch.tensor([1, 1]), FWD, None)
+    assert (p.references, p.skipped) == (1, 1)
+    assert credit.by_distance(p)[:2] == (1.0, 2.0)
+
+
+def test_no_reference_at_all_gives_no_ratio() -> None:
+    p = credit.pool(_sq([[0.0], [0.0]]), torch.tensor([-1]), FWD, None)
+    ratio, final = credit.ratio_series(p, FWD)
+    assert ratio == (None, None) and final == 1 and p.references == 0
+
+
+def test_nonfinite_reference_is_nan_not_vanishing() -> None:
+    sq = _sq([[1.0], [math.inf]])
+    ratio, _ = credit.ratio_series(credit.pool(sq, torch.tensor([1]), FWD, None), FWD)
+    assert all(r is not None and math.isnan(r) for r in ratio)
+
+
+def test_reverse_direction_looks_ahead_within_each_length() -> None:
+    # example 1 has length 2: its step t=2 does not exist and must not count
+    sq = _sq([[1.0, 4.0], [0.25, 1.0], [0.0625, 7.0]])
+    alive = torch.tensor([[True, True], [True, True], [True, False]])
+    p = credit.pool(sq, torch.tensor([0, 0]), REV, alive)
+    r = credit.by_distance(p)
+    assert r[1] == pytest.approx(math.sqrt((0.25 + 1.0) / (1.0 + 4.0)))
+    assert r[2] == pytest.approx(math.sqrt(0.0625 / 1.0))
+
+
+def test_reached_is_the_last_nonzero_step() -> None:
+    sq = _sq([[1.0, 1.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert credit.reached(sq, FWD).tolist() == [1, 0, -1]
+    assert credit.reached(sq, REV).tolist() == [0, 0, -1]
+
+
+def test_merge_adds_rows() -> None:
+    a = credit.pool(_sq([[1.0], [4.0]]), torch.tensor([1]), FWD, None)
+    b = credit.pool(_sq([[9.0], [1.0]]), torch.tensor([0]), FWD, None)
+    m = credit.merge([a, b], FWD)
+    assert m.references == 2 and m.final == 1
+    assert credit.by_distance(m)[0] == pytest.approx(1.0)
+    assert credit.by_distance(m)[1] == pytest.approx(math.sqrt(1.0 / 4.0))
+
+
+def test_sampled_positions() -> None:
+    assert positions(1) == [0]
+    assert positions(5) == [0, 1, 2, 3, 4]
+    found = positions(100)
+    assert len(found) == 16 and found[0] == 0 and found[-1] == 99
+
+
+B, T = 3, 7
+STEPS = {T: True}
+
+
+@pytest.mark.parametrize(
+    ("shape", "steps", "time_axis", "want_major"),
+    [((B, T, 5), STEPS, None, False), ((T, B, 5), {T: False}, None, True),
+     ((B, T), STEPS, None, False), ((T * B, 5), {T: False}, None, True),
+     ((B * T, 5), STEPS, None, False), ((T, B, 5), STEPS, 0, True)],
+    ids=["batch-first", "time-major", "per-step-scalar", "flattened-time-major",
+         "flattened-batch-first", "time-axis-option"],
+)
+def test_sequence_view(shape: tuple[int, ...], steps: dict[int, bool | None],
+                       time_axis: int | None, want_major: bool) -> None:
+    x = torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+    found = sequence_view(x, B, steps, time_axis, classes_last=False)
+    assert found is not None
+    length, view, major = found
+    v = view(x)
+    assert length == T and major is want_major and tuple(v.shape[:2]) == (B, T)
+    if want_major:  # element (b, t) of the view is element (t, b) of the time-major tensor
+        assert torch.equal(v[1, 4].reshape(-1), x.reshape(T, B, -1)[4, 1])
+
+
+def test_class_axis_is_never_time() -> None:
+    assert sequence_view(torch.zeros(B, T), B, STEPS, None, classes_last=True) is None
+
+
+def test_equal_batch_and_length_needs_the_time_axis() -> None:
+    with pytest.raises(BatchError, match="--time-axis"):
+        sequence_view(torch.zeros(4, 4, 2), 4, {4: True}, None, classes_last=False)
+    found = sequence_view(torch.zeros(4, 4, 2), 4, {4: True}, 0, classes_last=False)
+    assert found is not None and found[2] is True
+
+
+def test_cross_entropy_ignores_padding_labels() -> None:
+    torch.manual_seed(0)
+    out, y = torch.randn(2, 5, 4), torch.randint(0, 4, (2, 5))
+    y[0, 3:] = -100
+    loss = choose(out, y, None, None)
+    want = F.cross_entropy(out.reshape(-1, 4), y.reshape(-1), ignore_index=-100)
+    assert loss.name == "cross_entropy" and torch.equal(loss(out, y), want)
+    y2 = y.clone()
+    y2[y2 == -100] = 7
+    assert choose(out, y2, None, None, ignore_index=7)(out, y2) == pytest.approx(float(want))
+    with pytest.raises(BatchError, match="nothing is scored"):
+        choose(out, torch.full((2, 5), -100), None, None)
+
+
+@pytest.mark.parametrize(
+    ("output", "fragment"),
+    [((torch.zeros(2, 5, 16), torch.zeros(2, 5, 4)), "all fit"),
+     ({"a": torch.zeros(2, 9)}, "none of its tensors fits")],
+    ids=["hidden-and-logits", "nothing-fits"],
+)
+def test_ambiguous_outputs_are_refused(output: object, fragment: str) -> None:
+    with pytest.raises(BatchError, match=fragment) as err:
+        choose(output, torch.zeros(2, 5, dtype=torch.long), None, None)
+    assert "--output-key" in str(err.value)
+
+
+def test_the_one_fitting_element_is_scored_and_named() -> None:
+    logits = torch.randn(2, 5, 4)
+    hidden = (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
+    loss = choose((logits, hidden), torch.zeros(2, 5, dtype=torch.long), None, None)
+    assert loss.key == "0"
+    assert choose({"x": {"y": logits}}, torch.zeros(2, 5, dtype=torch.long), None, None,
+                  key="x.y").key == "x.y"
+    assert pick((logits, hidden), "1.0") is hidden[0]
+    with pytest.raises(BatchError, match="no 'z'"):
+        pick({"x": logits}, "z")
+
+
+def test_time_major_and_flattened_slicing() -> None:
+    x = torch.arange(T * B).reshape(T, B)  # time-major tokens
+    static = torch.arange(B * 2).reshape(B, 2)
+    y = torch.arange(T * B)  # flattened (T*B,) targets, time-major order
+    part = ModelInputs((x, static), {}, y).rows(torch.tensor([2]), Slicing(B, time_major=True))
+    assert torch.equal(part.args[0], x[:, [2]]) and torch.equal(part.args[1], static[[2]])
+    assert part.targets is not None and torch.equal(part.targets, x[:, 2])
+    flat_bf = torch.arange(B * T)
+    got = Slicing(B, time_major=False).target_rows(torch.tensor([1]), flat_bf)
+    assert torch.equal(got, flat_bf.reshape(B, T)[1])
