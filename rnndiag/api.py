@@ -177,8 +177,10 @@ def check_files(paths: Iterable[str | Path], *, batch: str | Path | None = None,
 
 
 def inspect_files(paths: Iterable[str | Path], *, nonlinearity: str | None = None,
-                  debug: bool = False) -> Inspection:
-    """The static, data-free check of `rnndiag inspect` (torch-free for safetensors)."""
+                  debug: bool = False, state_key: str | None = None) -> Inspection:
+    """The static, data-free check of `rnndiag inspect` (torch-free for safetensors);
+    `state_key` selects an entry of a checkpoint container, as `check --state-key` does."""
     from rnndiag.inspection import inspect_file
 
-    return Inspection(tuple(inspect_file(Path(p), nonlinearity, debug) for p in paths))
+    return Inspection(tuple(inspect_file(Path(p), nonlinearity, debug, state_key=state_key)
+                            for p in paths))

@@ -1,8 +1,9 @@
 """Read tensors from `.safetensors` and torch `.pt/.pth/.ckpt` files, safely.
 
 Nothing in a file is ever executed: torch files go through `torch.load(weights_only=True)`,
-passed explicitly, with no fallback. Training-checkpoint containers are unwrapped and the
-wrapper prefixes of DataParallel (`module.`) and torch.compile (`_orig_mod.`) are dropped.
+passed explicitly, with no fallback. Training-checkpoint containers are unwrapped (or the entry
+`--state-key` names is taken), optimizer states are never read as weights, and the wrapper
+prefixes of DataParallel (`module.`) and torch.compile (`_orig_mod.`) are dropped.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import torch
 from torch import Tensor
 
 from rnndiag.errors import CheckpointError
-from rnndiag.files import check_readable, is_lfs_pointer, sniff_format
+from rnndiag.files import check_readable, first_segments, is_lfs_pointer, sniff_format, under_key
 from rnndiag.records import NonFiniteTensor
 from rnndiag.sources import RawFile, nonfinite, read
 
-# Keys under which training scripts nest the model's state dict (Lightning uses "state_dict").
-CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+# Keys under which training scripts nest the model's state dict, first found wins: Lightning,
+# mmcv and timm use "state_dict"; the PyTorch tutorials "model_state_dict"; "model_state" is
+# common in hand-written loops; torchvision's references, detectron2 and fairseq "model";
+# DeepSpeed "module". Not "ema"/"model_ema"/"state_dict_ema": averaged weights sit beside the
+# trained ones, and which to diagnose is the user's choice (--state-key).
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net")
 __all__ = ["Checkpoint", "check_readable", "is_lfs_pointer", "load_checkpoint",
            "nonfinite_weights", "read_tensors", "sniff_format"]
 
@@ -50,9 +55,10 @@ def _tensor(x: Any) -> Tensor:
     return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint's state dict; half-precision tensors are upcast to float32 (noted)."""
-    return checkpoint_of(read(path))
+def load_checkpoint(path: Path, *, state_key: str | None = None) -> Checkpoint:
+    """Read a checkpoint's state dict (the entry `state_key` names, when given); half-precision
+    tensors are upcast to float32 (noted)."""
+    return checkpoint_of(read(path, state_key=state_key))
 
 
 def checkpoint_of(raw: RawFile) -> Checkpoint:
@@ -64,16 +70,29 @@ def checkpoint_of(raw: RawFile) -> Checkpoint:
             upcast.append(f"{key} ({raw.dtypes[key]})")
             tensor = tensor.float()
         tensors[key] = tensor
-    notes = []
+    notes = list(raw.notes)
     if upcast:
         more = f" and {len(upcast) - 3} more" if len(upcast) > 3 else ""
         notes.append(f"upcast to float32: {', '.join(upcast[:3])}{more}")
     return Checkpoint(str(raw.path), raw.format, tensors, raw.metadata, tuple(notes))
 
 
-def torch_tensors(path: Path) -> dict[str, Tensor]:
-    """The flat name -> tensor state dict inside a torch file, read with weights_only=True."""
-    return _flatten(_torch_load(path), path)
+def torch_tensors(path: Path, *, state_key: str | None = None,
+                  ) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """(the flat name -> tensor state dict inside a torch file, notes), read with
+    weights_only=True: the entry `state_key` names (dotted for nesting), else a training
+    container's state dict (`CONTAINER_KEYS`), else every tensor in the file."""
+    obj = _torch_load(path)
+    if isinstance(obj, Tensor):
+        raise CheckpointError(f"{path}: holds a single tensor, not a state dict")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    if is_optimizer_state(obj):
+        raise CheckpointError(f"{path}: holds an optimizer's state dict (state, param_groups), "
+                              "not model weights; save model.state_dict() instead")
+    if state_key is not None:
+        return _select(obj, state_key, path)
+    return _flatten(obj, path)
 
 
 def _torch_load(path: Path) -> Any:
@@ -106,12 +125,12 @@ def _torch_load(path: Path) -> Any:
 
 def _is_torchscript(path: Path) -> bool:
     """A zip archive with TorchScript code (`*/code/` or `*/constants.pkl`), by its listing."""
-    if not zipfile.is_zipfile(path):
-        return False
     try:
+        if not zipfile.is_zipfile(path):  # which can raise too (a ZIP64 record naming disks)
+            return False
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError):  # not a readable zip: torch.load says what is wrong
         return False
     except Exception as exc:  # undecodable member names, unsupported zip versions, ...
         raise CheckpointError(f"{path}: cannot read the zip archive ({_one_line(exc)})") from None
@@ -131,37 +150,79 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _flatten(obj: Any, path: Path) -> dict[str, Tensor]:
+def is_optimizer_state(obj: Any) -> bool:
+    """An `optimizer.state_dict()`: a mapping with `state` and a list of `param_groups`."""
+    return (isinstance(obj, Mapping) and "state" in obj
+            and isinstance(obj.get("param_groups"), list | tuple))
+
+
+def _flatten(obj: Mapping[Any, Any], path: Path) -> tuple[dict[str, Tensor], tuple[str, ...]]:
     """Find the state dict in what torch.load returned: a tensor mapping, possibly nested."""
-    if isinstance(obj, Tensor):
-        raise CheckpointError(f"{path}: holds a single tensor, not a state dict")
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    for key in CONTAINER_KEYS:
-        inner = obj.get(key)
-        if isinstance(inner, Mapping) and _has_tensor(inner):
-            return _flatten(inner, path)
-    flat: dict[str, Tensor] = {}
-    _collect(obj, "", flat)
+    found = [key for key in CONTAINER_KEYS
+             if isinstance(obj.get(key), Mapping) and _has_tensor(obj[key])]
+    if found:
+        flat, notes = _flatten(obj[found[0]], path)
+        others = [repr(k) for k in found[1:] if obj[k] is not obj[found[0]]]
+        extra = (f"weights from {found[0]!r}; {', '.join(others)} also hold"
+                 f"{'s' if len(others) == 1 else ''} tensors (choose with --state-key)",
+                 ) if others else ()
+        return flat, extra + notes
+    flat, dropped = _tensors(obj)
     if not flat:
-        keys = ", ".join(map(str, list(obj)[:8]))
-        raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys or 'none'})")
-    return flat
+        keys = first_segments([str(k) for k in obj]) or "none"
+        only = f"only optimizer state ({_few(dropped)}); " if dropped else ""
+        raise CheckpointError(f"{path}: no tensors found ({only}top-level keys: {keys})")
+    return flat, _dropped_note(dropped)
+
+
+def _select(obj: Mapping[Any, Any], key: str, path: Path,
+            ) -> tuple[dict[str, Tensor], tuple[str, ...]]:
+    """The tensors under `key` (`--state-key`), by dotted name through nested mappings, with
+    no container detection."""
+    flat, dropped = _tensors(obj)
+    if key in dropped or any(key.startswith(d + ".") for d in dropped):
+        raise CheckpointError(f"{path}: --state-key {key!r} is an optimizer's state dict, not "
+                              "model weights")
+    picked = under_key(flat, key, path)
+    inner = [d[len(key) + 1:] for d in dropped if d.startswith(key + ".")]
+    return picked, _dropped_note(inner)
+
+
+def _tensors(obj: Mapping[Any, Any]) -> tuple[dict[str, Tensor], list[str]]:
+    """(every tensor by dotted name, the names of the optimizer states left out)."""
+    flat: dict[str, Tensor] = {}
+    dropped: list[str] = []
+    _collect(obj, "", flat, dropped)
+    return flat, dropped
+
+
+def _dropped_note(dropped: list[str]) -> tuple[str, ...]:
+    return (f"ignored optimizer state (not model weights): {_few(dropped)}",) if dropped else ()
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
 def _has_tensor(obj: Mapping[Any, Any]) -> bool:
-    return any(isinstance(v, Tensor) or (isinstance(v, Mapping) and _has_tensor(v))
-               for v in obj.values())
+    return not is_optimizer_state(obj) and any(
+        isinstance(v, Tensor) or (isinstance(v, Mapping) and _has_tensor(v))
+        for v in obj.values())
 
 
-def _collect(obj: Mapping[Any, Any], prefix: str, out: dict[str, Tensor]) -> None:
-    """Flatten nested mappings of tensors into dotted names ({"enc": {"w": t}} -> "enc.w")."""
+def _collect(obj: Mapping[Any, Any], prefix: str, out: dict[str, Tensor],
+             dropped: list[str]) -> None:
+    """Flatten nested mappings of tensors into dotted names ({"enc": {"w": t}} -> "enc.w");
+    an optimizer state is left out and its name added to `dropped`."""
     for key, value in obj.items():
         name = f"{prefix}{key}"
         if isinstance(value, Tensor):
             out[name] = value
+        elif is_optimizer_state(value):
+            dropped.append(name)
         elif isinstance(value, Mapping):
-            _collect(value, name + ".", out)
+            _collect(value, name + ".", out, dropped)
 
 
 def nonfinite_weights(tensors: Mapping[str, Tensor]) -> tuple[NonFiniteTensor, ...]:

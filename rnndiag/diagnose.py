@@ -40,7 +40,8 @@ from rnndiag.records import (
 from rnndiag.replay import replay
 from rnndiag.series import layer_diagnosis
 from rnndiag.sources import RawFile, guarded
-from rnndiag.usermodel import build_model, load_callable, load_strict
+from rnndiag.statedict import load_strict
+from rnndiag.usermodel import build_model, load_callable
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -86,17 +87,19 @@ def diagnose_files(paths: Iterable[Path], options: CheckOptions,
         if options.loss is not None:
             raise OptionError("--loss needs --model (a loss applies to your model's output)")
         run = partial(_checkpoint_file, options=options, batch=batch, progress=progress)
-    return [diagnose_file(path, run, options.debug) for path in paths]
+    return [diagnose_file(path, run, options.debug, state_key=options.state_key)
+            for path in paths]
 
 
 def diagnose_file(path: Path, work: Callable[[RawFile], FileDiagnosis],
-                  debug: bool = False) -> FileDiagnosis:
-    """`work` on the file's contents; a skipped or unusable file becomes its own record."""
+                  debug: bool = False, *, state_key: str | None = None) -> FileDiagnosis:
+    """`work` on the file's contents (the entry `state_key` names, when given); a skipped or
+    unusable file becomes its own record."""
     def failed(fmt: str, status: FileStatus, error: str | None,
                notes: tuple[str, ...]) -> FileDiagnosis:
         return FileDiagnosis(str(path), fmt, status, notes=notes, error=error)
 
-    return guarded(path, work, failed, debug)
+    return guarded(path, work, failed, debug, state_key=state_key)
 
 
 def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | None,

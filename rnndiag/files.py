@@ -1,4 +1,5 @@
-"""Torch-free checks on input paths: readable, Git LFS pointer, which checkpoint format."""
+"""Torch-free checks on input paths (readable, Git LFS pointer, which checkpoint format) and on
+tensor names (wrapper prefixes, the `--state-key` part of a file)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,37 @@ def unwrap_names(tensors: Mapping[str, V], path: Path) -> dict[str, V]:
                                   f"prefixes: {key!r} and another key both map to {name!r}")
         out[name] = value
     return out
+
+
+def under_key(named: Mapping[str, V], key: str, path: Path) -> dict[str, V]:
+    """The entries named `key.<rest>`, renamed `<rest>` (`--state-key`, dotted for nesting).
+
+    No entry under `key` is a CheckpointError naming the key and the names one level below the
+    deepest part of `key` that exists (the top-level ones when none does)."""
+    head = key + "."
+    found = {name[len(head):]: value for name, value in named.items() if name.startswith(head)}
+    if found:
+        return found
+    if key in named:
+        raise CheckpointError(f"{path}: --state-key {key!r} names a single tensor, not a state "
+                              "dict")
+    raise CheckpointError(f"{path}: --state-key {key!r}: no such entry "
+                          f"({_choices(list(named), key)})")
+
+
+def _choices(names: list[str], key: str) -> str:
+    """'keys under 'a.b': x, y' for the deepest existing prefix of `key`; else the top level."""
+    parts = key.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:depth]) + "."
+        below = [n[len(prefix):] for n in names if n.startswith(prefix)]
+        if below:
+            return f"keys under {prefix[:-1]!r}: {first_segments(below)}"
+    return f"top-level keys: {first_segments(names) or 'none'}"
+
+
+def first_segments(names: list[str], n: int = 8) -> str:
+    """The distinct first dotted segments of `names`, in order, at most `n` of them."""
+    heads = list(dict.fromkeys(name.split(".", 1)[0] for name in names))
+    more = f" (+{len(heads) - n} more)" if len(heads) > n else ""
+    return ", ".join(heads[:n]) + more

@@ -21,8 +21,9 @@ NO_RECURRENT = "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file
 
 Arrays = Mapping[str, np.ndarray]
 
-def inspect_file(path: Path, nonlinearity: str | None = None,
-                 debug: bool = False) -> InspectDiagnosis:
+def inspect_file(path: Path, nonlinearity: str | None = None, debug: bool = False, *,
+                 state_key: str | None = None) -> InspectDiagnosis:
+    """The static facts of one file (of the entry `state_key` names, when given)."""
     def work(raw: RawFile) -> InspectDiagnosis:
         arrays = as_numpy(raw)
         specs = find_modules({name: a.shape for name, a in arrays.items()}, raw.metadata,
@@ -30,15 +31,16 @@ def inspect_file(path: Path, nonlinearity: str | None = None,
         bad = nonfinite(arrays)
         if not specs:
             return InspectDiagnosis(str(path), raw.format, FileStatus.SKIPPED,
-                                    nonfinite_weights=bad, notes=(NO_RECURRENT,))
+                                    nonfinite_weights=bad, notes=raw.notes + (NO_RECURRENT,))
         modules = tuple(static_module(s, arrays) for s in specs)
-        return InspectDiagnosis(str(path), raw.format, FileStatus.OK, modules, bad)
+        return InspectDiagnosis(str(path), raw.format, FileStatus.OK, modules, bad,
+                                notes=raw.notes)
 
     def failed(fmt: str, status: FileStatus, error: str | None,
                notes: tuple[str, ...]) -> InspectDiagnosis:
         return InspectDiagnosis(str(path), fmt, status, notes=notes, error=error)
 
-    return guarded(path, work, failed, debug)
+    return guarded(path, work, failed, debug, state_key=state_key)
 
 
 def static_module(spec: ModuleSpec, arrays: Arrays) -> StaticModule:

@@ -3,28 +3,34 @@
 
 `read(path)` is the single way in for checkpoints (check, --model, inspect) and batch files:
 it checks the file is readable, skips Git LFS pointers (`Skipped`), sniffs the format from the
-content, reads the tensors with that format's reader (`READERS`) and removes wrapper prefixes
-(`module.`, `_orig_mod.`). `guarded` turns whatever goes wrong with one file into that file's
-record, so one bad file never hides the others.
+content, reads the tensors with that format's reader (`READERS`), keeping only the part named
+by `state_key` (`--state-key`) when given, and removes wrapper prefixes (`module.`,
+`_orig_mod.`). `guarded` turns whatever goes wrong with one file into that file's record, so
+one bad file never hides the others.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from rnndiag import stfile
 from rnndiag.errors import CheckpointError, RnnDiagError
-from rnndiag.files import LFS_NOTE, check_readable, is_lfs_pointer, sniff_format, unwrap_names
+from rnndiag.files import (
+    LFS_NOTE,
+    check_readable,
+    is_lfs_pointer,
+    sniff_format,
+    under_key,
+    unwrap_names,
+)
 from rnndiag.records import FileStatus, NonFiniteTensor
 
 T = TypeVar("T")
-Reader = Callable[[Path], tuple[dict[str, Any], dict[str, str], dict[str, str]]]  # arrays,
-#   metadata, stored dtypes
 
 
 class Skipped(CheckpointError):
@@ -46,6 +52,14 @@ class RawFile:
     arrays: dict[str, Any]
     metadata: dict[str, str]
     dtypes: dict[str, str]  # name -> the stored dtype ("float16", "bfloat16", "float32", ...)
+    notes: tuple[str, ...] = ()  # what reading chose or left out (a container, optimizer state)
+
+
+class Reader(Protocol):
+    """One format's reader: the file's tensors under their stored names (wrappers not yet
+    removed), only those under `state_key.` (renamed without it) when `state_key` is given."""
+
+    def __call__(self, path: Path, *, state_key: str | None = None) -> RawFile: ...
 
 
 def guard(path: Path) -> str:
@@ -56,30 +70,34 @@ def guard(path: Path) -> str:
     return sniff_format(path)
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+def _read_safetensors(path: Path, *, state_key: str | None = None) -> RawFile:
     header = stfile.read_header(path)
-    arrays = {name: stfile.read_native(header, name) for name in header.tensors}
-    dtypes = {name: stfile.DTYPE_NAMES.get(t.dtype, t.dtype) for name, t in
-              header.tensors.items()}
-    return arrays, header.metadata, dtypes
+    stored = {name: name for name in header.tensors}  # name to report -> name in the file
+    if state_key is not None:
+        stored = under_key(stored, state_key, path)
+    arrays = {name: stfile.read_native(header, key) for name, key in stored.items()}
+    dtypes = {name: stfile.DTYPE_NAMES.get(header.tensors[key].dtype, header.tensors[key].dtype)
+              for name, key in stored.items()}
+    return RawFile(path, "safetensors", arrays, header.metadata, dtypes)
 
 
-def _read_torch(path: Path) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+def _read_torch(path: Path, *, state_key: str | None = None) -> RawFile:
     from rnndiag.checkpoint import torch_tensors  # a pickle is read safely only by torch
 
-    tensors = torch_tensors(path)
-    return tensors, {}, {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
+    tensors, notes = torch_tensors(path, state_key=state_key)
+    dtypes = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
+    return RawFile(path, "torch", tensors, {}, dtypes, notes)
 
 
 READERS: dict[str, Reader] = {"safetensors": _read_safetensors, "torch": _read_torch}
 
 
-def read(path: Path, fmt: str | None = None) -> RawFile:
-    """The file's tensors; `fmt` is what `guard` already returned (it guards the file when not
-    given)."""
-    fmt = fmt or guard(path)
-    arrays, metadata, dtypes = READERS[fmt](path)
-    return RawFile(path, fmt, unwrap_names(arrays, path), metadata, unwrap_names(dtypes, path))
+def read(path: Path, fmt: str | None = None, *, state_key: str | None = None) -> RawFile:
+    """The file's tensors (only those under `state_key`, renamed without it, when given);
+    `fmt` is what `guard` already returned (it guards the file when not given)."""
+    raw = READERS[fmt or guard(path)](path, state_key=state_key)
+    return replace(raw, arrays=unwrap_names(raw.arrays, path),
+                   dtypes=unwrap_names(raw.dtypes, path))
 
 
 def as_numpy(raw: RawFile) -> dict[str, np.ndarray]:
@@ -110,14 +128,14 @@ def nonfinite(arrays: Mapping[str, Any]) -> tuple[NonFiniteTensor, ...]:
 
 def guarded(path: Path, work: Callable[[RawFile], T],
             failed: Callable[[str, FileStatus, str | None, tuple[str, ...]], T],
-            debug: bool = False) -> T:
-    """`work(read(path))`, or `failed(format, status, error, notes)` for a skipped or unusable
-    file. A bug in rnndiag is that file's error too (`internal error: ...`); `debug` lets it
-    raise instead, for the traceback."""
+            debug: bool = False, *, state_key: str | None = None) -> T:
+    """`work(read(path, state_key=state_key))`, or `failed(format, status, error, notes)` for a
+    skipped or unusable file. A bug in rnndiag is that file's error too (`internal error:
+    ...`); `debug` lets it raise instead, for the traceback."""
     fmt = "unknown"
     try:
         fmt = guard(path)
-        return work(read(path, fmt))
+        return work(read(path, fmt, state_key=state_key))
     except Skipped as skip:
         return failed(skip.format, FileStatus.SKIPPED, None, (skip.note,))
     except RnnDiagError as exc:

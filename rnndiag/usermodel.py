@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from rnndiag.cells import unit
-from rnndiag.errors import ArchitectureError, BatchError, OptionError, RnnDiagError
+from rnndiag.errors import BatchError, OptionError, RnnDiagError
+from rnndiag.files import strip_wrappers
 from rnndiag.records import Direction, ModuleKind, ModuleSpec
 from rnndiag.replay import (
     Capture,
@@ -92,28 +93,6 @@ def build_model(target: str, kwargs_json: str | None) -> nn.Module:
     return model
 
 
-def load_strict(model: nn.Module, tensors: dict[str, Tensor], path: str) -> None:
-    """load_state_dict(strict=True), with one line listing missing/unexpected/misshapen keys."""
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - expected.keys())
-    misshapen = sorted(f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
-                       for k, v in expected.items()
-                       if k in tensors and tuple(tensors[k].shape) != tuple(v.shape))
-    problems = [f"{label}: {_few(keys)}" for label, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected),
-                 ("shape mismatch (file vs model)", misshapen)) if keys]
-    if problems:
-        raise ArchitectureError(f"{path}: the state dict does not fit the model: "
-                                + "; ".join(problems))
-    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()}, strict=True)
-
-
-def _few(keys: list[str], n: int = 5) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
-
-
 def spec_of(name: str, module: nn.Module) -> ModuleSpec:
     """The ModuleSpec of a live recurrent module, from its attributes."""
     kind = STACKED.get(type(module)) or CELLS[type(module)]
@@ -127,7 +106,7 @@ def spec_of(name: str, module: nn.Module) -> ModuleSpec:
 
 
 def recurrent_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name or "<root>", m) for name, m in model.named_modules()
+    return [(strip_wrappers(name) or "<root>", m) for name, m in model.named_modules()
             if type(m) in STACKED or type(m) in CELLS]
 
 
