@@ -86,7 +86,8 @@ def torch_tensors(path: Path, *, state_key: str | None = None,
     if isinstance(obj, Tensor):
         raise CheckpointError(f"{path}: holds a single tensor, not a state dict")
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict (a batch "
+                              "file is a dict: {'inputs': x or (x, ...), 'targets': y})")
     if is_optimizer_state(obj):
         raise CheckpointError(f"{path}: holds an optimizer's state dict (state, param_groups), "
                               "not model weights; save model.state_dict() instead")
@@ -213,8 +214,9 @@ def _has_tensor(obj: Mapping[Any, Any]) -> bool:
 
 def _collect(obj: Mapping[Any, Any], prefix: str, out: dict[str, Tensor],
              dropped: list[str]) -> None:
-    """Flatten nested mappings of tensors into dotted names ({"enc": {"w": t}} -> "enc.w");
-    an optimizer state is left out and its name added to `dropped`."""
+    """Flatten nested mappings of tensors into dotted names ({"enc": {"w": t}} -> "enc.w"),
+    tuples and lists by index (a batch's {"inputs": (x, lengths)} -> inputs.0, inputs.1); an
+    optimizer state is left out and its name added to `dropped`."""
     for key, value in obj.items():
         name = f"{prefix}{key}"
         if isinstance(value, Tensor):
@@ -223,6 +225,8 @@ def _collect(obj: Mapping[Any, Any], prefix: str, out: dict[str, Tensor],
             dropped.append(name)
         elif isinstance(value, Mapping):
             _collect(value, name + ".", out, dropped)
+        elif isinstance(value, tuple | list) and value:
+            _collect(dict(enumerate(value)), name + ".", out, dropped)
 
 
 def nonfinite_weights(tensors: Mapping[str, Tensor]) -> tuple[NonFiniteTensor, ...]:

@@ -12,7 +12,8 @@ The credit passes (definitions in rnndiag.credit): with g = dL/d(output), one ba
 <g restricted to each example's last scored position, output> (first scored position, for
 reverse directions), and one of <g restricted to s, output> for each of up to `SAMPLES`
 positions s spread over the sequence. A position is scored by an example when g is non-zero
-there; positions scored by no example are skipped and listed.
+there and the example has that step (a PackedSequence's padding is scored by nobody);
+positions scored by no example are skipped and listed.
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capt
     if not aligned:
         return out
     hit = scored.scored()  # (B, T)
+    chain = states[aligned[0]].chain
+    alive = None if chain is None else chain.alive
+    if alive is not None:  # a padded position is no example's to score (packed sequences)
+        hit = hit & alive.t().to(hit.device)
     out.unscored = int((~hit.any(1)).sum())
     steps = torch.arange(scored.steps, device=hit.device)
     for direction in (Direction.FORWARD, Direction.REVERSE):

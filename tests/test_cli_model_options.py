@@ -123,3 +123,40 @@ def test_equal_batch_and_length(models: Path, capsys: pytest.CaptureFixture[str]
     code, out, err = _check([*base, "--time-axis", "0", "--format", "json"], capsys)
     assert code in (0, 1), err
     assert json.loads(out)["files"][0]["modules"][0]["layers"][0]["basis"] == "credit"
+
+
+def test_pt_batch_with_a_tuple_of_inputs(models: Path, capsys: pytest.CaptureFixture[str],
+                                         ) -> None:
+    """torch.save({"inputs": (x, lengths), "targets": y}): the tuple is positional arguments."""
+    (models / "twoin.py").write_text(textwrap.dedent('''
+        from torch import nn
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+        class Packed(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.rnn = nn.GRU(3, 4, batch_first=True)
+
+            def forward(self, x, lengths):
+                packed = pack_padded_sequence(x, lengths, batch_first=True,
+                                              enforce_sorted=False)
+                out, _ = self.rnn(packed)
+                return pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+    '''))
+    import importlib
+
+    model = importlib.import_module("twoin").Packed()
+    ckpt, batch = models / "p.safetensors", models / "b.pt"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
+    lengths = torch.tensor([6, 2, 4])
+    torch.save({"inputs": (torch.randn(3, 6, 3), lengths), "targets": torch.randn(3, 6, 4)},
+               batch)
+    code, out, err = _check([str(ckpt), "--model", "twoin:Packed", "--batch", str(batch),
+                             "--format", "json"], capsys)
+    assert code in (0, 1), err
+    [layer] = json.loads(out)["files"][0]["modules"][0]["layers"]
+    # MSE scores the zero padding too, but a padded position is no example's: each example's
+    # last reference is its own last step, never a step it does not have
+    assert layer["basis"] == "credit" and layer["final_step"] == 5
+    assert layer["grad_norm"][5] > 0 and layer["skipped_references"] == 0
