@@ -178,8 +178,11 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
             ms[t] = out.m
         if chain is not None:
             chain.watch("dh", t, h)
-            if c is not None:
-                chain.watch("dc", t, c)
+            if c is not None:  # the step's own c_t: h_t is computed from it, not from the
+                # masked state (whose gradient would miss the path c_t -> h_t)
+                own = c if keep is None else out.c
+                assert own is not None  # a cell with a state returns one
+                chain.watch("dc", t, own)
             if pre:
                 chain.watch("dpre", t, out.pre)
                 if out.n_pre is not None:
