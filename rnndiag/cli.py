@@ -112,6 +112,9 @@ def check(
         "batch size and sequence length are equal.")] = None,
     ignore_index: Annotated[int, typer.Option(
         help="Cross-entropy targets with this value are padding, not scored.")] = -100,
+    strict_nonfinite: Annotated[bool, typer.Option(
+        help="NaN/Inf in any tensor fails the file (default: only in recurrent weights; "
+        "elsewhere, e.g. a -inf mask table, it is a warning).")] = False,
     state_key: Annotated[str | None, typer.Option(
         help="The entry of a checkpoint container that holds the weights (e.g. model_state, "
         "ema; dotted for nesting). Default: found automatically.")] = None,
@@ -157,7 +160,7 @@ def check(
         clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
         model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit, debug=debug,
         state_key=state_key, output_key=output_key, time_axis=time_axis,
-        ignore_index=ignore_index)
+        ignore_index=ignore_index, strict_nonfinite=strict_nonfinite)
     raise typer.Exit(_run_check(paths, options, fail_on, sink, debug))
 
 

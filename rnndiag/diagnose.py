@@ -24,7 +24,7 @@ from rnndiag.batch import (
     synthetic_inputs,
 )
 from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
-from rnndiag.discover import find_modules
+from rnndiag.discover import find_modules, mark_nonfinite
 from rnndiag.errors import ArchitectureError, OptionError
 from rnndiag.inspection import NO_RECURRENT
 from rnndiag.modelcheck import diagnose_live, file_model_inputs
@@ -110,7 +110,8 @@ def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | Non
     if not specs:
         return FileDiagnosis(str(path), ckpt.format, FileStatus.SKIPPED,
                              notes=ckpt.notes + (NO_RECURRENT,))
-    bad = nonfinite_weights(ckpt.tensors)
+    bad = mark_nonfinite(nonfinite_weights(ckpt.tensors), (s.name for s in specs),
+                         options.strict_nonfinite)
     modules, squares, count = [], [], 0
     for spec in specs:
         progress(f"{path}: replaying {spec.name or '<root>'} ({spec.kind.value})")
@@ -148,7 +149,10 @@ def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
                          lambda m: progress(f"{raw.path}: {m}"))
     info = BatchInfo(batch.path, live.batch_size, live.modules[0].seq_len, None)
     return FileDiagnosis(str(raw.path), ckpt.format, FileStatus.OK, live.modules, info,
-                         ckpt.notes + live.notes, nonfinite_weights=nonfinite_weights(ckpt.tensors),
+                         ckpt.notes + live.notes,
+                         nonfinite_weights=mark_nonfinite(
+                             nonfinite_weights(ckpt.tensors),
+                             (m.spec.name for m in live.modules), options.strict_nonfinite),
                          clip=live.clip, loss=live.loss)
 
 

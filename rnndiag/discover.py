@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 
 from rnndiag import cells
 from rnndiag.cells import CellUnit
 from rnndiag.errors import ArchitectureError
-from rnndiag.records import ModuleSpec
+from rnndiag.records import ModuleSpec, NonFiniteTensor
 
 Shape = tuple[int, ...]
 META_NONLINEARITY = "rnndiag.nonlinearity"  # safetensors __metadata__ key; may end in .<module>
@@ -199,3 +199,18 @@ def find_modules(shapes: Mapping[str, Shape], metadata: Mapping[str, str],
     """The discovery chain of every mode: modules from key names and shapes (each with the
     embedding that may feed it), and a plain RNN's nonlinearity (option > metadata > tanh)."""
     return [resolve_nonlinearity(spec, metadata, nonlinearity) for spec in discover(shapes)]
+
+
+def mark_nonfinite(bad: Sequence[NonFiniteTensor], modules: Iterable[str], strict: bool,
+                   ) -> tuple[NonFiniteTensor, ...]:
+    """Say which NaN/Inf tensors are a recurrent module's own parameters (`name.local`, or a
+    top-level key for the root module ""): those decide the verdict; others only with
+    `strict` (an embedding or mask table may hold -inf on purpose)."""
+    owners = {"" if m == "<root>" else m.split("#", 1)[0] for m in modules}
+
+    def recurrent(key: str) -> bool:
+        head, _, local = key.rpartition(".")
+        return head in owners and bool(local)
+
+    return tuple(replace(t, recurrent=recurrent(t.name), fatal=strict or recurrent(t.name))
+                 for t in bad)

@@ -42,6 +42,7 @@ class Rule(StrEnum):
     FORGET_BIAS_LOW = "RD005"
     SHORT_HORIZON = "RD006"
     NONFINITE_WEIGHTS = "RD007"
+    NONFINITE_OTHER = "RD008"
 
     @property
     def info(self) -> RuleInfo:
@@ -131,12 +132,18 @@ RULES: dict[Rule, RuleInfo] = {i.rule: i for i in (
                           pick=Pick.SHORTEST)),
     RuleInfo(
         Rule.NONFINITE_WEIGHTS, "nonfinite-weights", Level.ERROR, Verdict.EXPLODING,
-        help="A weight tensor holds NaN or Inf values.",
-        when="a weight tensor holds NaN/Inf (`module` is the tensor name)",
+        help="A recurrent weight tensor holds NaN or Inf values.",
+        when="a recurrent module's weight holds NaN/Inf (any tensor with `--strict-nonfinite`; "
+             "`module` is the tensor name)",
         value="NaN + Inf count",
         advice=AdviceInfo(1, "The checkpoint holds NaN/Inf weights: training diverged before "
                              "it was saved. Resume from an earlier checkpoint with a lower "
                              "learning rate and gradient clipping.")),
+    RuleInfo(
+        Rule.NONFINITE_OTHER, "nonfinite-other-tensor", Level.WARNING, None,
+        help="A tensor outside the recurrent modules holds NaN or Inf values.",
+        when="another tensor holds NaN/Inf, e.g. a -inf mask table (`module` is the tensor name)",
+        value="NaN + Inf count"),
 )}
 FORGET_BIAS_LOW = 0.5  # mean b_if + b_hf below this: the gate at rest keeps < ~62% per step
 
@@ -170,8 +177,9 @@ class Advice:
 def findings(f: FileDiagnosis) -> tuple[Finding, ...]:
     """List the findings of one file: NaN/Inf weights first, then layer by layer."""
     weights = tuple(
-        Finding(Rule.NONFINITE_WEIGHTS, f"weight tensor holds {t.nan} NaN and {t.inf} Inf values",
-                f.path, t.name, None, None, value=t.nan + t.inf)
+        Finding(Rule.NONFINITE_WEIGHTS if t.fatal else Rule.NONFINITE_OTHER,
+                f"{'recurrent weight' if t.recurrent else 'tensor'} holds {t.nan} NaN and "
+                f"{t.inf} Inf values", f.path, t.name, None, None, value=t.nan + t.inf)
         for t in f.nonfinite_weights)
     return weights + tuple(x for m in f.modules for d in m.layers for x in _layer(f.path, m, d))
 

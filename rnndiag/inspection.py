@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from rnndiag import static
-from rnndiag.discover import find_modules
+from rnndiag.discover import find_modules, mark_nonfinite
 from rnndiag.records import FileStatus, InspectDiagnosis, ModuleSpec, StaticModule
 from rnndiag.sources import RawFile, as_numpy, guarded, nonfinite
 
@@ -28,7 +28,7 @@ def inspect_file(path: Path, nonlinearity: str | None = None, debug: bool = Fals
         arrays = as_numpy(raw)
         specs = find_modules({name: a.shape for name, a in arrays.items()}, raw.metadata,
                              nonlinearity)
-        bad = nonfinite(arrays)
+        bad = mark_nonfinite(nonfinite(arrays), (s.name for s in specs), strict=False)
         if not specs:
             return InspectDiagnosis(str(path), raw.format, FileStatus.SKIPPED,
                                     nonfinite_weights=bad, notes=raw.notes + (NO_RECURRENT,))

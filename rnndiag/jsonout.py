@@ -24,6 +24,7 @@ from rnndiag.records import (
     LayerDiagnosis,
     ModuleDiagnosis,
     ModuleSpec,
+    NonFiniteTensor,
     Span,
     StaticLayer,
     Verdict,
@@ -76,6 +77,7 @@ def _options(o: CheckOptions, fail_on: FailOn) -> dict[str, Any]:
         "output_key": o.output_key,
         "time_axis": o.time_axis,
         "ignore_index": o.ignore_index,
+        "strict_nonfinite": o.strict_nonfinite,
     }
 
 
@@ -87,8 +89,7 @@ def _file(f: FileDiagnosis) -> dict[str, Any]:
         "verdict": f.verdict.value if f.verdict else None,
         "error": f.error,
         "notes": list(f.notes),
-        "nonfinite_weights": [{"name": t.name, "nan": t.nan, "inf": t.inf}
-                              for t in f.nonfinite_weights],
+        "nonfinite_weights": [_nonfinite(t) for t in f.nonfinite_weights],
         "batch": None if f.batch is None else {
             "source": f.batch.source,
             "batch_size": f.batch.batch_size,
@@ -152,12 +153,16 @@ def inspect_document(files: Sequence[InspectDiagnosis]) -> dict[str, Any]:
         "files": [{
             "path": f.path, "format": f.format, "status": f.status.value, "error": f.error,
             "notes": list(f.notes),
-            "nonfinite_weights": [{"name": t.name, "nan": t.nan, "inf": t.inf}
-                                  for t in f.nonfinite_weights],
+            "nonfinite_weights": [_nonfinite(t) for t in f.nonfinite_weights],
             "modules": [{**_spec(m.spec), "layers": [_static(x) for x in m.layers]}
                         for m in f.modules],
         } for f in files],
     }
+
+
+def _nonfinite(t: NonFiniteTensor) -> dict[str, Any]:
+    return {"name": t.name, "nan": t.nan, "inf": t.inf, "recurrent": t.recurrent,
+            "fatal": t.fatal}
 
 
 def _static(x: StaticLayer) -> dict[str, Any]:

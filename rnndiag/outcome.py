@@ -51,6 +51,7 @@ def inspect_exit_code(files: Sequence[InspectDiagnosis]) -> ExitCode:
     """`inspect`: 2 for an unusable file, 1 for NaN/Inf in weights (while RD007 is an error)."""
     if any(f.status is FileStatus.ERROR for f in files):
         return ExitCode.UNUSABLE
-    if Rule.NONFINITE_WEIGHTS.info.level is Level.ERROR and any(f.nonfinite_weights for f in files):
+    if Rule.NONFINITE_WEIGHTS.info.level is Level.ERROR and any(
+            t.fatal for f in files for t in f.nonfinite_weights):
         return ExitCode.FINDINGS
     return ExitCode.OK

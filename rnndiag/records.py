@@ -216,11 +216,13 @@ class BatchInfo:
 
 @dataclass(frozen=True)
 class NonFiniteTensor:
-    """A weight tensor holding NaN or Inf values, with their counts."""
+    """A tensor holding NaN or Inf values, with their counts."""
 
     name: str
     nan: int
     inf: int
+    recurrent: bool = True  # a recurrent module's parameter
+    fatal: bool = True  # decides the verdict: recurrent, or any tensor with --strict-nonfinite
 
 
 @dataclass(frozen=True)
@@ -288,7 +290,7 @@ class FileDiagnosis:
         """Worst module verdict (NaN/Inf weights count as exploding); None unless replayed."""
         if self.status is not FileStatus.OK:
             return None
-        extra = [Verdict.EXPLODING] if self.nonfinite_weights else []
+        extra = [Verdict.EXPLODING] if any(t.fatal for t in self.nonfinite_weights) else []
         return Verdict.worst([m.verdict for m in self.modules] + extra)
 
 
@@ -323,3 +325,4 @@ class CheckOptions:
     output_key: str | None = None  # --output-key: which element of a tuple/dict output to score
     time_axis: int | None = None  # --time-axis 0|1 of the output; None: from sizes
     ignore_index: int = -100  # cross-entropy targets with this value are not scored
+    strict_nonfinite: bool = False  # NaN/Inf in any tensor is fatal, not only recurrent ones

@@ -101,8 +101,9 @@ def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
     for note in f.notes:
         out.append(Text(f"  note: {safe(note)}", style="dim"))
     for t in f.nonfinite_weights:
-        out.append(Text(f"  non-finite weights: {safe(t.name)}: {t.nan} NaN, {t.inf} Inf",
-                        style="bold red"))
+        what = "non-finite weights" if t.recurrent else "non-finite values (not recurrent)"
+        out.append(Text(f"  {what}: {safe(t.name)}: {t.nan} NaN, {t.inf} Inf",
+                        style="bold red" if t.fatal else "yellow"))
     for m in f.modules:
         out.extend(_module(m, f, th))
     if f.clip is not None:
@@ -351,7 +352,7 @@ def render_inspect(files: Sequence[InspectDiagnosis]) -> RenderableType:
     parts: list[RenderableType] = []
     for f in files:
         status = Text(f.status.value.upper(), style="bold magenta" if f.error else "bold")
-        if f.nonfinite_weights:
+        if any(t.fatal for t in f.nonfinite_weights):
             status = Text("NON-FINITE WEIGHTS", style="bold red")
         parts += [Text(""), Text.assemble(status, "  ", Text(safe(f.path), style="bold"),
                                           f"  ({f.format})")]
@@ -359,7 +360,9 @@ def render_inspect(files: Sequence[InspectDiagnosis]) -> RenderableType:
             parts.append(Text(f"  error: {safe(f.error)}", style="magenta"))
         parts += [Text(f"  note: {safe(n)}", style="dim") for n in f.notes]
         for t in f.nonfinite_weights:
-            parts.append(Text(f"  {safe(t.name)}: {t.nan} NaN, {t.inf} Inf", style="red"))
+            where = "" if t.recurrent else " (not a recurrent weight: warning)"
+            parts.append(Text(f"  {safe(t.name)}: {t.nan} NaN, {t.inf} Inf{where}",
+                              style="red" if t.fatal else "yellow"))
         for m in f.modules:
             parts.append(Text.assemble("  ", Text(safe(m.spec.name or "<root>"),
                                                   style="bold cyan"), "  ", _describe_spec(m.spec)))

@@ -91,7 +91,36 @@ def test_nonfinite_weights_are_a_finding(tmp_path: Path,
     doc = json.loads(capsys.readouterr().out)
     assert doc["findings"][0]["rule"] == "RD007"
     assert doc["files"][0]["nonfinite_weights"] == [{"name": "rnn.weight_hh_l0", "nan": 1,
-                                                     "inf": 0}]
+                                                     "inf": 0, "recurrent": True,
+                                                     "fatal": True}]
+
+
+def test_nonfinite_outside_recurrent_weights_is_a_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An intentional -inf table (an attention mask, a CRF's forbidden transitions) must not
+    make a healthy model "exploding"; --strict-nonfinite restores the error."""
+    tensors = load_file(str(SAMPLES / "lstm_healthy.safetensors"))
+    mask = torch.zeros(4, 4)
+    mask[0, 1] = float("-inf")
+    tensors["crf.transitions"] = mask
+    path = tmp_path / "mask.safetensors"
+    save_file(tensors, path)
+    assert main(["check", str(path), "--format", "json", "--seq-len", "20"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verdict"] == "healthy"
+    [finding] = [x for x in doc["findings"] if x["rule"].startswith("RD00") and
+                 x["module"] == "crf.transitions"]
+    assert finding["rule"] == "RD008" and finding["level"] == "warning"
+    assert doc["files"][0]["nonfinite_weights"][0]["fatal"] is False
+    assert main(["check", str(path), "--seq-len", "20"]) == 0
+    assert "not recurrent" in capsys.readouterr().out
+    assert main(["check", str(path), "--seq-len", "20", "--strict-nonfinite",
+                 "--format", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verdict"] == "exploding"
+    assert [x["rule"] for x in doc["findings"] if x["module"] == "crf.transitions"] == ["RD007"]
+    assert main(["inspect", str(path)]) == 0  # inspect: the same rule, a warning
+    capsys.readouterr()
 
 
 def test_untrusted_names_reach_the_terminal_escaped(tmp_path: Path) -> None:

@@ -132,12 +132,14 @@ def _layer(spans: tuple[Span, ...] = (), *, nonfinite: bool = False, horizon: in
 
 
 def _file(*layers: LayerDiagnosis, kind: ModuleKind = ModuleKind.RNN, weights: int = 0,
-          path: str = "x.pt") -> FileDiagnosis:
-    """Wrap layers (one module each) in an analysed file, with `weights` NaN weight tensors."""
+          path: str = "x.pt", others: int = 0) -> FileDiagnosis:
+    """Wrap layers (one module each) in an analysed file, with `weights` NaN recurrent weight
+    tensors and `others` NaN tensors elsewhere."""
     spec = ModuleSpec("rnn", kind, 2, 4, 0, 1, False, True, "tanh")
     modules = tuple(ModuleDiagnosis(replace(spec, name=f"rnn{i}"), "synthetic", 0.0, (d,), 1, 10)
                     for i, d in enumerate(layers))
-    nan = tuple(NonFiniteTensor(f"w{i}", 1, 0) for i in range(weights))
+    nan = tuple(NonFiniteTensor(f"w{i}", 1, 0) for i in range(weights)) + tuple(
+        NonFiniteTensor(f"mask{i}", 0, 1, recurrent=False, fatal=False) for i in range(others))
     return FileDiagnosis(path, "torch", FileStatus.OK, modules, nonfinite_weights=nan)
 
 
@@ -147,6 +149,7 @@ CASES = {
     "exploding": _file(_layer((EXPLODE,))),
     "nonfinite-gradient": _file(_layer((EXPLODE,), nonfinite=True)),
     "nonfinite-weights": _file(_layer(), weights=1),
+    "nonfinite-elsewhere": _file(_layer(), others=1),
     # A layer with both spans has the verdict exploding; its vanishing span still counts.
     "both-spans": _file(_layer((VANISH, EXPLODE))),
     "pascanu-only": _file(_layer(pascanu=PascanuReading.VANISHING_GUARANTEED)),
@@ -156,7 +159,8 @@ CASES = {
 @pytest.mark.parametrize(
     ("case", "any_", "vanishing", "exploding"),
     [("healthy", 0, 0, 0), ("vanishing", 1, 1, 0), ("exploding", 1, 0, 1),
-     ("nonfinite-gradient", 1, 0, 1), ("nonfinite-weights", 1, 0, 1), ("both-spans", 1, 1, 1),
+     ("nonfinite-gradient", 1, 0, 1), ("nonfinite-weights", 1, 0, 1),
+     ("nonfinite-elsewhere", 0, 0, 0), ("both-spans", 1, 1, 1),
      ("pascanu-only", 0, 0, 0)])
 def test_fail_on_selects_error_rules_by_verdict(case: str, any_: int, vanishing: int,
                                                 exploding: int) -> None:
@@ -199,7 +203,7 @@ def test_every_advice_text_comes_from_the_table() -> None:
     lstm = _layer((VANISH,), horizon=2, forget_bias=ForgetBias(0.1, 0.0, 0.2, 0.52))
     everything = [
         _file(_layer((VANISH,), horizon=4, pascanu=PascanuReading.VANISHING_GUARANTEED),
-              _layer((EXPLODE,)), _layer((EXPLODE,), nonfinite=True), weights=1),
+              _layer((EXPLODE,)), _layer((EXPLODE,), nonfinite=True), weights=1, others=1),
         _file(lstm, kind=ModuleKind.LSTM, path="y.pt"),
     ]
     assert {x.rule for f in everything for x in findings(f)} == set(Rule)
