@@ -80,8 +80,16 @@ def embed_or_check(spec: ModuleSpec, inputs: Tensor, where: str,
 def _embed(spec: ModuleSpec, ids: Tensor, where: str,
            tensors: Mapping[str, Tensor]) -> tuple[Tensor, str]:
     if spec.embedding is None:
-        raise BatchError(f"{where}: integer token ids, but no embedding of width "
-                         f"{spec.input_size} feeds module '{spec.name or '<root>'}'")
+        label = spec.name or "<root>"
+        if len(spec.candidates) > 1:
+            why = (f"rnndiag does not guess between {', '.join(spec.candidates)}: choose with "
+                   f"--embedding {label}=TENSOR")
+        elif spec.candidates:
+            why = (f"{spec.candidates[0]} may feed a convolution rather than module '{label}': "
+                   f"choose with --embedding {label}={spec.candidates[0]}")
+        else:
+            why = f"no embedding of width {spec.input_size} feeds module '{label}'"
+        raise BatchError(f"{where}: integer token ids, but {why}")
     _check_nonempty(ids, where)
     table = tensors[spec.embedding]
     lo, hi = int(ids.min()), int(ids.max())

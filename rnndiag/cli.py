@@ -112,6 +112,10 @@ def check(
         "batch size and sequence length are equal.")] = None,
     ignore_index: Annotated[int, typer.Option(
         help="Cross-entropy targets with this value are padding, not scored.")] = -100,
+    embedding: Annotated[list[str] | None, typer.Option(
+        help="MODULE=TENSOR: the embedding matrix that feeds token ids to a recurrent module "
+        "(repeatable). Default: the one under the module's own parent, else the file's only "
+        "candidate; never a guess between equals.")] = None,
     strict_nonfinite: Annotated[bool, typer.Option(
         help="NaN/Inf in any tensor fails the file (default: only in recurrent weights; "
         "elsewhere, e.g. a -inf mask table, it is a warning).")] = False,
@@ -150,6 +154,7 @@ def check(
     sink = Sink(output_format, output, save_svg, save_html)
     try:
         limit = parse_size(max_memory) if max_memory is not None else None
+        embeddings = _pairs(embedding or [], "--embedding", "MODULE=TENSOR")
     except RnnDiagError as exc:
         raise typer.Exit(_fail(str(exc), sink, CheckOptions(), debug)) from None
 
@@ -160,7 +165,7 @@ def check(
         clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
         model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit, debug=debug,
         state_key=state_key, output_key=output_key, time_axis=time_axis,
-        ignore_index=ignore_index, strict_nonfinite=strict_nonfinite)
+        ignore_index=ignore_index, strict_nonfinite=strict_nonfinite, embeddings=embeddings)
     raise typer.Exit(_run_check(paths, options, fail_on, sink, debug))
 
 
@@ -197,6 +202,19 @@ def inspect(
         raise typer.Exit(2) from None
     _file_errors(result.files)
     raise typer.Exit(result.exit_code)
+
+
+def _pairs(values: Sequence[str], option: str, form: str) -> tuple[tuple[str, str], ...]:
+    """`A=B` values of a repeatable option, in order."""
+    from rnndiag.errors import OptionError
+
+    out = []
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise OptionError(f"{option} {value!r}: expected {form}")
+        out.append((key, rest))
+    return tuple(out)
 
 
 def _is_ours(exc: Exception) -> bool:

@@ -14,18 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnndiag import clip, pergrad, resources, static
-from rnndiag.batch import (
-    BatchFile,
-    embed_or_check,
-    file_inputs,
-    file_lengths,
-    load_batch,
-    synthetic_inputs,
-)
+from rnndiag import clip, feeding, pergrad, resources, static
+from rnndiag.batch import BatchFile, file_lengths, load_batch
 from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
 from rnndiag.discover import find_modules, mark_nonfinite
-from rnndiag.errors import ArchitectureError, OptionError
+from rnndiag.errors import ArchitectureError, BatchError, OptionError
+from rnndiag.feeding import Fed
 from rnndiag.inspection import NO_RECURRENT
 from rnndiag.modelcheck import diagnose_live, file_model_inputs
 from rnndiag.records import (
@@ -106,31 +100,66 @@ def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | Non
                      progress: Progress) -> FileDiagnosis:
     path = raw.path
     ckpt = checkpoint_of(raw)
-    specs = checkpoint_modules(ckpt, options.nonlinearity)
+    specs = checkpoint_modules(ckpt, options.nonlinearity, options.embeddings)
     if not specs:
         return FileDiagnosis(str(path), ckpt.format, FileStatus.SKIPPED,
                              notes=ckpt.notes + (NO_RECURRENT,))
     bad = mark_nonfinite(nonfinite_weights(ckpt.tensors), (s.name for s in specs),
                          options.strict_nonfinite)
-    modules, squares, count = [], [], 0
-    for spec in specs:
-        progress(f"{path}: replaying {spec.name or '<root>'} ({spec.kind.value})")
-        diagnosis, sq, n = _diagnose_module(spec, ckpt, options, batch)
-        modules.append(diagnosis)
-        squares.append(sq)
-        count += n
+    modules, squares, count, notes = _replay_all(specs, ckpt, options, batch,
+                                                 lambda m: progress(f"{path}: {m}"))
     suggestion = _clip(squares, options, count)
     first = modules[0]
     info = BatchInfo(source=batch.path if batch else "synthetic", batch_size=first.batch_size,
                      seq_len=first.seq_len, seed=None if batch else options.seed)
     return FileDiagnosis(str(path), ckpt.format, FileStatus.OK, tuple(modules), info,
-                         ckpt.notes, nonfinite_weights=bad, clip=suggestion)
+                         ckpt.notes + notes, nonfinite_weights=bad, clip=suggestion)
 
 
-def checkpoint_modules(ckpt: Checkpoint, nonlinearity: str | None) -> list[ModuleSpec]:
+def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions,
+                batch: BatchFile | None, progress: Progress,
+                ) -> tuple[list[ModuleDiagnosis], list[list[float]], int, tuple[str, ...]]:
+    """Replay every module, each fed as rnndiag.feeding says (in file order; a module chained
+    after another waits for it). Returns modules, clip squares, parameter count, notes."""
+    fed: dict[str, Fed] = {}
+    problems: dict[str, BatchError] = {}
+    for spec in specs:
+        try:
+            fed[spec.name] = feeding.from_file(spec, ckpt, options, batch)
+        except BatchError as exc:
+            if batch is None:
+                raise
+            problems[spec.name] = exc
+    if not fed:  # the batch fits no module of this file: it is the wrong batch
+        raise next(iter(problems.values()))
+    first = next(iter(fed.values())).inputs
+    done: dict[str, tuple[ModuleDiagnosis, list[float], int]] = {}
+    outputs: dict[str, Tensor] = {}
+    pending = list(specs)
+    while pending:
+        stalled = all(s.name in problems for s in pending)
+        for spec in list(pending):
+            if spec.name not in fed:
+                got = feeding.fallback(spec, specs, outputs, problems[spec.name],
+                                       (first.shape[0], first.shape[1]), options.seed, stalled)
+                if got is None:
+                    continue
+                fed[spec.name] = got
+            progress(f"replaying {spec.name or '<root>'} ({spec.kind.value})")
+            done[spec.name], outputs[spec.name] = _diagnose_module(spec, ckpt, options, batch,
+                                                                   fed[spec.name])
+            pending.remove(spec)
+    results = [done[s.name] for s in specs]
+    notes = tuple(note for s in specs if (note := fed[s.name].note) is not None)
+    return ([m for m, _, _ in results], [sq for _, sq, _ in results],
+            sum(n for _, _, n in results), notes)
+
+
+def checkpoint_modules(ckpt: Checkpoint, nonlinearity: str | None,
+                       embeddings: tuple[tuple[str, str], ...] = ()) -> list[ModuleSpec]:
     """The recurrent modules of a loaded checkpoint (the discovery chain of every mode)."""
     return find_modules({k: tuple(t.shape) for k, t in ckpt.tensors.items()}, ckpt.metadata,
-                        nonlinearity)
+                        nonlinearity, dict(embeddings))
 
 
 def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
@@ -182,28 +211,13 @@ def module_params(spec: ModuleSpec, tensors: Mapping[str, Tensor], dtype: torch.
     return out
 
 
-def module_inputs(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
-                  batch: BatchFile | None) -> tuple[str, Tensor]:
-    """(description, float inputs (B, T, input_size)) for one module."""
-    if batch is not None:
-        name, raw = file_inputs(spec, batch)
-        where = f"batch {batch.path}: '{name}'"
-        tensors: Mapping[str, Tensor] = ckpt.tensors
-    else:
-        vocab = ckpt.tensors[spec.embedding].shape[0] if spec.embedding else None
-        raw = synthetic_inputs(spec, options.batch_size, options.seq_len, options.seed, vocab)
-        name = "synthetic token ids" if vocab else "synthetic N(0, 1)"
-        where, tensors = name, ckpt.tensors
-    inputs, embedding = embed_or_check(spec, raw, where, tensors)
-    desc = f"{name} via embedding {embedding}" if embedding else name
-    return desc, inputs
-
-
 def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
-                     batch: BatchFile | None,
-                     ) -> tuple[ModuleDiagnosis, list[float], int]:
+                     batch: BatchFile | None, fed: Fed,
+                     ) -> tuple[tuple[ModuleDiagnosis, list[float], int], Tensor]:
+    """Replay one module on its inputs; (diagnosis, clip squares, parameter count), and its
+    top-layer outputs (B, T, D*P) for a module chained after it."""
     dtype = DTYPES[options.dtype]
-    desc, inputs = module_inputs(spec, ckpt, options, batch)
+    desc, inputs = fed.desc, fed.inputs
     resources.check_fits(spec, inputs.shape[0], inputs.shape[1], dtype.itemsize,
                          options.max_memory or resources.default_limit())
     device = resources.resolve_device(options.device)
@@ -225,4 +239,5 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
                         options.thresholds)
         for adj in result.adjoints)
     diagnosis = ModuleDiagnosis(spec, desc, result.loss, layers, batch_size, seq_len)
-    return diagnosis, [x * x for x in scaled], sum(p.numel() for p in params.values())
+    count = sum(p.numel() for p in params.values())
+    return (diagnosis, [x * x for x in scaled], count), result.output

@@ -154,20 +154,55 @@ def _check_layer(g: _Group, layer: int, rev: bool, expected: Mapping[str, Shape]
 
 
 def attach_embedding(spec: ModuleSpec, shapes: Mapping[str, Shape]) -> ModuleSpec:
-    """Name an embedding matrix (V, input_size) that may feed the module token ids.
+    """Name the embedding matrix (V, input_size) that feeds the module token ids, only when
+    the wiring is certain or an announced guess.
 
-    Candidates are 2-D `*.weight` tensors under a module whose name contains "emb"; the one
-    sharing the longest dotted prefix with the module wins, then the first by name.
+    Candidates are 2-D `*.weight` tensors of width input_size under a module whose name holds
+    "emb". Certain: exactly one candidate under the module's own parent (`enc.embed` for
+    `enc.rnn`). A guess, said so: the file holds exactly one candidate, and no convolution
+    reads its width (an embedding feeding a CNN front end is not the RNN's input). Anything
+    else is refused and the candidates are listed: `--embedding MODULE=TENSOR` chooses.
     """
-    candidates = [
+    candidates = sorted(
         name for name, shape in shapes.items()
         if name.endswith("weight") and len(shape) == 2 and shape[1] == spec.input_size
-        and "emb" in name.removesuffix("weight").lower()
-    ]
+        and "emb" in name.removesuffix("weight").lower())
     if not candidates:
         return spec
-    best = min(candidates, key=lambda n: (-_common_segments(n, spec.name), n))
-    return replace(spec, embedding=best)
+    parent = spec.name.rpartition(".")[0]
+    siblings = [n for n in candidates if _parent_module(n) == parent]
+    if not _convolution_reads(spec.input_size, shapes):
+        if len(siblings) == 1:
+            return replace(spec, embedding=siblings[0], wiring="same-parent")
+        if len(candidates) == 1:
+            return replace(spec, embedding=candidates[0], wiring="only-candidate")
+    return replace(spec, candidates=tuple(candidates))
+
+
+def _parent_module(key: str) -> str:
+    """`enc.embed.weight` -> `enc` (the module holding the embedding module)."""
+    return key.removesuffix(".weight").rpartition(".")[0]
+
+
+def _convolution_reads(width: int, shapes: Mapping[str, Shape]) -> bool:
+    """Some convolution weight (out, in, k...) takes `width` input channels."""
+    return any(name.endswith("weight") and len(shape) >= 3 and shape[1] == width
+               for name, shape in shapes.items())
+
+
+def choose_embedding(spec: ModuleSpec, choices: Mapping[str, str],
+                     shapes: Mapping[str, Shape]) -> ModuleSpec:
+    """Apply `--embedding MODULE=TENSOR` (checked against the file) to one module."""
+    key = choices.get(spec.name or "<root>")
+    if key is None:
+        return spec
+    shape = shapes.get(key)
+    if shape is None or len(shape) != 2 or shape[1] != spec.input_size:
+        found = "not in the file" if shape is None else f"shape {tuple(shape)}"
+        raise ArchitectureError(f"--embedding {spec.name or '<root>'}={key}: {found}; module "
+                                f"'{spec.name or '<root>'}' needs a (V, {spec.input_size}) "
+                                "matrix")
+    return replace(spec, embedding=key, wiring="option", candidates=())
 
 
 def _common_segments(a: str, b: str) -> int:
@@ -195,10 +230,20 @@ def resolve_nonlinearity(spec: ModuleSpec, metadata: Mapping[str, str],
 
 
 def find_modules(shapes: Mapping[str, Shape], metadata: Mapping[str, str],
-                 nonlinearity: str | None) -> list[ModuleSpec]:
+                 nonlinearity: str | None, embeddings: Mapping[str, str] | None = None,
+                 ) -> list[ModuleSpec]:
     """The discovery chain of every mode: modules from key names and shapes (each with the
-    embedding that may feed it), and a plain RNN's nonlinearity (option > metadata > tanh)."""
-    return [resolve_nonlinearity(spec, metadata, nonlinearity) for spec in discover(shapes)]
+    embedding that feeds it, `--embedding` first), and a plain RNN's nonlinearity (option >
+    metadata > tanh)."""
+    specs = discover(shapes)
+    if embeddings:
+        known = {s.name or "<root>" for s in specs}
+        unknown = sorted(set(embeddings) - known)
+        if unknown:
+            raise ArchitectureError(f"--embedding {unknown[0]}=...: no recurrent module of that "
+                                    f"name (found: {', '.join(sorted(known))})")
+        specs = [choose_embedding(s, embeddings, shapes) for s in specs]
+    return [resolve_nonlinearity(spec, metadata, nonlinearity) for spec in specs]
 
 
 def mark_nonfinite(bad: Sequence[NonFiniteTensor], modules: Iterable[str], strict: bool,

@@ -127,6 +127,8 @@ def _spec(s: ModuleSpec) -> dict[str, Any]:
         "bias": s.bias,
         "nonlinearity": s.nonlinearity,
         "embedding": s.embedding,
+        "embedding_wiring": s.wiring,
+        "embedding_candidates": list(s.candidates),
     }
 
 

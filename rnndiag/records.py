@@ -97,6 +97,11 @@ class ModuleSpec:
     bias: bool
     nonlinearity: str | None  # "tanh" | "relu" for RNN/RNNCell, None otherwise
     embedding: str | None = None  # key of an (V, input_size) matrix that may feed token ids
+    # how `embedding` was chosen: "option" (--embedding), "same-parent" (the one candidate
+    # under the module's own parent), "only-candidate" (a guess: the one such matrix in the
+    # file); or, with `embedding` None, the candidates rnndiag refused to choose between
+    wiring: str | None = None
+    candidates: tuple[str, ...] = ()
 
     @property
     def cell_type(self) -> CellType:
@@ -326,3 +331,4 @@ class CheckOptions:
     time_axis: int | None = None  # --time-axis 0|1 of the output; None: from sizes
     ignore_index: int = -100  # cross-entropy targets with this value are not scored
     strict_nonfinite: bool = False  # NaN/Inf in any tensor is fatal, not only recurrent ones
+    embeddings: tuple[tuple[str, str], ...] = ()  # --embedding MODULE=TENSOR, in order
