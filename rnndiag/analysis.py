@@ -7,6 +7,8 @@ the gradient at the reference itself; None where no reference reaches t.
 - vanishing span: maximal run of steps with r_t < vanish; exploding span: maximal run of steps
   with r_t > explode or r_t not finite (NaN: a non-finite gradient). None ends a span.
 - verdict: exploding if any exploding span, else vanishing if any vanishing span, else healthy.
+  With a context N (`--context`), spans use only the steps k <= N: vanishing means the
+  gradient cannot reach N steps back; exploding, that it grows beyond the threshold within N.
 - growth_per_step = exp(slope) of the least-squares line ln r_t = a + slope * k over the steps
   k >= 1 with finite, non-zero r_t (at least two); < 1 shrinks going back in time.
 - horizon: the smallest k >= 1 with r_t < vanish; None when no step is below it.
@@ -30,6 +32,13 @@ def _kind(r: float | None, th: Thresholds) -> SpanKind | None:
     if r < th.vanish:
         return SpanKind.VANISHING
     return None
+
+
+def within(r: Ratios, final: int, context: int | None) -> Ratios:
+    """`r` with the steps more than `context` steps from `final` left out (None)."""
+    if context is None:
+        return r
+    return [x if abs(t - final) <= context else None for t, x in enumerate(r)]
 
 
 def spans(r: Ratios, th: Thresholds) -> tuple[Span, ...]:

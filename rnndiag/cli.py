@@ -83,13 +83,19 @@ def check(
         help="Batch file (.safetensors/.pt) with 'inputs' (B, T, input_size) floats or "
         "(B, T) token ids. Default: a synthetic N(0, 1) batch.")] = None,
     batch_size: Annotated[int, typer.Option(help="Synthetic batch: examples.")] = 16,
-    seq_len: Annotated[int, typer.Option(help="Synthetic batch: time steps.")] = 100,
+    seq_len: Annotated[int | None, typer.Option(
+        help="Synthetic batch: time steps (default 100, or context + 1 with --context).",
+        show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Synthetic batch: random seed.")] = 0,
     nonlinearity: Annotated[Nonlinearity | None, typer.Option(
         help="Plain RNN nonlinearity (not stored in state dicts). Default: the file's "
         "'rnndiag.nonlinearity' metadata, else tanh.")] = None,
     dtype: Annotated[DType, typer.Option(
         help="Replay precision; float64 resolves deeper decay.")] = DType.FLOAT32,
+    context: Annotated[int | None, typer.Option(
+        help="The span the model must learn, in steps: vanishing means the gradient cannot "
+        "reach N steps back, exploding that it grows past the threshold within N steps; "
+        "steps further back do not count.")] = None,
     vanish_threshold: Annotated[float, typer.Option(
         help="r_t below this is vanishing.")] = 1e-3,
     explode_threshold: Annotated[float, typer.Option(
@@ -159,9 +165,11 @@ def check(
         raise typer.Exit(_fail(str(exc), sink, CheckOptions(), debug)) from None
 
     options = CheckOptions(
-        batch_path=str(batch) if batch else None, batch_size=batch_size, seq_len=seq_len,
+        batch_path=str(batch) if batch else None, batch_size=batch_size,
+        seq_len=seq_len if seq_len is not None else (
+            context + 1 if context is not None and context > 0 else 100),
         seed=seed, nonlinearity=nonlinearity.value if nonlinearity else None,
-        dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold),
+        dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold, context),
         clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
         model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit, debug=debug,
         state_key=state_key, output_key=output_key, time_axis=time_axis,

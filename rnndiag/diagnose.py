@@ -55,6 +55,8 @@ def validate(options: CheckOptions) -> None:
         raise OptionError(f"--time-axis must be 0 (time-major) or 1 (batch-first), got "
                           f"{options.time_axis}")
     th = options.thresholds
+    if th.context is not None and th.context < 1:
+        raise OptionError(f"--context must be at least 1 step, got {th.context}")
     if not 0.0 < th.vanish < 1.0 < th.explode < float("inf"):
         raise OptionError("thresholds must satisfy 0 < --vanish-threshold < 1 < "
                           f"--explode-threshold, got {th.vanish:g} and {th.explode:g}")

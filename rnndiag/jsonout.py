@@ -66,6 +66,7 @@ def _options(o: CheckOptions, fail_on: FailOn) -> dict[str, Any]:
         "dtype": o.dtype,
         "vanish_threshold": o.thresholds.vanish,
         "explode_threshold": o.thresholds.explode,
+        "context": o.thresholds.context,
         "clip_batches": o.clip_batches,
         "clip_percentile": o.clip_percentile,
         "model": o.model,

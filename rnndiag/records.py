@@ -301,10 +301,12 @@ class FileDiagnosis:
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Span thresholds on r_t: vanishing below `vanish`, exploding above `explode`."""
+    """Span thresholds on r_t: vanishing below `vanish`, exploding above `explode`; with
+    `context` N, only steps within N steps of their reference count (--context)."""
 
     vanish: float = 1e-3
     explode: float = 1e3
+    context: int | None = None
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
     out: list[RenderableType] = [Text(""), head]
     if f.error:
         out.append(Text(f"  error: {safe(f.error)}", style="magenta"))
+    if f.batch is not None and f.modules:
+        out.append(Text(f"  {_scope(f, th)}", style="dim"))
     for note in f.notes:
         out.append(Text(f"  note: {safe(note)}", style="dim"))
     for t in f.nonfinite_weights:
@@ -152,6 +154,17 @@ def _describe_spec(s: ModuleSpec) -> str:
     layers = f"{s.num_layers} layer{'s' if s.num_layers > 1 else ''}"
     dirs = "bidirectional" if s.bidirectional else "unidirectional"
     return f"{arch}  {sizes}, {layers}, {dirs}{'' if s.bias else ', no bias'}"
+
+
+def _scope(f: FileDiagnosis, th: Thresholds) -> str:
+    """What the verdict holds for: the sequence length, the inputs, the context."""
+    assert f.batch is not None
+    steps = max(m.seq_len for m in f.modules)
+    where = "a synthetic batch" if f.batch.source == "synthetic" else safe(f.batch.source)
+    within = (f" within {th.context} steps back (--context)" if th.context is not None
+              else ", every step back (--context N: only N)")
+    hint = "; --batch: your data" if f.batch.source == "synthetic" else ""
+    return f"verdict for T={steps} on {where}{within}{hint}"
 
 
 def _module(m: ModuleDiagnosis, f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:

@@ -71,7 +71,7 @@ def layer_diagnosis(adj: StepAdjoints, st: StaticLayer, th: Thresholds,
                               tuple(credit.norms_over_batch(row.sq) for row in sampled),
                               tuple(skipped))
     r, final = credit.ratio_series(pooled, direction)
-    found = analysis.spans(r, th)
+    found = analysis.spans(analysis.within(r, final, th.context), th)
     return LayerDiagnosis(
         layer=adj.layer,
         direction=direction,

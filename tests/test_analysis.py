@@ -86,3 +86,12 @@ def test_sigma_max_equals_the_svd() -> None:
         assert sigma_max(w) == pytest.approx(float(np.linalg.svd(w, compute_uv=False)[0]),
                                              rel=1e-10)
     assert sigma_max(np.zeros((4, 2))) == 0.0
+
+
+def test_context_leaves_far_steps_out() -> None:
+    th = Thresholds(context=2)
+    r = [1e-6, 1e-4, 0.5, 0.9, 1.0]  # vanishing 3 and 4 steps back, not within 2
+    kept = analysis.within(r, final=4, context=th.context)
+    assert kept == [None, None, 0.5, 0.9, 1.0]
+    assert analysis.spans(kept, th) == ()
+    assert analysis.spans(analysis.within(r, 4, 3), th)[0].start == 1

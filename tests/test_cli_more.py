@@ -206,3 +206,28 @@ def test_cuda_matches_cpu(capsys: pytest.CaptureFixture[str]) -> None:
             for l_c, l_g in zip(m_c["layers"], m_g["layers"], strict=True):
                 assert l_g["state_grad_norm"] == pytest.approx(l_c["state_grad_norm"],
                                                                rel=1e-9, abs=1e-300)
+
+
+def test_context_decides_which_steps_count(capsys: pytest.CaptureFixture[str]) -> None:
+    """--context N: a gradient that vanishes only further back than N steps is healthy for a
+    task that needs N steps; the synthetic batch is then N + 1 steps long."""
+    horizon = None
+    for context, want in ((3, 0), (60, 1)):
+        code = main(["check", VANISHING, "--context", str(context), "--format", "json"])
+        doc = json.loads(capsys.readouterr().out)
+        assert code == want and doc["options"]["context"] == context
+        assert doc["options"]["seq_len"] == context + 1
+        layer = doc["files"][0]["modules"][0]["layers"][0]
+        horizon = layer["horizon"] if layer["horizon"] is not None else horizon
+    assert horizon is not None and 3 < horizon <= 60
+    assert main(["check", VANISHING, "--context", "0"]) == 2
+    assert "--context must be at least 1" in capsys.readouterr().err
+    assert main(["check", VANISHING, "--context", "3", "--seq-len", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "T=50" in out and "within 3 steps back" in out
+
+
+def test_report_says_what_the_verdict_holds_for(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", VANISHING, "--seq-len", "20"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "verdict for T=20 on a synthetic batch" in out
