@@ -156,22 +156,29 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
 
 def check_files(paths: Iterable[str | Path], *, batch: str | Path | None = None,
                 options: CheckOptions | None = None, fail_on: FailOn | str = FailOn.ANY,
-                progress: Progress | None = None, **settings: Any) -> Diagnosis:
+                progress: Progress | None = None, config: str | Path | None = None,
+                **settings: Any) -> Diagnosis:
     """Diagnose checkpoint files, as `rnndiag check PATHS` does.
 
     Settings are the fields of `CheckOptions` (`batch_size`, `seq_len`, `seed`,
     `nonlinearity`, `dtype`, `thresholds`, `model`, `loss`, `device`, ...), given as keyword
-    arguments or as one `options` record. Option and batch errors raise `RnnDiagError`; a file
-    that cannot be used becomes that file's error record.
+    arguments or as one `options` record. `config` is a settings file (`rnndiag check
+    --config`); the settings given here win over it. Option and batch errors raise
+    `RnnDiagError`; a file that cannot be used becomes that file's error record.
     """
     from dataclasses import replace
 
+    from rnndiag import config as project
     from rnndiag.diagnose import diagnose_files
 
     base = options or CheckOptions()
     if batch is not None:
         settings["batch_path"] = str(batch)
     chosen = replace(base, **settings) if settings else base
+    if config is not None:
+        given = set(settings) | ({"vanish", "explode", "context"} if "thresholds" in settings
+                                 else set())
+        chosen = project.options_for(chosen, project.load(Path(config)), given)
     files = diagnose_files([Path(p) for p in paths], chosen, progress or (lambda _: None))
     return Diagnosis(tuple(files), chosen, FailOn(fail_on))
 

@@ -22,6 +22,7 @@ from rnndiag.outcome import FailOn  # torch-free, like every import at the top o
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
+    from rnndiag.config import Config
     from rnndiag.records import CheckOptions, FileDiagnosis, InspectDiagnosis
 
 EXIT_HELP = """Exit codes: 0 nothing selected by --fail-on (healthy or skipped files);
@@ -76,6 +77,7 @@ def root(
 
 @app.command(epilog=EXIT_HELP)
 def check(
+    ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(
         help="Checkpoints: .safetensors, or torch .pt/.pth/.ckpt state dicts.",
         show_default=False)],
@@ -150,6 +152,12 @@ def check(
         help="Also save the text report as SVG (for pull requests).")] = None,
     save_html: Annotated[Path | None, typer.Option(
         help="Also save the text report as HTML.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="Settings file (TOML: a [tool.rnndiag] table or top-level keys). Default: the "
+        "first pyproject.toml with [tool.rnndiag] here or above. Command-line options win.")
+    ] = None,
+    no_config: Annotated[bool, typer.Option(
+        help="Ignore any pyproject.toml [tool.rnndiag].")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Replay each checkpoint's recurrent layers step by step and report gradient flow."""
@@ -161,6 +169,7 @@ def check(
     try:
         limit = parse_size(max_memory) if max_memory is not None else None
         embeddings = _pairs(embedding or [], "--embedding", "MODULE=TENSOR")
+        settings = _settings(config, no_config)
     except RnnDiagError as exc:
         raise typer.Exit(_fail(str(exc), sink, CheckOptions(), debug)) from None
 
@@ -174,7 +183,43 @@ def check(
         model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit, debug=debug,
         state_key=state_key, output_key=output_key, time_axis=time_axis,
         ignore_index=ignore_index, strict_nonfinite=strict_nonfinite, embeddings=embeddings)
+    given = _given(ctx)
+    options = apply_config(options, settings, given)
+    if "fail_on" not in given and settings.fail_on is not None:
+        try:
+            fail_on = FailOn(settings.fail_on)
+        except ValueError:
+            message = (f"config {settings.path}: fail-on = {settings.fail_on!r}: expected one "
+                       f"of {', '.join(f.value for f in FailOn)}")
+            raise typer.Exit(_fail(message, sink, options, debug)) from None
     raise typer.Exit(_run_check(paths, options, fail_on, sink, debug))
+
+
+# command-line parameters -> the CheckOptions (or Thresholds) fields they set
+_FIELDS = {"batch": "batch_path", "vanish_threshold": "vanish",
+           "explode_threshold": "explode", "embedding": "embeddings", "max_memory": "max_memory"}
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The fields set on the command line (they win over the configuration)."""
+    def typed(name: str) -> bool:  # by the enum member's name: typer vendors its click
+        return getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"
+
+    return {_FIELDS.get(name, name) for name in ctx.params if typed(name)}
+
+
+def _settings(path: Path | None, skip: bool) -> Config:
+    from rnndiag import config
+
+    if skip:
+        return config.Config(None)
+    return config.load(path if path is not None else config.find())
+
+
+def apply_config(options: CheckOptions, settings: Config, given: set[str]) -> CheckOptions:
+    from rnndiag import config
+
+    return config.options_for(options, settings, given)
 
 
 @app.command(epilog="Exit codes: 0 no problem found; 1 NaN/Inf in weights; 2 unusable input.")

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from rnndiag import clip, feeding, pergrad, resources, static
+from rnndiag import clip, config, feeding, pergrad, resources, static
 from rnndiag.batch import BatchFile, file_lengths, load_batch
 from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
 from rnndiag.discover import find_modules, mark_nonfinite
@@ -71,20 +72,33 @@ def _quiet(message: str) -> None:
 
 def diagnose_files(paths: Iterable[Path], options: CheckOptions,
                    progress: Progress = _quiet) -> list[FileDiagnosis]:
-    """Diagnose every file with one batch. Option and batch errors raise: they affect all files."""
-    validate(options)
-    batch = load_batch(Path(options.batch_path)) if options.batch_path else None
+    """Diagnose every file, each with its options (`options`, and the config's overrides that
+    match it). Option and batch errors raise: they affect all files that use them."""
+    batches: dict[str, BatchFile] = {}
+    out = []
+    for path in paths:
+        own = config.for_path(options, path)
+        validate(own)
+        if own.batch_path and own.batch_path not in batches:
+            batches[own.batch_path] = load_batch(Path(own.batch_path))
+        batch = batches.get(own.batch_path) if own.batch_path else None
+        found = diagnose_file(path, _work(own, batch, progress), own.debug,
+                              state_key=own.state_key)
+        out.append(replace(found, ignores=own.ignores) if own.ignores else found)
+    return out
+
+
+def _work(options: CheckOptions, batch: BatchFile | None,
+          progress: Progress) -> Callable[[RawFile], FileDiagnosis]:
+    """What to do with one file's contents under `options`."""
     if options.model is not None:
         if batch is None:
             raise OptionError("--model needs --batch: a file with the 'inputs' your model "
                               "takes (and 'targets' for a task loss)")
-        run = partial(_model_file, options=options, batch=batch, progress=progress)
-    else:
-        if options.loss is not None:
-            raise OptionError("--loss needs --model (a loss applies to your model's output)")
-        run = partial(_checkpoint_file, options=options, batch=batch, progress=progress)
-    return [diagnose_file(path, run, options.debug, state_key=options.state_key)
-            for path in paths]
+        return partial(_model_file, options=options, batch=batch, progress=progress)
+    if options.loss is not None:
+        raise OptionError("--loss needs --model (a loss applies to your model's output)")
+    return partial(_checkpoint_file, options=options, batch=batch, progress=progress)
 
 
 def diagnose_file(path: Path, work: Callable[[RawFile], FileDiagnosis],

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from rnndiag.cells import unit
 from rnndiag.records import (
     FileDiagnosis,
+    Ignore,
     LayerDiagnosis,
     ModuleDiagnosis,
     PascanuReading,
@@ -160,6 +161,7 @@ class Finding:
     direction: str | None
     span: Span | None = None
     value: float | None = None  # the number behind the finding (ratio, sigma, bias, steps)
+    ignored: bool = False  # accepted by the configuration (`ignore`): never changes the exit
 
     @property
     def level(self) -> Level:
@@ -175,7 +177,21 @@ class Advice:
 
 
 def findings(f: FileDiagnosis) -> tuple[Finding, ...]:
-    """List the findings of one file: NaN/Inf weights first, then layer by layer."""
+    """List the findings of one file: NaN/Inf weights first, then layer by layer; those the
+    file's `ignores` accept are marked ignored."""
+    found = _findings(f)
+    if not f.ignores:
+        return found
+    return tuple(replace(x, ignored=True) if any(_accepts(i, x) for i in f.ignores) else x
+                 for x in found)
+
+
+def _accepts(i: Ignore, x: Finding) -> bool:
+    return i.rule == x.rule.value and i.module in (None, x.module) \
+        and i.layer in (None, x.layer) and i.direction in (None, x.direction)
+
+
+def _findings(f: FileDiagnosis) -> tuple[Finding, ...]:
     weights = tuple(
         Finding(Rule.NONFINITE_WEIGHTS if t.fatal else Rule.NONFINITE_OTHER,
                 f"{'recurrent weight' if t.recurrent else 'tensor'} holds {t.nan} NaN and "
@@ -225,7 +241,7 @@ def _g(x: float | None) -> str:
 
 def advice(files: Sequence[FileDiagnosis]) -> tuple[Advice, ...]:
     """List what to try, from the findings of all files, by rank; each with its evidence."""
-    found = [x for f in files for x in findings(f)]
+    found = [x for f in files for x in findings(f) if not x.ignored]
     plain = {(f.path, m.spec.name) for f in files for m in f.modules
              if not unit(m.spec.cell_type).gated}
     out: list[Advice] = []

@@ -217,6 +217,7 @@ def _finding(x: Finding) -> dict[str, Any]:
         "direction": x.direction,
         "span": None if x.span is None else {"start": x.span.start, "end": x.span.end},
         "value": _num(x.value),
+        "ignored": x.ignored,
     }
 
 

@@ -32,7 +32,7 @@ class FailOn(StrEnum):
 
     def selects(self, x: Finding) -> bool:
         """Say whether finding `x` makes the exit code 1: an error this choice covers."""
-        if x.level is not Level.ERROR or self is FailOn.NEVER:
+        if x.level is not Level.ERROR or self is FailOn.NEVER or x.ignored:
             return False
         verdict = x.rule.info.verdict
         return self is FailOn.ANY or (verdict is not None and verdict.value == self.value)

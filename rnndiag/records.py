@@ -289,6 +289,7 @@ class FileDiagnosis:
     nonfinite_weights: tuple[NonFiniteTensor, ...] = ()
     clip: ClipSuggestion | None = None
     loss: str = "final_state_energy"  # the loss backpropagated (see rnndiag.losses)
+    ignores: tuple[Ignore, ...] = ()  # accepted findings for this file (config `ignore`)
 
     @property
     def verdict(self) -> Verdict | None:
@@ -307,6 +308,26 @@ class Thresholds:
     vanish: float = 1e-3
     explode: float = 1e3
     context: int | None = None
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """An accepted finding (config `ignore`): its rule, and where (None: anywhere)."""
+
+    rule: str
+    module: str | None = None
+    layer: int | None = None
+    direction: str | None = None
+
+
+@dataclass(frozen=True)
+class Override:
+    """Settings for the files matching `patterns` (fnmatch on the path relative to `root`,
+    the config file's folder, or on the path as given)."""
+
+    patterns: tuple[str, ...]
+    values: tuple[tuple[str, object], ...]  # (CheckOptions or Thresholds field, value)
+    root: str = "."
 
 
 @dataclass(frozen=True)
@@ -334,3 +355,5 @@ class CheckOptions:
     ignore_index: int = -100  # cross-entropy targets with this value are not scored
     strict_nonfinite: bool = False  # NaN/Inf in any tensor is fatal, not only recurrent ones
     embeddings: tuple[tuple[str, str], ...] = ()  # --embedding MODULE=TENSOR, in order
+    ignores: tuple[Ignore, ...] = ()  # accepted findings (config `ignore`)
+    overrides: tuple[Override, ...] = ()  # per-file settings from the config, in order

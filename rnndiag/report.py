@@ -15,7 +15,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.table import Table
 from rich.text import Text
 
-from rnndiag.findings import Advice, advice
+from rnndiag.findings import Advice, advice, findings
 from rnndiag.records import (
     ClipSuggestion,
     FileDiagnosis,
@@ -102,6 +102,11 @@ def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
         out.append(Text(f"  {_scope(f, th)}", style="dim"))
     for note in f.notes:
         out.append(Text(f"  note: {safe(note)}", style="dim"))
+    for x in findings(f):
+        if x.ignored:
+            where = " ".join(str(p) for p in (x.module, x.layer, x.direction) if p is not None)
+            out.append(Text(f"  ignored (config): {x.rule.value} {safe(where)}: "
+                            f"{safe(x.message)}", style="dim"))
     for t in f.nonfinite_weights:
         what = "non-finite weights" if t.recurrent else "non-finite values (not recurrent)"
         out.append(Text(f"  {what}: {safe(t.name)}: {t.nan} NaN, {t.inf} Inf",

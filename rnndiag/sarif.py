@@ -42,7 +42,7 @@ def _result(x: Finding, rule_index: int) -> dict[str, Any]:
     props: dict[str, Any] = {"value": x.value}
     if x.span is not None:
         props["span"] = {"start": x.span.start, "end": x.span.end}
-    return {
+    result = {
         "ruleId": x.rule.value,
         "ruleIndex": rule_index,
         "level": {Level.ERROR: "error", Level.WARNING: "warning", Level.NOTE: "note"}[x.level],
@@ -53,6 +53,9 @@ def _result(x: Finding, rule_index: int) -> dict[str, Any]:
         }],
         "properties": props,
     }
+    if x.ignored:  # accepted in the project's configuration
+        result["suppressions"] = [{"kind": "external", "justification": "rnndiag config ignore"}]
+    return result
 
 
 def _error(f: FileDiagnosis) -> dict[str, Any]:

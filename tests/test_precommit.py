@@ -108,3 +108,30 @@ def test_hostile_file_names_are_files_not_options(repo: Path, tmp_path: Path) ->
     assert (repo / "victim.safetensors").read_bytes() == victim, log
     assert "--model=evilmod:f.safetensors" in log, log  # reported as a file
     assert result.returncode == 1, log  # the LSTM vanishes on the synthetic batch
+
+
+@pytest.mark.slow
+def test_project_config_per_file_batch_and_ignored_finding(repo: Path, tmp_path: Path) -> None:
+    """[tool.rnndiag] in the repository's pyproject.toml, through the real pre-commit: a
+    legacy checkpoint's known vanishing is accepted, another file gets its own batch; a new
+    vanishing checkpoint still fails the commit."""
+    (repo / "models").mkdir()
+    (repo / "data").mkdir()
+    shutil.copy(SAMPLES / "rnn_tanh_vanishing.safetensors", repo / "models" / "legacy.safetensors")
+    shutil.copy(SAMPLES / "lstm_healthy.safetensors", repo / "models" / "lstm.safetensors")
+    shutil.copy(SAMPLES / "adding_batch.safetensors", repo / "data" / "adding.safetensors")
+    (repo / "pyproject.toml").write_text(
+        "[tool.rnndiag]\nseq-len = 40\n\n"
+        "[[tool.rnndiag.overrides]]\nfiles = [\"models/legacy*.safetensors\"]\n"
+        "ignore = [{rule = \"RD001\", module = \"rnn\"}]\n\n"
+        "[[tool.rnndiag.overrides]]\nfiles = [\"models/lstm.safetensors\"]\n"
+        "batch = \"data/adding.safetensors\"\n")
+    _git(repo, "add", "models", "data", "pyproject.toml")
+    result = _try_repo(repo, "rnndiag-system", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ignored (config): RD001" in result.stdout or "Passed" in result.stdout
+    shutil.copy(SAMPLES / "rnn_tanh_vanishing.safetensors", repo / "models" / "new.safetensors")
+    _git(repo, "add", "models/new.safetensors")
+    result = _try_repo(repo, "rnndiag-system", tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "models/new.safetensors" in result.stdout
