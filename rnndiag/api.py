@@ -105,8 +105,9 @@ class Inspection:
 def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
                 loss: Callable[[Any, Tensor], Tensor] | None = None,
                 thresholds: Thresholds | None = None, dtype: str | None = None,
-                device: str | None = None, clip_batches: int | None = None,
-                clip_percentile: float = 50.0, fail_on: FailOn | str = FailOn.ANY,
+                device: str | None = None, train_batch_size: int | None = None,
+                lr: float | None = None, optimizer: str | None = None,
+                fail_on: FailOn | str = FailOn.ANY,
                 name: str | None = None, progress: Progress | None = None,
                 output_key: str | int | None = None, time_axis: int | None = None,
                 ignore_index: int = -100) -> Diagnosis:
@@ -135,7 +136,7 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     own = str(floats[0].dtype).removeprefix("torch.") if floats else "float32"
     chosen = dtype or (own if own in DTYPES else "float32")  # half models: a float32 copy
     options = CheckOptions(thresholds=thresholds or Thresholds(), dtype=chosen,
-                           clip_batches=clip_batches, clip_percentile=clip_percentile,
+                           train_batch_size=train_batch_size, lr=lr, optimizer=optimizer,
                            device=device or (str(floats[0].device) if floats else "cpu"),
                            loss=getattr(loss, "__name__", "custom") if loss else None,
                            output_key=None if output_key is None else str(output_key),

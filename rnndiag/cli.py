@@ -130,10 +130,15 @@ def check(
     state_key: Annotated[str | None, typer.Option(
         help="The entry of a checkpoint container that holds the weights (e.g. model_state, "
         "ema; dotted for nesting). Default: found automatically.")] = None,
-    clip_batches: Annotated[int | None, typer.Option(
-        help="Mini-batches for the clip suggestion (default min(8, B)).")] = None,
-    clip_percentile: Annotated[float, typer.Option(
-        help="Percentile of the mini-batch norms to suggest (50: the median).")] = 50.0,
+    train_batch_size: Annotated[int | None, typer.Option(
+        help="The batch size training uses: the clip suggestion is the expected gradient norm "
+        "at this size (default: the replayed batch's).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        help="Training learning rate, for the clip's step cap (default: the checkpoint's "
+        "optimizer state, if any).")] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        help="Training optimizer: sgd, adam, adamw, rmsprop, ... (default: the checkpoint's "
+        "optimizer state, if any).")] = None,
     device: Annotated[str, typer.Option(
         help="Where to replay: cpu, cuda, cuda:N or auto (cuda when available).")] = "cpu",
     max_memory: Annotated[str | None, typer.Option(
@@ -179,7 +184,7 @@ def check(
             context + 1 if context is not None and context > 0 else 100),
         seed=seed, nonlinearity=nonlinearity.value if nonlinearity else None,
         dtype=dtype.value, thresholds=Thresholds(vanish_threshold, explode_threshold, context),
-        clip_batches=clip_batches, clip_percentile=clip_percentile, model=model,
+        train_batch_size=train_batch_size, lr=lr, optimizer=optimizer, model=model,
         model_kwargs=model_kwargs, loss=loss, device=device, max_memory=limit, debug=debug,
         state_key=state_key, output_key=output_key, time_axis=time_axis,
         ignore_index=ignore_index, strict_nonfinite=strict_nonfinite, embeddings=embeddings)

@@ -38,7 +38,8 @@ OPTION_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
     "batch": ("batch_path", (str,)), "batch-size": ("batch_size", (int,)),
     "seq-len": ("seq_len", (int,)), "seed": ("seed", (int,)),
     "nonlinearity": ("nonlinearity", (str,)), "dtype": ("dtype", (str,)),
-    "clip-batches": ("clip_batches", (int,)), "clip-percentile": ("clip_percentile", (int, float)),
+    "train-batch-size": ("train_batch_size", (int,)), "lr": ("lr", (int, float)),
+    "optimizer": ("optimizer", (str,)),
     "model": ("model", (str,)), "model-kwargs": ("model_kwargs", (dict,)),
     "loss": ("loss", (str,)), "device": ("device", (str,)),
     "max-memory": ("max_memory", (str, int)), "state-key": ("state_key", (str,)),
@@ -198,4 +199,6 @@ def _apply(base: CheckOptions, values: list[tuple[str, Any]]) -> CheckOptions:
             changes[name] = value
     if th:
         changes["thresholds"] = replace(base.thresholds, **th)
+    if changes:
+        changes["from_config"] = base.from_config + tuple(n for n, _ in values)
     return replace(base, **changes) if changes else base

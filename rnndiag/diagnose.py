@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from rnndiag import clip, config, feeding, pergrad, resources, static
+from rnndiag import clip, config, feeding, resources, static
 from rnndiag.batch import BatchFile, file_lengths, load_batch
 from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
 from rnndiag.discover import find_modules, mark_nonfinite
@@ -26,11 +26,14 @@ from rnndiag.modelcheck import diagnose_live, file_model_inputs
 from rnndiag.records import (
     BatchInfo,
     CheckOptions,
+    ClipInput,
     ClipSuggestion,
     FileDiagnosis,
     FileStatus,
     ModuleDiagnosis,
     ModuleSpec,
+    TrainingState,
+    Verdict,
 )
 from rnndiag.replay import replay
 from rnndiag.series import layer_diagnosis
@@ -50,8 +53,13 @@ def validate(options: CheckOptions) -> None:
     resources.resolve_device(options.device)
     if options.dtype not in DTYPES:
         raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-    if not 0.0 <= options.clip_percentile <= 100.0:
-        raise OptionError(f"--clip-percentile must be within 0..100, got {options.clip_percentile}")
+    if options.train_batch_size is not None and options.train_batch_size < 1:
+        raise OptionError(f"--train-batch-size must be at least 1, got {options.train_batch_size}")
+    if options.lr is not None and not 0.0 < options.lr < float("inf"):
+        raise OptionError(f"--lr must be a positive number, got {options.lr}")
+    if options.optimizer is not None and options.optimizer not in clip.OPTIMIZERS:
+        raise OptionError(f"--optimizer must be one of {', '.join(clip.OPTIMIZERS)}, got "
+                          f"{options.optimizer!r}")
     if options.time_axis not in (None, 0, 1):
         raise OptionError(f"--time-axis must be 0 (time-major) or 1 (batch-first), got "
                           f"{options.time_axis}")
@@ -122,10 +130,12 @@ def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | Non
                              notes=ckpt.notes + (NO_RECURRENT,))
     bad = mark_nonfinite(nonfinite_weights(ckpt.tensors), (s.name for s in specs),
                          options.strict_nonfinite)
-    modules, squares, count, notes = _replay_all(specs, ckpt, options, batch,
-                                                 lambda m: progress(f"{path}: {m}"))
-    suggestion = _clip(squares, options, count)
+    modules, square, count, notes = _replay_all(specs, ckpt, options, batch,
+                                                lambda m: progress(f"{path}: {m}"))
     first = modules[0]
+    exploding = any(m.verdict is Verdict.EXPLODING for m in modules) or any(
+        t.fatal for t in bad)
+    suggestion = _clip(square, options, count, first.batch_size, exploding, None)
     info = BatchInfo(source=batch.path if batch else "synthetic", batch_size=first.batch_size,
                      seq_len=first.seq_len, seed=None if batch else options.seed)
     return FileDiagnosis(str(path), ckpt.format, FileStatus.OK, tuple(modules), info,
@@ -134,9 +144,9 @@ def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | Non
 
 def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions,
                 batch: BatchFile | None, progress: Progress,
-                ) -> tuple[list[ModuleDiagnosis], list[list[float]], int, tuple[str, ...]]:
+                ) -> tuple[list[ModuleDiagnosis], float, int, tuple[str, ...]]:
     """Replay every module, each fed as rnndiag.feeding says (in file order; a module chained
-    after another waits for it). Returns modules, clip squares, parameter count, notes."""
+    after another waits for it). Returns modules, ||parameters||^2, parameter count, notes."""
     fed: dict[str, Fed] = {}
     problems: dict[str, BatchError] = {}
     for spec in specs:
@@ -149,7 +159,7 @@ def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions
     if not fed:  # the batch fits no module of this file: it is the wrong batch
         raise next(iter(problems.values()))
     first = next(iter(fed.values())).inputs
-    done: dict[str, tuple[ModuleDiagnosis, list[float], int]] = {}
+    done: dict[str, tuple[ModuleDiagnosis, float, int]] = {}
     outputs: dict[str, Tensor] = {}
     pending = list(specs)
     while pending:
@@ -167,7 +177,7 @@ def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions
             pending.remove(spec)
     results = [done[s.name] for s in specs]
     notes = tuple(note for s in specs if (note := fed[s.name].note) is not None)
-    return ([m for m, _, _ in results], [sq for _, sq, _ in results],
+    return ([m for m, _, _ in results], sum(sq for _, sq, _ in results),
             sum(n for _, _, n in results), notes)
 
 
@@ -201,14 +211,15 @@ def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
                          clip=live.clip, loss=live.loss)
 
 
-def _clip(squares: list[list[float]], options: CheckOptions, count: int) -> ClipSuggestion:
-    """Mini-batch norms over all recurrent modules' parameters (their objectives summed).
-
-    Each module's squared norms are for its own objective on mini-batch k; the objectives are
-    independent, so the total is the root of their sum.
-    """
-    total = [math.sqrt(sum(parts)) for parts in zip(*squares, strict=True)]
-    return clip.suggest(total, options.clip_percentile, "recurrent", count)
+def _clip(square: float, options: CheckOptions, count: int, batch: int, exploding: bool,
+          state: TrainingState | None) -> ClipSuggestion:
+    """Without a task loss there is no measured norm: only the step cap, over the recurrent
+    modules' parameters, when the learning rate is known (rnndiag.clip)."""
+    norm = math.sqrt(square)
+    chosen = clip.clip_inputs(options, state, batch)
+    return clip.suggest(None, (*chosen.inputs, ClipInput("param_norm", norm, "measured")),
+                        chosen.batch, chosen.optimizer, chosen.lr, norm, "recurrent", count,
+                        exploding)
 
 
 def module_params(spec: ModuleSpec, tensors: Mapping[str, Tensor], dtype: torch.dtype,
@@ -229,9 +240,9 @@ def module_params(spec: ModuleSpec, tensors: Mapping[str, Tensor], dtype: torch.
 
 def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
                      batch: BatchFile | None, fed: Fed,
-                     ) -> tuple[tuple[ModuleDiagnosis, list[float], int], Tensor]:
-    """Replay one module on its inputs; (diagnosis, clip squares, parameter count), and its
-    top-layer outputs (B, T, D*P) for a module chained after it."""
+                     ) -> tuple[tuple[ModuleDiagnosis, float, int], Tensor]:
+    """Replay one module on its inputs; (diagnosis, ||its parameters||^2, parameter count),
+    and its top-layer outputs (B, T, D*P) for a module chained after it."""
     dtype = DTYPES[options.dtype]
     desc, inputs = fed.desc, fed.inputs
     resources.check_fits(spec, inputs.shape[0], inputs.shape[1], dtype.itemsize,
@@ -245,10 +256,6 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
         desc += ", with lengths"
     with torch.enable_grad():
         result = replay(spec, params, inputs, lengths)
-        k = clip.batches_for(options.clip_batches, batch_size)
-        groups = torch.tensor_split(torch.arange(batch_size), k)
-        squares = pergrad.replay_sq_norms(spec, inputs, result, groups)
-    scaled = pergrad.scale_to_minibatch_loss(squares, groups, batch_size)
     arrays = {k: v.detach().cpu().double().numpy() for k, v in params.items()}
     layers = tuple(
         layer_diagnosis(adj, static.static_layer(spec, arrays, adj.layer, adj.direction),
@@ -256,4 +263,5 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
         for adj in result.adjoints)
     diagnosis = ModuleDiagnosis(spec, desc, result.loss, layers, batch_size, seq_len)
     count = sum(p.numel() for p in params.values())
-    return (diagnosis, [x * x for x in scaled], count), result.output
+    square = sum(float(p.double().pow(2).sum()) for p in params.values())
+    return (diagnosis, square, count), result.output

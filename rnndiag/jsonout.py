@@ -67,8 +67,9 @@ def _options(o: CheckOptions, fail_on: FailOn) -> dict[str, Any]:
         "vanish_threshold": o.thresholds.vanish,
         "explode_threshold": o.thresholds.explode,
         "context": o.thresholds.context,
-        "clip_batches": o.clip_batches,
-        "clip_percentile": o.clip_percentile,
+        "train_batch_size": o.train_batch_size,
+        "lr": o.lr,
+        "optimizer": o.optimizer,
         "model": o.model,
         "model_kwargs": o.model_kwargs,
         "loss": o.loss,
@@ -107,12 +108,15 @@ def _clip(c: ClipSuggestion | None) -> dict[str, Any] | None:
     if c is None:
         return None
     return {
-        "suggested_max_norm": _num(c.suggested_max_norm), "percentile": c.percentile,
-        "norms": _series(c.norms), "mean": _num(c.mean),
-        "pascanu_band": [_num(c.pascanu_band[0]), _num(c.pascanu_band[1])],
-        "autoclip_p10": _num(c.autoclip_p10), "max": _num(c.max),
-        "fraction_clipped": c.fraction_clipped, "batches": c.batches,
-        "parameters": c.parameters, "parameter_count": c.parameter_count,
+        "suggested_max_norm": _num(c.suggested_max_norm), "decided_by": c.decided_by,
+        "expected_norm": _num(c.expected_norm),
+        "spread": None if c.spread is None else [_num(x) for x in c.spread],
+        "fraction_clipped": c.fraction_clipped, "step_cap": _num(c.step_cap),
+        "examples": c.examples, "parameters": c.parameters,
+        "parameter_count": c.parameter_count,
+        "inputs": [{"name": i.name, "value": _num(i.value) if isinstance(i.value, float)
+                    else i.value, "source": i.source} for i in c.inputs],
+        "advice": c.advice,
     }
 
 

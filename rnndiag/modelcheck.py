@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,9 +25,17 @@ import torch
 from torch import Tensor, nn
 
 from rnndiag import clip, static
+from rnndiag.clip import clip_inputs
 from rnndiag.errors import BatchError
 from rnndiag.losses import Loss, LossFn, choose, pick
-from rnndiag.records import CheckOptions, ClipSuggestion, ModuleDiagnosis
+from rnndiag.records import (
+    CheckOptions,
+    ClipInput,
+    ClipSuggestion,
+    ModuleDiagnosis,
+    TrainingState,
+    Verdict,
+)
 from rnndiag.replay import StepAdjoints, objective
 from rnndiag.series import layer_diagnosis
 from rnndiag.temporal import CreditRows, credit_rows, scored_sequences
@@ -138,7 +147,8 @@ class LiveDiagnosis:
 
 def diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                   custom_name: str | None, options: CheckOptions,
-                  progress: Callable[[str], None] = lambda _: None) -> LiveDiagnosis:
+                  progress: Callable[[str], None] = lambda _: None,
+                  state: TrainingState | None = None) -> LiveDiagnosis:
     """Run the model once with every recurrent state captured; analyse; suggest a clip."""
     progress("replaying the model")
     with capture(model) as rec:
@@ -153,8 +163,10 @@ def diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
         loss = _loss(loss_def, output, inputs.targets, rec, batch)
         measured = _measure(rec, seqs, loss, loss_def, output, batch, options)
     modules = _modules(seqs, measured, loss_def.name, float(loss.detach()), options)
-    progress("mini-batch gradient norms")
-    suggestion = _clip(model, loss_def, inputs, Slicing(batch, measured.time_major), options)
+    progress("per-example gradient norms")
+    exploding = any(m.verdict is Verdict.EXPLODING for m in modules)
+    suggestion = _clip(model, loss_def, inputs, Slicing(batch, measured.time_major), options,
+                       exploding, state)
     return LiveDiagnosis(modules, suggestion, _loss_name(loss_def), batch, measured.notes)
 
 
@@ -268,14 +280,35 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 
 def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
-          options: CheckOptions) -> ClipSuggestion:
+          options: CheckOptions, exploding: bool, state: TrainingState | None,
+          ) -> ClipSuggestion:
+    """The clip rule (rnndiag.clip) on per-example gradients of the task loss."""
     params = [p for p in model.parameters() if p.requires_grad]
-    k = clip.batches_for(options.clip_batches, slicing.batch)
-    with _eval(model), eager():
-        norms = clip.minibatch_norms(partial(_rows_loss, model, loss_def, inputs, slicing),
-                                     params, slicing.batch, k)
-    return clip.suggest(norms, options.clip_percentile, "model",
-                        sum(p.numel() for p in params))
+    count = sum(p.numel() for p in params)
+    norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
+    chosen = clip_inputs(options, state, slicing.batch)
+    gram, unavailable = None, None
+    if loss_def.fn is not None:
+        n = clip.examples_for(slicing.batch, count)
+        try:
+            with _eval(model), eager():
+                gram = clip.per_example_gram(partial(_example_loss, model, loss_def, inputs,
+                                                     slicing, options.ignore_index), params, n)
+        except BatchError as exc:  # a model bound to its batch (a stateful self.hidden)
+            unavailable = f"the model does not run on one example alone ({exc})"
+    return clip.suggest(gram, (*chosen.inputs, ClipInput("param_norm", norm, "measured")),
+                        chosen.batch, chosen.optimizer, chosen.lr, norm, "model", count,
+                        exploding, unavailable)
+
+
+def _example_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
+                  ignore_index: int, i: int) -> Tensor | None:
+    """Example i's loss on its own; None when it scores nothing (every target ignored)."""
+    part = inputs.rows(torch.tensor([i]), slicing)
+    assert part.targets is not None
+    if loss_def.classes_last and bool((part.targets == ignore_index).all()):
+        return None
+    return loss_def(call_model(model, part.args, part.kwargs), part.targets)
 
 
 def _rows_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,

@@ -261,20 +261,37 @@ class InspectDiagnosis:
 
 
 @dataclass(frozen=True)
-class ClipSuggestion:
-    """See rnndiag.clip for the definitions."""
+class TrainingState:
+    """What a training checkpoint says about its optimizer (None: not stored)."""
 
-    suggested_max_norm: float
-    percentile: float
-    norms: tuple[float, ...]  # one per mini-batch, in batch order
-    mean: float
-    pascanu_band: tuple[float, float]  # (0.5 * mean, 10 * mean)
-    autoclip_p10: float
-    max: float
-    fraction_clipped: float
-    batches: int
-    parameters: str  # "model" (all model parameters) | "recurrent" (the recurrent modules')
+    optimizer: str | None  # "sgd" | "adam" | ... as rnndiag.clip names them
+    lr: float | None  # param_groups[0]["lr"]
+
+
+@dataclass(frozen=True)
+class ClipInput:
+    """One input of the clip rule and where it came from."""
+
+    name: str  # "train_batch_size" | "optimizer" | "lr" | "param_norm"
+    value: str | float | int | None
+    source: str  # "option" | "config" | "checkpoint" | "batch" | "measured" | "missing"
+
+
+@dataclass(frozen=True)
+class ClipSuggestion:
+    """See rnndiag.clip for the rule and the definitions."""
+
+    suggested_max_norm: float | None  # None: nothing can be suggested (see `advice`)
+    decided_by: str  # "expected_norm" (N_b) | "step_cap" (rho*||theta||/lr) | "none"
+    expected_norm: float | None  # N_b: expected pre-clip norm at the training batch size
+    spread: tuple[float, float, float] | None  # p10, p50, p90 of that norm (resampled)
+    fraction_clipped: float | None  # expected fraction of training steps clipped
+    step_cap: float | None  # rho * ||theta|| / lr (SGD-family, learning rate known)
+    examples: int  # per-example gradients measured
+    parameters: str  # "model" (all model parameters that require grad) | "recurrent"
     parameter_count: int
+    inputs: tuple[ClipInput, ...]
+    advice: str
 
 
 @dataclass(frozen=True)
@@ -341,8 +358,10 @@ class CheckOptions:
     nonlinearity: str | None = None  # None: from file metadata, else "tanh"
     dtype: str = "float32"
     thresholds: Thresholds = field(default_factory=Thresholds)
-    clip_batches: int | None = None  # None: min(8, B)
-    clip_percentile: float = 50.0
+    train_batch_size: int | None = None  # b of the clip rule; None: the batch's B
+    lr: float | None = None  # None: the checkpoint's optimizer state, if any
+    optimizer: str | None = None  # sgd | adam | ... ; None: from the checkpoint, if any
+    from_config: tuple[str, ...] = ()  # fields the configuration set (for reporting sources)
     model: str | None = None  # --model package.module:callable
     model_kwargs: str | None = None  # JSON object
     loss: str | None = None  # --loss package.module:callable

@@ -119,30 +119,35 @@ def _file(f: FileDiagnosis, th: Thresholds) -> list[RenderableType]:
 
 
 def _clip(c: ClipSuggestion, loss: str) -> RenderableType:
-    if not all(math.isfinite(n) for n in c.norms):
-        bad = sum(not math.isfinite(n) for n in c.norms)
-        return Text(f"  clip undefined: {bad} of {c.batches} mini-batch gradient norms are not "
-                    "finite (see the exploding spans)", style="red")
-    lo, hi = c.pascanu_band
     which = "all model parameters" if c.parameters == "model" else "the recurrent parameters"
-    lines: list[RenderableType] = [
-        Text.assemble((f"max_norm ≈ {fmt(c.suggested_max_norm)}", "bold"),
-                      f" (p{c.percentile:g} of {c.batches} mini-batch pre-clip gradient norms "
-                      f"of {safe(loss)} over {which}, {fmt(min(c.norms))}..{fmt(c.max)})"),
-        Text(f"mean {fmt(c.mean)}, Pascanu band {fmt(lo)}..{fmt(hi)}, AutoClip p10 "
-             f"{fmt(c.autoclip_p10)}; would clip {c.fraction_clipped:.0%} of mini-batches. "
-             "Use as clip_grad_norm_(params, max_norm), Lightning gradient_clip_val or "
-             "HF max_grad_norm.", style="dim"),
-    ]
-    if loss == "final_state_energy":
-        lines.append(Text("A heuristic for this checkpoint under the final-state objective, "
-                          "not your training loss: --model with targets measures your loss.",
+    used = ", ".join(f"{i.name} {_value(i.value)} ({i.source})" for i in c.inputs)
+    if c.suggested_max_norm is None:
+        head = Text("no clip suggestion", style="bold")
+    else:
+        rule = {"expected_norm": "the expected pre-clip norm N_b at the training batch size",
+                "step_cap": "the step cap 0.005·‖θ‖/lr, below N_b" if c.expected_norm
+                else "the step cap 0.005·‖θ‖/lr"}.get(c.decided_by, c.decided_by)
+        head = Text.assemble((f"max_norm ≈ {fmt(c.suggested_max_norm)}", "bold"),
+                             f" ({rule}; {which})")
+    lines: list[RenderableType] = [head]
+    if c.expected_norm is not None and c.spread is not None:
+        lo, mid, hi = c.spread
+        clipped = "" if c.fraction_clipped is None else \
+            f"; clips about {c.fraction_clipped:.0%} of training steps"
+        lines.append(Text(f"N_b {fmt(c.expected_norm)} (p10..p90 {fmt(lo)}..{fmt(hi)}, from "
+                          f"{c.examples} per-example gradients of {safe(loss)}){clipped}",
                           style="dim"))
+    lines.append(Text(f"inputs: {safe(used)}", style="dim"))
+    lines.append(Text(safe(c.advice), style="dim"))
     grid = Table.grid(padding=(0, 1))
     grid.add_column(no_wrap=True)
     grid.add_column()
     grid.add_row("  clip", Group(*lines))
     return grid
+
+
+def _value(x: object) -> str:
+    return fmt(x) if isinstance(x, float) else "-" if x is None else str(x)
 
 
 def describe(m: ModuleDiagnosis) -> str:

@@ -108,7 +108,7 @@ def test_time_major_model_reports_its_batch(models: Path,
     assert code in (0, 1), err
     [f] = json.loads(out)["files"]
     assert f["batch"]["batch_size"] == 3 and f["batch"]["seq_len"] == 12
-    assert f["clip"]["batches"] == 3  # min(8, B): cut along the batch, not along time
+    assert f["clip"]["examples"] == 3  # per-example gradients: cut along B, not along time
     assert f["modules"][0]["layers"][0]["basis"] == "credit"
 
 

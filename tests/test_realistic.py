@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from rnndiag import RnnDiagError, check_model
 from rnndiag.cli import main
 from rnndiag.records import FileDiagnosis, LayerDiagnosis
-from tests import credit_oracle
+from tests import clip_oracle, credit_oracle
 from tests.conftest import ROOT
 from tests.realistic_models import (
     DictTagger,
@@ -466,7 +466,7 @@ def check_document(doc: Mapping[str, Any], wants: Mapping[str, Want]) -> None:
 
 def diagnose(model: nn.Module, inputs: Any, targets: Tensor | None, **options: Any,
              ) -> FileDiagnosis:
-    options.setdefault("clip_batches", 2)
+    options.setdefault("train_batch_size", 2)
     return check_model(model, inputs, targets, dtype="float64", **options).files[0]
 
 
@@ -511,8 +511,7 @@ def test_packed_bidirectional_tagger(cell: str) -> None:
     sums: dict[str, list[float]] = {k: [0.0] * steps for k in wants}
     cells: dict[str, list[float]] = {k: [0.0] * steps for k in wants}
     for b, n in enumerate(lengths):
-        alone = diagnose(model, (tokens[b:b + 1, :n], torch.tensor([n])), labels[b:b + 1, :n],
-                         clip_batches=1)
+        alone = diagnose(model, (tokens[b:b + 1, :n], torch.tensor([n])), labels[b:b + 1, :n])
         assert alone.modules[0].seq_len == n and alone.batch is not None
         assert alone.batch.batch_size == 1
         for d in alone.modules[0].layers:
@@ -545,7 +544,7 @@ def test_time_major_tied_language_model(cell: str, flatten: bool) -> None:
     tokens = torch.randint(0, vocab, (steps, batch))
     targets = torch.randint(0, vocab, (steps, batch))
     y = targets.reshape(-1) if flatten else targets
-    got = diagnose(model, tokens, y, clip_batches=3)
+    got = diagnose(model, tokens, y, train_batch_size=3)
     [module] = got.modules
     assert got.batch is not None and got.batch.batch_size == batch and got.batch.seq_len == steps
     assert module.batch_size == batch and module.seq_len == steps
@@ -560,15 +559,14 @@ def test_time_major_tied_language_model(cell: str, flatten: bool) -> None:
     assert worst(wants) == "vanishing"
     check_file(got, wants)
 
-    # clip: three mini-batches cut along B (axis 1 of the time-major tensors)
-    norms = []
-    for idx in torch.tensor_split(torch.arange(batch), 3):
-        part = targets[:, idx]
-        mini = F.cross_entropy(model(tokens[:, idx]).reshape(-1, vocab), part.reshape(-1))
-        found = torch.autograd.grad(mini, list(model.parameters()))
-        norms.append(math.sqrt(sum(float(g.pow(2).sum()) for g in found)))
-    assert got.clip is not None and got.clip.batches == 3
-    close(list(got.clip.norms), norms, "clip norms")
+    # clip: per-example gradients cut along B (axis 1 of the time-major tensors)
+    per_example = []
+    for i in range(batch):
+        part = targets[:, [i]]
+        one = F.cross_entropy(model(tokens[:, [i]]).reshape(-1, vocab), part.reshape(-1))
+        per_example.append(torch.autograd.grad(one, list(model.parameters())))
+    assert got.clip is not None and got.clip.examples == batch
+    close([got.clip.expected_norm], [clip_oracle.expected_norm(per_example, 3)], "N_b")
 
 
 # ---------------------------------------------------------------------------------------------

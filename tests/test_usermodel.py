@@ -8,7 +8,6 @@ mini-batch clip norms must match. The model must be untouched by the diagnosis.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from rnndiag import check_model
 from rnndiag.cli import main
 from rnndiag.records import FileDiagnosis
 from rnndiag.usermodel import capture
-from tests import credit_oracle
+from tests import clip_oracle, credit_oracle
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -51,8 +50,8 @@ def _norms(grads: list[Tensor]) -> list[float]:
 
 def _run(model: nn.Module, inputs: Tensor, targets: Tensor | None, tmp_path: Path,
          ) -> FileDiagnosis:
-    """The live-model API on a float64 model, with the CLI's three clip mini-batches."""
-    return check_model(model, inputs, targets, dtype="float64", clip_batches=3).files[0]
+    """The live-model API on a float64 model; the clip rule at a training batch size of 4."""
+    return check_model(model, inputs, targets, dtype="float64", train_batch_size=4).files[0]
 
 
 def _gru_unrolled(gru: nn.GRU, x: Tensor) -> tuple[Tensor, dict[tuple[int, str], list[Tensor]]]:
@@ -145,14 +144,12 @@ def test_lstmcell_loop_with_mse(tmp_path: Path) -> None:
     F.mse_loss(model.head(h).squeeze(1), y).backward()
     assert d.grad_norm == pytest.approx(_norms([h.grad for h in hs]), rel=1e-9)
     assert d.cell_grad_norm == pytest.approx(_norms([c.grad for c in cs]), rel=1e-9)
-    # clip norms: plain autograd on each of the 3 consecutive mini-batches
-    want = []
-    for idx in torch.tensor_split(torch.arange(B), 3):
-        loss = F.mse_loss(model(x[idx]), y[idx])
-        grads = torch.autograd.grad(loss, list(model.parameters()))
-        want.append(math.sqrt(sum(float(g.pow(2).sum()) for g in grads)))
-    assert got.clip is not None and got.clip.parameters == "model"
-    assert list(got.clip.norms) == pytest.approx(want, rel=1e-9)
+    # clip: N_b at b = 4 from plain-autograd per-example gradients
+    per_example = [torch.autograd.grad(F.mse_loss(model(x[[i]]), y[[i]]),
+                                       list(model.parameters())) for i in range(B)]
+    assert got.clip is not None and got.clip.parameters == "model" and got.clip.examples == B
+    assert got.clip.expected_norm == pytest.approx(clip_oracle.expected_norm(per_example, 4),
+                                                   rel=1e-9)
 
 
 def test_two_modules_without_targets_use_the_objective(tmp_path: Path) -> None:
