@@ -75,6 +75,12 @@ class Diagnosis:
 
         return render(self.files, self.options.thresholds)
 
+    def save_plot(self, path: str | Path) -> int:
+        """The `--plot` picture (.png or .svg, needs matplotlib); returns the panels drawn."""
+        from rnndiag.plot import save_plot
+
+        return save_plot(self.files, Path(path), self.options.thresholds)
+
 
 @dataclass(frozen=True)
 class Inspection:

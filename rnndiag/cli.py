@@ -157,6 +157,9 @@ def check(
         help="Also save the text report as SVG (for pull requests).")] = None,
     save_html: Annotated[Path | None, typer.Option(
         help="Also save the text report as HTML.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        help="Also save a picture (.png or .svg): per-step gradient norms, spans and the "
+        "credit matrix (needs matplotlib: pip install 'rnndiag[plot]').")] = None,
     config: Annotated[Path | None, typer.Option(
         help="Settings file (TOML: a [tool.rnndiag] table or top-level keys). Default: the "
         "first pyproject.toml with [tool.rnndiag] here or above. Command-line options win.")
@@ -175,6 +178,10 @@ def check(
         limit = parse_size(max_memory) if max_memory is not None else None
         embeddings = _pairs(embedding or [], "--embedding", "MODULE=TENSOR")
         settings = _settings(config, no_config)
+        if plot is not None:
+            from rnndiag.plot import check_target
+
+            check_target(plot)
     except RnnDiagError as exc:
         raise typer.Exit(_fail(str(exc), sink, CheckOptions(), debug)) from None
 
@@ -197,7 +204,7 @@ def check(
             message = (f"config {settings.path}: fail-on = {settings.fail_on!r}: expected one "
                        f"of {', '.join(f.value for f in FailOn)}")
             raise typer.Exit(_fail(message, sink, options, debug)) from None
-    raise typer.Exit(_run_check(paths, options, fail_on, sink, debug))
+    raise typer.Exit(_run_check(paths, options, fail_on, sink, debug, plot))
 
 
 # command-line parameters -> the CheckOptions (or Thresholds) fields they set
@@ -340,7 +347,7 @@ def _write(path: Path, text: str) -> None:
 
 
 def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: Sink,
-               debug: bool) -> int:
+               debug: bool, plot: Path | None = None) -> int:
     from rnndiag.errors import RnnDiagError
 
     try:
@@ -354,6 +361,8 @@ def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: 
             sink.emit(result.to_sarif())
         else:
             sink.renderable(result.__rich__())
+        if plot is not None and any(f.modules for f in result.files):
+            result.save_plot(plot)
     except RnnDiagError as exc:
         return _fail(str(exc), sink, options, debug)
     except Exception as exc:  # a bug in rnndiag: still one line and exit 2
