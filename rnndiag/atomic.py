@@ -15,18 +15,28 @@ from rnndiag.errors import OptionError
 
 
 def write_atomic(path: Path, text: str) -> None:
+    write_atomic_bytes(path, text.encode("utf-8"))
+
+
+def check_folder(path: Path) -> Path:
+    """The folder `path` will be written in; OptionError when it cannot be."""
     directory = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise OptionError(f"{path}: is a directory; give a file name to write")
     if not directory.is_dir():
         raise OptionError(f"{path}: folder {directory} does not exist")
+    return directory
+
+
+def write_atomic_bytes(path: Path, data: bytes) -> None:
+    directory = check_folder(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise OptionError(f"{path}: cannot write ({exc.strerror})") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _mode(path))

@@ -25,14 +25,12 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rnndiag.atomic import _mode
+from rnndiag.atomic import check_folder, write_atomic_bytes
 from rnndiag.errors import OptionError
 from rnndiag.records import Credit, FileDiagnosis, FileStatus, LayerDiagnosis, Thresholds
 from rnndiag.report import STRIP_DECADES_BELOW, fmt, safe
@@ -74,7 +72,7 @@ def check_target(path: Path) -> str:
     if fmt_ is None:
         raise OptionError(f"--plot {path}: unknown picture type {path.suffix or '(none)'!r}; "
                           "give a file name ending in .png or .svg")
-    _check_folder(path)
+    check_folder(path)
     _matplotlib()
     return fmt_
 
@@ -95,7 +93,7 @@ def save_plot(files: Sequence[FileDiagnosis], path: Path, thresholds: Thresholds
         buf = io.BytesIO()
         # no timestamp: the SVG's dc:date is dropped; Agg writes no PNG creation time
         fig.savefig(buf, format=kind, dpi=DPI, metadata={"Date": None} if kind == "svg" else {})
-    _write_bytes_atomic(path, buf.getvalue())
+    write_atomic_bytes(path, buf.getvalue())
     return panels
 
 
@@ -312,34 +310,3 @@ def _style() -> Iterator[None]:
     with matplotlib.style.context("default"), matplotlib.rc_context(
             {"svg.hashsalt": "rnndiag", "svg.fonttype": "path", "text.usetex": False}):
         yield
-
-
-def _check_folder(path: Path) -> Path:
-    """The folder `path` will be written in; raises OptionError as rnndiag.atomic does."""
-    directory = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OptionError(f"{path}: is a directory; give a file name to write")
-    if not directory.is_dir():
-        raise OptionError(f"{path}: folder {directory} does not exist")
-    return directory
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """rnndiag.atomic.write_atomic for bytes: temporary file beside `path`, fsync, rename,
-    keeping the mode of the file replaced."""
-    directory = _check_folder(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise OptionError(f"{path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

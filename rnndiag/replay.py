@@ -6,12 +6,12 @@ t = 0..T-1, for `reverse` t = T-1..0; adjoints are stored by time index t either
 every path: through later steps of the same direction and through the layer above.
 
 One capture mechanism for every mode (`Capture`): while unrolling, a tensor hook is registered
-on every h_t and c_t (and, for the clip norms of checkpoint mode, every pre-activation); each
-`Capture.backward(loss, roots)` runs one backward pass from the loss to the roots (the zero
-initial states, or the first states of a chain) and the hooks write each total gradient into
-fresh (T, B, .) buffers by time index. Buffers start untouched (not resident yet), so they
-fill while the backward pass frees the graph instead of adding to its peak. Several backward
-passes over one graph (a per-step loss and its final-step term) each get their own buffers.
+on every h_t and c_t; each `Capture.backward(loss, roots)` runs one backward pass from the loss
+to the roots (the zero initial states, or the first states of a chain) and the hooks write
+each total gradient into fresh (T, B, .) buffers by time index. Buffers start untouched (not
+resident yet), so they fill while the backward pass frees the graph instead of adding to its
+peak. Several backward passes over one graph (a per-step loss and its final-step term) each
+get their own buffers.
 
 Objective when no task loss applies:
     L = 1/(2B) * sum_b sum_d ||h_final^{top,d}_b||^2,
@@ -41,12 +41,6 @@ class StepAdjoints:
     direction: Direction
     dh: Tensor  # (T, B, P): dL/dh_t
     dc: Tensor | None  # (T, B, H): dL/dc_t, LSTM only
-    # From `replay` only (LSTM, GRU): dL/d(pre) of the hidden-side pre-activation (T, B, G*H),
-    # see cells.StepOut.pre (for LSTM also the input side's), and for a GRU the input-side
-    # n-gate adjoint dL/d(x_n + r * hn) (T, B, H). A plain RNN's is dh * phi'(a), computed
-    # from dh and h where needed (rnndiag.pergrad).
-    dpre: Tensor | None = None
-    dxn: Tensor | None = None
     alive: Tensor | None = None  # (T, B) bool: step t exists for example b (variable lengths)
 
 
@@ -59,7 +53,6 @@ class DirectionStates:
     h: list[Tensor]  # T tensors (B, P)
     c: list[Tensor] | None  # T tensors (B, H), LSTM only
     sequence: Tensor | None  # (B, T, P): the h_t stacked, as the layer above reads them
-    m: Tensor | None = None  # (T, B, H) a projected LSTM's unprojected outputs, detached
     chain: Chain | None = None  # the hooks' bookkeeping when unrolled with a Capture
 
 
@@ -82,10 +75,7 @@ class ReplayResult:
     h_n: Tensor
     c_n: Tensor | None
     loss: float
-    adjoints: tuple[StepAdjoints, ...]  # layer-major, then direction, with dpre (and dxn)
-    # per layer/direction: (T, B, P) states h and, for a projected LSTM, (T, B, H) outputs m
-    # before the projection; detached
-    states: tuple[tuple[Tensor, Tensor | None], ...]
+    adjoints: tuple[StepAdjoints, ...]  # layer-major, then direction
 
 
 def final_step(direction: Direction, seq_len: int) -> int:
@@ -156,13 +146,9 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     xs = input_terms(x, w, spec.cell_type).unbind(dim=1)
     chain = capture.chain(layer, direction, alive) if capture is not None else None
     keep = None if alive is None else alive.unsqueeze(2).unbind(0)  # T of (B, 1)
-    cell = unit(spec.cell_type)
-    pre = chain is not None and capture is not None and capture.pre \
-        and cell.captures_pre  # a plain RNN's is dh * phi'(a), from dh and h
-    step_fn, nonlinearity = cell.step, spec.nonlinearity  # looked up once, not per step
+    step_fn, nonlinearity = unit(spec.cell_type).step, spec.nonlinearity  # once, not per step
     hs: list[Any] = [None] * seq_len
     cs: list[Any] | None = [None] * seq_len if c is not None else None
-    ms: list[Any] | None = [None] * seq_len if w.w_hr is not None else None
     order = range(seq_len) if direction is Direction.FORWARD else range(seq_len - 1, -1, -1)
     for t in order:
         out = step_fn(nonlinearity, xs[t], h, c, w)
@@ -174,8 +160,6 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
         hs[t] = h
         if cs is not None:
             cs[t] = c
-        if ms is not None:
-            ms[t] = out.m
         if chain is not None:
             chain.watch("dh", t, h)
             if c is not None:  # the step's own c_t: h_t is computed from it, not from the
@@ -183,23 +167,16 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                 own = c if keep is None else out.c
                 assert own is not None  # a cell with a state returns one
                 chain.watch("dc", t, own)
-            if pre:
-                chain.watch("dpre", t, out.pre)
-                if out.n_pre is not None:
-                    chain.watch("dxn", t, out.n_pre)
-    m = torch.stack(ms).detach() if ms is not None else None
     sequence = torch.stack(hs, dim=1) if stack else None
-    return DirectionStates(layer, direction, hs, cs, sequence, m, chain)
-
-
-SLOTS = ("dh", "dc", "dpre", "dxn")  # the StepAdjoints fields a chain may capture
+    return DirectionStates(layer, direction, hs, cs, sequence, chain)
 
 
 class Chain:
     """One layer and direction's watched states, by time index t.
 
     `watch` registers a hook on a state; during a backward pass opened by `Capture`, the hook
-    copies the state's total gradient into row t of that pass's buffer for its slot.
+    copies the state's total gradient into row t of that pass's buffer for its slot ("dh" or
+    "dc", the StepAdjoints field it fills).
     """
 
     def __init__(self, layer: int, direction: Direction, alive: Tensor | None = None) -> None:
@@ -237,19 +214,16 @@ class Chain:
                     buffer[t].zero_()
             if self.alive is not None:
                 buffer.mul_(self.alive.reshape(*self.alive.shape, *[1] * (buffer.dim() - 2)))
-        found = {slot: self._buffers.get(slot) for slot in SLOTS}
+        dh, dc = self._buffers.get("dh"), self._buffers.get("dc")
         self._buffers, self._written = {}, {}
-        dh = found["dh"]
         assert dh is not None  # every chain watches its states
-        return StepAdjoints(self.layer, self.direction, dh, found["dc"], found["dpre"],
-                            found["dxn"], self.alive)
+        return StepAdjoints(self.layer, self.direction, dh, dc, self.alive)
 
 
 class Capture:
     """The hooks of every chain of one forward pass; `backward` returns their adjoints."""
 
-    def __init__(self, pre: bool = False) -> None:
-        self.pre = pre  # also watch pre-activations (the clip norms of checkpoint mode)
+    def __init__(self) -> None:
         self.chains: list[Chain] = []
 
     def chain(self, layer: int, direction: Direction, alive: Tensor | None = None) -> Chain:
@@ -289,14 +263,13 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     """
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
-    capture = Capture(pre=True)
+    capture = Capture()
     alive = None if lengths is None else alive_mask(lengths.to(inputs.device), inputs.shape[1])
     run = unroll(spec, params, inputs, h0, c0, capture=capture, top_output=False, alive=alive)
     loss = objective(run.finals(spec), batch)
     found = capture.backward(loss, [h0] if c0 is None else [h0, c0], capture.chains)
-    kept = tuple((torch.stack([h.detach() for h in s.h]), s.m) for s in run.states)
-    top = kept[-len(spec.directions):]
-    output = torch.cat([h for h, _ in top], dim=2).transpose(0, 1)
-    return ReplayResult(output, run.h_n.detach(),
+    top = run.states[-len(spec.directions):]
+    output = torch.cat([torch.stack([h.detach() for h in s.h]) for s in top], dim=2)
+    return ReplayResult(output.transpose(0, 1), run.h_n.detach(),
                         None if run.c_n is None else run.c_n.detach(), float(loss.item()),
-                        found, kept)
+                        found)

@@ -1,8 +1,8 @@
 """The cell units (rnndiag.cells) against PyTorch's own modules, and dispatch through the registry.
 
 Facts (gate multiple, parameter names, shapes and order, cell state, projection, activation,
-where b_hh goes) are checked against nn.RNN/LSTM/GRU and the nn.*Cell classes; each unit's step
-against the nn.*Cell on random data and its weight-gradient formula against autograd (float64).
+where b_hh goes) are checked against nn.RNN/LSTM/GRU and the nn.*Cell classes, and each unit's
+step against the nn.*Cell on random data (float64).
 A toy cell kind (a minimal gated unit) registered here, and nowhere else, is picked up by
 discover, static, resources and the replay.
 """
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from rnndiag import cells, resources, static
-from rnndiag.cells import CellUnit, GradTerms, LayerWeights, StaticReading, StepOut
+from rnndiag.cells import CellUnit, LayerWeights, StaticReading, StepOut
 from rnndiag.discover import discover
 from rnndiag.errors import ArchitectureError
 from rnndiag.records import CellType, Direction, ForgetBias, ModuleKind, ModuleSpec, PascanuReading
@@ -222,7 +222,6 @@ def test_projected_lstm_steps_equal_nn_lstm() -> None:
         want, (h_n, c_n) = module(x)
         for t in range(T):
             out = u.step(None, xs[:, t], h, c, w)
-            assert out.m is not None and out.m.shape == (B, H)
             torch.testing.assert_close(out.h, want[:, t], rtol=0, atol=1e-12)
             h, c = out.h, out.c
     torch.testing.assert_close(h, h_n[0], rtol=0, atol=1e-12)
@@ -241,75 +240,19 @@ def test_compat_step_dispatches_to_the_unit() -> None:
                            u.step(u.default_nonlinearity, xt, h, c, w).h)
 
 
-# -- weight-gradient formula against autograd --------------------------------------------------
-
-GRAD_CASES = [(c, nl, bias, proj) for c, nl, bias in STEP_CASES
-              for proj in ((0, PROJ) if c is CellType.LSTM else (0,))]
-
-
-@pytest.mark.parametrize(("cell", "nonlinearity", "bias", "proj"), GRAD_CASES,
-                         ids=[f"{c.value}-{nl or 'fixed'}-{'bias' if b else 'nobias'}"
-                              f"{f'-proj{p}' if p else ''}" for c, nl, b, p in GRAD_CASES])
-def test_weight_sq_equals_autograd(cell: CellType, nonlinearity: str | None, bias: bool,
-                                   proj: int) -> None:
-    """||dL_k/dW||^2 of a group's loss from per-step adjoints, as `CellUnit.weight_sq` forms it."""
-    torch.manual_seed(5)
-    u = cells.unit(cell)
-    spec = spec_of(u, proj=proj, bias=bias, nonlinearity=nonlinearity)
-    params = {n: p.detach().requires_grad_() for n, p in
-              build(cell, True, bias, proj, layers=1, bidirectional=False,
-                    **activation(nonlinearity)).named_parameters()}
-    w = LayerWeights.of(spec, params, 0, Direction.FORWARD)
-    x = torch.randn(B, T, IN, dtype=torch.float64)
-    run = _unrolled(u, nonlinearity, x, w)
-    hs = torch.stack(run["h"])  # (T, B, P)
-    weighted = hs * torch.randn(T, B, spec.output_size, dtype=torch.float64)
-    adj = _adjoints(weighted.sum(), run)
-    rows = torch.tensor([0, 2, 3])
-    terms = GradTerms(x.transpose(0, 1), torch.cat([torch.zeros_like(hs[:1]), hs[:-1]]).detach(),
-                      hs.detach(), adj["h"], adj["pre"] if u.captures_pre else None,
-                      adj["n_pre"] if u.captures_n_pre else None,
-                      torch.stack(run["m"]).detach() if run["m"] else None, bias, nonlinearity)
-    group = torch.autograd.grad(weighted[:, rows].sum(), list(params.values()))
-    oracle = sum(float(g.pow(2).sum()) for g in group)
-    assert math.isclose(u.weight_sq(terms, rows), oracle, rel_tol=1e-10)
-
-
-def _unrolled(u: CellUnit, nonlinearity: str | None, x: Tensor, w: LayerWeights,
-              ) -> dict[str, list[Tensor]]:
-    """Every step's h, pre-activations and (projected LSTM) m, on the autograd graph."""
-    xs = cells.input_terms(x, w, u.cell_type).unbind(1)
-    h = x.new_zeros(x.shape[0], w.w_hh.shape[1])
-    c = x.new_zeros(x.shape[0], w.w_ih.shape[0] // u.gates) if u.has_cell_state else None
-    run: dict[str, list[Tensor]] = {"h": [], "pre": [], "n_pre": [], "m": []}
-    for xt in xs:
-        out = u.step(nonlinearity, xt, h, c, w)
-        h, c = out.h, out.c
-        for key, value in (("h", out.h), ("pre", out.pre), ("n_pre", out.n_pre), ("m", out.m)):
-            if value is not None:
-                run[key].append(value)
-    return run
-
-
-def _adjoints(loss: Tensor, run: dict[str, list[Tensor]]) -> dict[str, Tensor]:
-    """dL/d(every recorded tensor), stacked by time index t: (T, B, .)."""
-    keys = [k for k in ("h", "pre", "n_pre") if run[k]]
-    grads = torch.autograd.grad(loss, [t for k in keys for t in run[k]], retain_graph=True)
-    return {k: torch.stack(grads[i * T:(i + 1) * T]) for i, k in enumerate(keys)}
-
-
 # -- what the replay captures ------------------------------------------------------------------
 
 @pytest.mark.parametrize("u", UNITS, ids=IDS)
-def test_buffer_widths_are_what_the_replay_captures(u: CellUnit) -> None:
+def test_replay_captures_dh_and_dc_iff_the_unit_has_one(u: CellUnit) -> None:
     proj = PROJ if u.projection else 0
     spec = spec_of(u, proj=proj)
     params = dict(build(u.cell_type, True, True, proj, layers=1, bidirectional=False)
                   .named_parameters())
     [adj] = replay(spec, params, torch.randn(B, T, IN, dtype=torch.float64)).adjoints
-    found = [None if a is None else (a.shape[:2], a.shape[2])
-             for a in (adj.dh, adj.dc, adj.dpre, adj.dxn)]
-    assert found == [None if n is None else ((T, B), n) for n in u.buffer_widths(spec)]
+    assert adj.dh.shape == (T, B, spec.output_size)
+    assert (adj.dc is not None) == u.has_cell_state
+    if adj.dc is not None:
+        assert adj.dc.shape == (T, B, H)  # c is (.., H) even when h is projected
 
 
 @pytest.mark.parametrize("u", UNITS, ids=IDS)
@@ -329,11 +272,7 @@ def mgu_step(nonlinearity: str | None, xt: Tensor, h: Tensor, c: Tensor | None,
     u_f, u_n = w.w_hh.split([hidden, hidden], dim=0)
     f = x_f.addmm(h, u_f.t()).sigmoid()
     n = x_n.addmm(f * h, u_n.t()).tanh()
-    return StepOut(h.lerp(n, f), None, None, f, None)
-
-
-def mgu_weight_sq(g: GradTerms, rows: Tensor) -> float:
-    raise NotImplementedError("the toy has no gradient formula")
+    return StepOut(h.lerp(n, f), None)
 
 
 def mgu_static(spec: ModuleSpec, get: Callable[[str], Any], sigma: float) -> StaticReading:
@@ -346,8 +285,7 @@ def mgu_static(spec: ModuleSpec, get: Callable[[str], Any], sigma: float) -> Sta
 
 MGU = CellUnit(cell_type=CellType.GRU, name="MGU", gates=2, gate_order=("f", "n"),
                projection=False, has_cell_state=False, nonlinearities=(),
-               folds_hidden_bias=True, captures_pre=False, captures_n_pre=False,
-               memory_units=9, step=mgu_step, weight_sq=mgu_weight_sq, static=mgu_static)
+               folds_hidden_bias=True, memory_units=9, step=mgu_step, static=mgu_static)
 
 
 @pytest.fixture

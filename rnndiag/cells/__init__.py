@@ -1,10 +1,10 @@
 """One unit per cell kind, and the registry the rest of rnndiag dispatches through.
 
 A `CellUnit` (rnndiag.cells.base) holds everything that differs between RNN, LSTM and GRU:
-gate multiple and parameter shapes, step equations, what the replay captures, the
-weight-gradient formula, the memory estimate and the static reading. Each kind has its module
-(rnn, lstm, gru) ending in `UNIT = CellUnit(...)`; adding a kind is one more module and one
-more entry in `REGISTRY` (plus its CellType and ModuleKind members in rnndiag.records).
+gate multiple and parameter shapes, step equations, the memory estimate and the static
+reading. Each kind has its module (rnn, lstm, gru) ending in `UNIT = CellUnit(...)`; adding a
+kind is one more module and one more entry in `REGISTRY` (plus its CellType and ModuleKind
+members in rnndiag.records).
 
 Shapes and the step conventions are in rnndiag.cells.tensors. Nothing here imports torch:
 the units call Tensor methods only, so `rnndiag inspect` reads the registry without torch.
@@ -16,16 +16,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rnndiag.cells import gru, lstm, rnn
-from rnndiag.cells.base import BufferWidths, CellUnit, StaticReading
-from rnndiag.cells.tensors import GradTerms, LayerWeights, StepOut, project_inputs
+from rnndiag.cells.base import CellUnit, StaticReading
+from rnndiag.cells.tensors import LayerWeights, StepOut, project_inputs
 from rnndiag.records import CellType
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["REGISTRY", "BufferWidths", "CellUnit", "GradTerms", "LayerWeights",
-           "StaticReading", "StepOut", "all_bases", "by_gates", "input_terms", "step", "unit",
-           "units"]
+__all__ = ["REGISTRY", "CellUnit", "LayerWeights", "StaticReading", "StepOut", "all_bases",
+           "by_gates", "input_terms", "step", "unit", "units"]
 
 REGISTRY: dict[CellType, CellUnit] = {u.cell_type: u for u in (rnn.UNIT, lstm.UNIT, gru.UNIT)}
 

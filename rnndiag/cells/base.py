@@ -2,9 +2,8 @@
 
 A unit holds the facts the rest of rnndiag used to branch on: the gate multiple G and the
 parameters of one layer and direction (by base name, `weight_ih`, ...), whether it carries a
-cell state c_t or may be projected, what the replay captures for it, how much memory its
-replay takes, and three functions: its step equations, its weight-gradient formula and its
-data-free reading of the weights.
+cell state c_t or may be projected, how much memory its replay takes, and two functions: its
+step equations and its data-free reading of the weights.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
     from torch import Tensor
 
-    from rnndiag.cells.tensors import GradTerms, LayerWeights, StepOut
+    from rnndiag.cells.tensors import LayerWeights, StepOut
 
 Shape = tuple[int, ...]
 Getter = Callable[[str], "ArrayLike | None"]  # base name (`bias_ih`) -> one layer's array
@@ -29,12 +28,6 @@ class StepFn(Protocol):
     def __call__(self, nonlinearity: str | None, xt: Tensor, h: Tensor, c: Tensor | None,
                  w: LayerWeights, /) -> StepOut:
         """One time step from this step's input term `xt` (B, G*H) and the state (h, c)."""
-        ...
-
-
-class WeightSqFn(Protocol):
-    def __call__(self, g: GradTerms, rows: Tensor, /) -> float:
-        """||dL/d(every weight of the layer and direction)||^2 over the examples `rows`."""
         ...
 
 
@@ -49,18 +42,9 @@ class StaticFn(Protocol):
         ...
 
 
-class BufferWidths(NamedTuple):
-    """Widths W of the (T, B, W) adjoint buffers the replay fills (None: not captured)."""
-
-    dh: int
-    dc: int | None
-    dpre: int | None
-    dxn: int | None
-
-
 @dataclass(frozen=True)
 class CellUnit:
-    """One cell kind: its shapes, step equations, gradient formula and static reading."""
+    """One cell kind: its shapes, step equations and static reading."""
 
     cell_type: CellType
     name: str  # how messages name the kind: "LSTM"
@@ -70,11 +54,8 @@ class CellUnit:
     has_cell_state: bool  # carries c_t (B, H) besides h_t
     nonlinearities: tuple[str, ...]  # choices of activation, the default first; () if fixed
     folds_hidden_bias: bool  # b_hh joins the input term (the gates see only b_ih + b_hh)
-    captures_pre: bool  # the replay captures dL/d(StepOut.pre) (else derived from dh and h)
-    captures_n_pre: bool  # the replay captures dL/d(StepOut.n_pre)
     memory_units: int  # replay bytes per T * B * max(H, P) * itemsize (rnndiag.resources)
     step: StepFn
-    weight_sq: WeightSqFn
     static: StaticFn
 
     @property
@@ -108,10 +89,3 @@ class CellUnit:
         """Every base name a parameter may have (only nn.LSTM, not the cells, projects)."""
         proj = 1 if stacked and self.projection else 0
         return tuple(self.param_shapes(1, 1, proj, True))
-
-    def buffer_widths(self, spec: ModuleSpec) -> BufferWidths:
-        """What the replay captures for `spec`: dL/dh_t, dL/dc_t, dL/dpre_t, dL/dn_pre_t."""
-        hidden = spec.hidden_size
-        return BufferWidths(spec.output_size, hidden if self.has_cell_state else None,
-                            self.gates * hidden if self.captures_pre else None,
-                            hidden if self.captures_n_pre else None)

@@ -5,10 +5,6 @@ Step (PyTorch's docs), with a_t = xt + h_{t-1} W_hh^T split into (i, f, g, o):
     m_t = sigmoid(o) * tanh(c_t)
     h_t = m_t W_hr^T (proj_size > 0, h_t (B, P)), else h_t = m_t
 
-Weight gradient: the replay captures dpre_t = dL/da_t; the gates see W_ih and W_hh terms
-summed, so dW_hh = sum_{t,b} dpre h_prev^T, dW_ih = sum dpre x^T, db_ih = db_hh = sum dpre,
-and a projection adds dW_hr = sum dh_t m_t^T.
-
 Static reading: sigma_max(W_hh) has no Pascanu bound for a gated cell; instead the effective
 forget-gate bias b_if + b_hf (rows H..2H) says how much of c_t is kept at rest.
 """
@@ -20,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rnndiag.cells.base import CellUnit, Getter, StaticReading
-from rnndiag.cells.tensors import GradTerms, LayerWeights, StepOut, outer_sq, summed_gates_sq
+from rnndiag.cells.tensors import LayerWeights, StepOut
 from rnndiag.records import CellType, ForgetBias, ModuleSpec, PascanuReading
 
 if TYPE_CHECKING:
@@ -37,18 +33,7 @@ def step(nonlinearity: str | None, xt: Tensor, h: Tensor, c: Tensor | None,
     # three sigmoids, not one over all four gates: each saves its output for the backward
     c_new = (f.sigmoid() * c).addcmul(i.sigmoid(), g.tanh())
     m = o.sigmoid() * c_new.tanh()
-    if w.w_hr is not None:
-        return StepOut(m @ w.w_hr.t(), c_new, m, a, None)
-    return StepOut(m, c_new, None, a, None)
-
-
-def weight_sq(g: GradTerms, rows: Tensor) -> float:
-    """||dW_ih||^2 + ||dW_hh||^2 (+ biases, + dW_hr) over the examples `rows`."""
-    assert g.dpre is not None
-    total = summed_gates_sq(g.dpre[:, rows], g, rows)
-    if g.m is not None:
-        total += outer_sq(g.dh[:, rows], g.m[:, rows])
-    return total
+    return StepOut(m if w.w_hr is None else m @ w.w_hr.t(), c_new)
 
 
 def forget_bias(b_ih: ArrayLike | None, b_hh: ArrayLike | None,
@@ -73,6 +58,5 @@ def static(spec: ModuleSpec, get: Getter, sigma: float) -> StaticReading:
 UNIT = CellUnit(
     cell_type=CellType.LSTM, name="LSTM", gates=4, gate_order=("i", "f", "g", "o"),
     projection=True, has_cell_state=True, nonlinearities=(), folds_hidden_bias=True,
-    captures_pre=True, captures_n_pre=False, memory_units=18,
-    step=step, weight_sq=weight_sq, static=static,
+    memory_units=18, step=step, static=static,
 )

@@ -3,10 +3,6 @@
 Step (PyTorch's docs): a_t = x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh, h_t = phi(a_t); the
 input term xt = x_t W_ih^T + b_ih + b_hh comes precomputed for every step.
 
-Weight gradient: dpre_t = dL/da_t = dh_t * phi'(a_t), which the replay does not capture: it is
-dh (1 - h^2) for tanh and dh [h > 0] for relu. Then dW_hh = sum_{t,b} dpre h_prev^T,
-dW_ih = sum dpre x^T, and db_ih = db_hh = sum dpre.
-
 Static reading, Pascanu, Mikolov & Bengio 2013 (On the difficulty of training RNNs, sec. 3.1):
 with |phi'| <= gamma, ||dh_t/dh_{t-1}|| <= sigma_max(W_hh) * gamma. So sigma_max < 1/gamma is
 sufficient for gradients to vanish over long spans, and sigma_max > 1/gamma is necessary (not
@@ -19,7 +15,7 @@ import math
 from typing import TYPE_CHECKING
 
 from rnndiag.cells.base import CellUnit, Getter, StaticReading
-from rnndiag.cells.tensors import GradTerms, LayerWeights, StepOut, summed_gates_sq
+from rnndiag.cells.tensors import LayerWeights, StepOut
 from rnndiag.records import CellType, ModuleSpec, PascanuReading
 
 if TYPE_CHECKING:
@@ -33,19 +29,7 @@ def step(nonlinearity: str | None, xt: Tensor, h: Tensor, c: Tensor | None,
     """h_t = phi(xt + h W_hh^T)."""
     a = xt.addmm(h, w.w_hh.t())
     out = a.relu() if nonlinearity == "relu" else a.tanh()
-    return StepOut(out, None, None, a, None)
-
-
-def pre_adjoint(dh: Tensor, h: Tensor, nonlinearity: str | None) -> Tensor:
-    """dL/da = dh * phi'(a), from the state h = phi(a): dh (1 - h^2), or dh [h > 0]."""
-    if nonlinearity == "relu":
-        return dh * (h > 0).to(dh.dtype)
-    return dh * (1 - h * h)
-
-
-def weight_sq(g: GradTerms, rows: Tensor) -> float:
-    """||dW_ih||^2 + ||dW_hh||^2 (+ biases) over the examples `rows`."""
-    return summed_gates_sq(pre_adjoint(g.dh[:, rows], g.h[:, rows], g.nonlinearity), g, rows)
+    return StepOut(out, None)
 
 
 def pascanu(sigma: float, nonlinearity: str | None) -> PascanuReading:
@@ -68,6 +52,5 @@ def static(spec: ModuleSpec, get: Getter, sigma: float) -> StaticReading:
 UNIT = CellUnit(
     cell_type=CellType.RNN, name="RNN", gates=1, gate_order=("a",), projection=False,
     has_cell_state=False, nonlinearities=("tanh", "relu"), folds_hidden_bias=True,
-    captures_pre=False, captures_n_pre=False, memory_units=6,
-    step=step, weight_sq=weight_sq, static=static,
+    memory_units=6, step=step, static=static,
 )
