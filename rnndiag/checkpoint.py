@@ -1,14 +1,17 @@
-"""Read tensors from `.safetensors` and torch `.pt/.pth/.ckpt` files, safely.
+"""Read tensors from `.safetensors`, torch `.pt/.pth/.ckpt` and numpy `.npz` files, safely.
 
 Nothing in a file is ever executed: torch files go through `torch.load(weights_only=True)`,
-passed explicitly, with no fallback. Training-checkpoint containers are unwrapped (or the entry
-`--state-key` names is taken), optimizer states are never read as weights, and the wrapper
-prefixes of DataParallel (`module.`) and torch.compile (`_orig_mod.`) are dropped.
+passed explicitly, with no fallback (torch's warnings silenced, its message cut to the reason);
+`.npz` files through `numpy.load(allow_pickle=False)` (`sources`). Training-checkpoint
+containers are unwrapped (or the entry `--state-key` names is taken), optimizer states are
+never read as weights, and the wrapper prefixes of DataParallel (`module.`) and torch.compile
+(`_orig_mod.`) are dropped.
 """
 
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,9 +23,17 @@ import torch
 from torch import Tensor
 
 from rnndiag.errors import CheckpointError
-from rnndiag.files import check_readable, first_segments, is_lfs_pointer, sniff_format, under_key
-from rnndiag.records import NonFiniteTensor
+from rnndiag.files import (
+    check_readable,
+    first_segments,
+    is_lfs_pointer,
+    one_line,
+    sniff_format,
+    under_key,
+)
+from rnndiag.records import NonFiniteTensor, TrainingState
 from rnndiag.sources import RawFile, nonfinite, read
+from rnndiag.training import is_optimizer_state, training_state
 
 # Keys under which training scripts nest the model's state dict, first found wins: Lightning,
 # mmcv and timm use "state_dict"; the PyTorch tutorials "model_state_dict"; "model_state" is
@@ -39,10 +50,11 @@ MIN_TORCH = (2, 6)  # torch.load(weights_only=True) is unsafe before 2.6 (CVE-20
 @dataclass(frozen=True)
 class Checkpoint:
     path: str
-    format: str  # "safetensors" | "torch"
+    format: str  # "safetensors" | "torch" | "npz"
     tensors: dict[str, Tensor]
     metadata: dict[str, str]
     notes: tuple[str, ...]
+    training: TrainingState | None = None  # a training checkpoint's optimizer kind and lr
 
 
 def read_tensors(path: Path) -> tuple[str, dict[str, Tensor], dict[str, str]]:
@@ -74,15 +86,17 @@ def checkpoint_of(raw: RawFile) -> Checkpoint:
     if upcast:
         more = f" and {len(upcast) - 3} more" if len(upcast) > 3 else ""
         notes.append(f"upcast to float32: {', '.join(upcast[:3])}{more}")
-    return Checkpoint(str(raw.path), raw.format, tensors, raw.metadata, tuple(notes))
+    return Checkpoint(str(raw.path), raw.format, tensors, raw.metadata, tuple(notes),
+                      raw.training)
 
 
 def torch_tensors(path: Path, *, state_key: str | None = None,
-                  ) -> tuple[dict[str, Tensor], tuple[str, ...]]:
-    """(the flat name -> tensor state dict inside a torch file, notes), read with
-    weights_only=True: the entry `state_key` names (dotted for nesting), else a training
-    container's state dict (`CONTAINER_KEYS`), else every tensor in the file."""
+                  ) -> tuple[dict[str, Tensor], tuple[str, ...], TrainingState | None]:
+    """(the flat name -> tensor state dict inside a torch file, notes, what its optimizer
+    state says), read with weights_only=True: the entry `state_key` names (dotted for
+    nesting), else a training container's state dict (`CONTAINER_KEYS`), else every tensor."""
     obj = _torch_load(path)
+    found = training_state(obj)
     if isinstance(obj, Tensor):
         raise CheckpointError(f"{path}: holds a single tensor, not a state dict")
     if not isinstance(obj, Mapping):
@@ -91,9 +105,13 @@ def torch_tensors(path: Path, *, state_key: str | None = None,
     if is_optimizer_state(obj):
         raise CheckpointError(f"{path}: holds an optimizer's state dict (state, param_groups), "
                               "not model weights; save model.state_dict() instead")
-    if state_key is not None:
-        return _select(obj, state_key, path)
-    return _flatten(obj, path)
+    tensors, notes = _select(obj, state_key, path) if state_key is not None \
+        else _flatten(obj, path)
+    if found is not None:
+        notes += (f"optimizer state: {found.optimizer or 'unrecognised optimizer'}, lr "
+                  f"{'-' if found.lr is None else f'{found.lr:g}'} (used by the clip suggestion "
+                  "unless --optimizer/--lr say otherwise)",)
+    return tensors, notes, found
 
 
 def _torch_load(path: Path) -> Any:
@@ -108,20 +126,44 @@ def _torch_load(path: Path) -> Any:
                               "does not run programs; save model.state_dict() or use safetensors")
     try:
         # an open file, not the path: torch.load sends any path ending in .safetensors to the
-        # safetensors loader, overriding the format sniffed from the content
-        with path.open("rb") as f:
+        # safetensors loader, overriding the format sniffed from the content; warnings off:
+        # torch warns on stderr about what it reads (pickle protocols), and a failure is one
+        # line of ours
+        with path.open("rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        names = _unsafe_globals(path)
-        what = (f"it needs unsafe globals {', '.join(names[:5])}"
-                + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-                if names else f"it holds objects other than tensors ({_one_line(exc, 120)})")
-        raise CheckpointError(
-            f"{path}: refused: {what}; rnndiag loads only tensors and plain containers "
-            "(torch.load weights_only=True): save model.state_dict() or use safetensors"
-        ) from None
+        raise CheckpointError(_refusal(path, exc)) from None
     except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read torch checkpoint ({_one_line(exc)})") from None
+        raise CheckpointError(f"{path}: cannot read torch checkpoint ({one_line(exc)})") from None
+
+
+def _refusal(path: Path, exc: pickle.UnpicklingError) -> str:
+    """Why the weights_only loader refused the file: the unsafe globals it needs, else torch's
+    own reason without the paragraphs around it."""
+    names = _unsafe_globals(path)
+    reason = _weights_only_reason(exc)
+    if names:
+        what = (f"it needs unsafe globals {', '.join(names[:5])}"
+                + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+    elif reason.startswith("Unsupported operand"):  # FRAME (149) and the rest of protocol 4+
+        what = (f"its pickle uses opcodes the weights_only loader does not read ({reason}; "
+                "torch.save's default pickle_protocol=2 works)")
+    else:
+        what = f"it holds objects other than tensors ({reason})"
+    return (f"{path}: refused: {what}; rnndiag loads only tensors and plain containers "
+            "(torch.load weights_only=True): save model.state_dict() or use safetensors")
+
+
+def _weights_only_reason(exc: BaseException, limit: int = 120) -> str:
+    """torch's reason ('Unsupported global: GLOBAL m.C was not an allowed global by default')
+    from the long weights_only message that holds it, or the whole message, on one line."""
+    text = one_line(exc, limit=10_000)
+    _, found, reason = text.partition("WeightsUnpickler error:")
+    if found:
+        reason = reason.split(" Please ")[0].split(" Check the documentation")[0].strip(" .")
+    text = reason or text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -134,7 +176,7 @@ def _is_torchscript(path: Path) -> bool:
     except (zipfile.BadZipFile, OSError):  # not a readable zip: torch.load says what is wrong
         return False
     except Exception as exc:  # undecodable member names, unsupported zip versions, ...
-        raise CheckpointError(f"{path}: cannot read the zip archive ({_one_line(exc)})") from None
+        raise CheckpointError(f"{path}: cannot read the zip archive ({one_line(exc)})") from None
     return any("/code/" in n or n.endswith("/constants.pkl") for n in names)
 
 
@@ -144,17 +186,6 @@ def _unsafe_globals(path: Path) -> list[str]:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # an old or odd file: the generic refusal still applies
         return []
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_optimizer_state(obj: Any) -> bool:
-    """An `optimizer.state_dict()`: a mapping with `state` and a list of `param_groups`."""
-    return (isinstance(obj, Mapping) and "state" in obj
-            and isinstance(obj.get("param_groups"), list | tuple))
 
 
 def _flatten(obj: Mapping[Any, Any], path: Path) -> tuple[dict[str, Tensor], tuple[str, ...]]:

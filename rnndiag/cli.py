@@ -82,7 +82,7 @@ def check(
         help="Checkpoints: .safetensors, or torch .pt/.pth/.ckpt state dicts.",
         show_default=False)],
     batch: Annotated[Path | None, typer.Option(
-        help="Batch file (.safetensors/.pt) with 'inputs' (B, T, input_size) floats or "
+        help="Batch file (.safetensors/.pt/.npz) with 'inputs' (B, T, input_size) floats or "
         "(B, T) token ids. Default: a synthetic N(0, 1) batch.")] = None,
     batch_size: Annotated[int, typer.Option(help="Synthetic batch: examples.")] = 16,
     seq_len: Annotated[int | None, typer.Option(

@@ -135,7 +135,7 @@ def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | Non
     first = modules[0]
     exploding = any(m.verdict is Verdict.EXPLODING for m in modules) or any(
         t.fatal for t in bad)
-    suggestion = _clip(square, options, count, first.batch_size, exploding, None)
+    suggestion = _clip(square, options, count, first.batch_size, exploding, ckpt.training)
     info = BatchInfo(source=batch.path if batch else "synthetic", batch_size=first.batch_size,
                      seq_len=first.seq_len, seed=None if batch else options.seed)
     return FileDiagnosis(str(path), ckpt.format, FileStatus.OK, tuple(modules), info,
@@ -201,7 +201,7 @@ def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
     inputs = file_model_inputs(batch.tensors, batch.path, dtype).map(lambda x: x.to(device))
     custom = load_callable(options.loss, "--loss") if options.loss else None
     live = diagnose_live(model, inputs, custom, options.loss, options,
-                         lambda m: progress(f"{raw.path}: {m}"))
+                         lambda m: progress(f"{raw.path}: {m}"), ckpt.training)
     info = BatchInfo(batch.path, live.batch_size, live.modules[0].seq_len, None)
     return FileDiagnosis(str(raw.path), ckpt.format, FileStatus.OK, live.modules, info,
                          ckpt.notes + live.notes,

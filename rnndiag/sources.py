@@ -3,7 +3,8 @@
 
 `read(path)` is the single way in for checkpoints (check, --model, inspect) and batch files:
 it checks the file is readable, skips Git LFS pointers (`Skipped`), sniffs the format from the
-content, reads the tensors with that format's reader (`READERS`), keeping only the part named
+content (`files.sniff_format`), reads the tensors with that format's reader (`READERS`:
+safetensors, torch, npz), keeping only the part named
 by `state_key` (`--state-key`) when given, and removes wrapper prefixes (`module.`,
 `_orig_mod.`). `guarded` turns whatever goes wrong with one file into that file's record, so
 one bad file never hides the others.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from rnndiag import stfile
 from rnndiag.errors import CheckpointError, RnnDiagError
@@ -24,11 +26,12 @@ from rnndiag.files import (
     LFS_NOTE,
     check_readable,
     is_lfs_pointer,
+    one_line,
     sniff_format,
     under_key,
     unwrap_names,
 )
-from rnndiag.records import FileStatus, NonFiniteTensor
+from rnndiag.records import FileStatus, NonFiniteTensor, TrainingState
 
 T = TypeVar("T")
 
@@ -44,15 +47,17 @@ class Skipped(CheckpointError):
 
 @dataclass(frozen=True)
 class RawFile:
-    """A file's tensors as its format's reader gives them (numpy arrays for safetensors, torch
-    tensors for torch files), under names without wrapper prefixes, with their dtypes."""
+    """A file's tensors as its format's reader gives them (numpy arrays for safetensors and
+    .npz, torch tensors for torch files), under names without wrapper prefixes, with their
+    dtypes."""
 
     path: Path
-    format: str  # "safetensors" | "torch"
+    format: str  # "safetensors" | "torch" | "npz"
     arrays: dict[str, Any]
     metadata: dict[str, str]
     dtypes: dict[str, str]  # name -> the stored dtype ("float16", "bfloat16", "float32", ...)
     notes: tuple[str, ...] = ()  # what reading chose or left out (a container, optimizer state)
+    training: TrainingState | None = None  # a training checkpoint's optimizer kind and lr
 
 
 class Reader(Protocol):
@@ -84,12 +89,50 @@ def _read_safetensors(path: Path, *, state_key: str | None = None) -> RawFile:
 def _read_torch(path: Path, *, state_key: str | None = None) -> RawFile:
     from rnndiag.checkpoint import torch_tensors  # a pickle is read safely only by torch
 
-    tensors, notes = torch_tensors(path, state_key=state_key)
+    tensors, notes, training = torch_tensors(path, state_key=state_key)
     dtypes = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
-    return RawFile(path, "torch", tensors, {}, dtypes, notes)
+    return RawFile(path, "torch", tensors, {}, dtypes, notes, training)
 
 
-READERS: dict[str, Reader] = {"safetensors": _read_safetensors, "torch": _read_torch}
+# The dtypes an .npz array may have: those torch.from_numpy takes (not float128, strings,
+# datetimes or structured records)
+NPZ_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                        "uint64", "float16", "float32", "float64", "complex64", "complex128"})
+
+
+def _read_npz(path: Path, *, state_key: str | None = None) -> RawFile:
+    """Every array of a numpy .npz archive under its key, read with allow_pickle=False (never
+    True): an object array, which would need pickle, is refused by name and never loaded."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            stored = {name: name for name in npz.files}
+            if state_key is not None:
+                stored = under_key(stored, state_key, path)
+            arrays = {name: _npz_array(npz, key, path) for name, key in stored.items()}
+    except RnnDiagError:
+        raise
+    except Exception as exc:  # a damaged archive or member: zip, zlib and .npy header errors
+        raise CheckpointError(f"{path}: cannot read .npz ({one_line(exc)})") from None
+    return RawFile(path, "npz", arrays, {}, {k: a.dtype.name for k, a in arrays.items()})
+
+
+def _npz_array(npz: NpzFile, key: str, path: Path) -> np.ndarray:
+    """One member, in native byte order (torch.from_numpy takes no other)."""
+    try:
+        array: np.ndarray = npz[key]
+    except ValueError as exc:
+        if "allow_pickle" not in str(exc):  # numpy's refusal names the option; other errors
+            raise                           # are a damaged member
+        raise CheckpointError(f"{path}: refused: array {key!r} holds Python objects (an object "
+                              "array needs pickle, which rnndiag never loads)") from None
+    if array.dtype.name not in NPZ_DTYPES:
+        raise CheckpointError(f"{path}: array {key!r} has dtype {array.dtype.name}, not a "
+                              "number type")
+    return array.astype(array.dtype.newbyteorder("="), copy=False)
+
+
+READERS: dict[str, Reader] = {"safetensors": _read_safetensors, "torch": _read_torch,
+                              "npz": _read_npz}
 
 
 def read(path: Path, fmt: str | None = None, *, state_key: str | None = None) -> RawFile:
@@ -143,6 +186,5 @@ def guarded(path: Path, work: Callable[[RawFile], T],
     except Exception as exc:
         if debug:
             raise
-        text = " ".join(str(exc).split())[:300]
         return failed(fmt, FileStatus.ERROR, f"{path}: internal error: "
-                      f"{type(exc).__name__}: {text}", ())
+                      f"{type(exc).__name__}: {one_line(exc, 300)}", ())

@@ -139,7 +139,7 @@ def test_progress_line_renders_names_literally(name: str) -> None:
 def test_header_length_of_another_file_is_not_echoed(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     secret = tmp_path / "id_secret"
-    secret.write_bytes(b"SeCrEt!!" + b"x" * 40)
+    secret.write_bytes(b"SeCrEt!!{" + b"x" * 40)
     link = tmp_path / "model.safetensors"
     link.symlink_to(secret)
     leaked = str(int.from_bytes(b"SeCrEt!!", "little"))

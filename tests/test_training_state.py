@@ -60,3 +60,29 @@ def test_lightning_layout_and_scheduler_lr(tmp_path: Path) -> None:
 def test_no_optimizer_state() -> None:
     assert training_state({"rnn.weight_hh_l0": torch.zeros(4, 4)}) is None
     assert training_state({"state": {}, "param_groups": [{"weird": 1}]}) is not None
+
+
+def test_the_clip_uses_the_checkpoints_optimizer(tmp_path: Path) -> None:
+    """check on a training checkpoint: the step cap from its SGD learning rate, and the
+    sources say so; --lr on the command line wins."""
+    import json
+
+    from rnndiag.cli import main
+
+    model, opt = _stepped("sgd")
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model_state": {f"rnn.{k}": v for k, v in model.state_dict().items()},
+                "optimizer_state": opt.state_dict(), "epoch": 3}, path)
+    out = tmp_path / "r.json"
+    assert main(["check", str(path), "--seq-len", "10", "--format", "json",
+                 "--output", str(out)]) in (0, 1)
+    clip = json.loads(out.read_text())["files"][0]["clip"]
+    sources = {i["name"]: (i["value"], i["source"]) for i in clip["inputs"]}
+    assert sources["optimizer"] == ("sgd", "checkpoint") and sources["lr"] == (0.05, "checkpoint")
+    norm = sources["param_norm"][0]
+    assert clip["decided_by"] == "step_cap"
+    assert clip["suggested_max_norm"] == pytest.approx(0.005 * norm / 0.05)
+    assert main(["check", str(path), "--seq-len", "10", "--format", "json", "--lr", "0.5",
+                 "--output", str(out)]) in (0, 1)
+    clip = json.loads(out.read_text())["files"][0]["clip"]
+    assert {i["name"]: i["source"] for i in clip["inputs"]}["lr"] == "option"
