@@ -232,14 +232,19 @@ class FlowStrips:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         for d in self.layers:
-            seq_len = len(d.ratio)
-            prefix, suffix = f"  {layer_label(d):>6} t=0 ", f" {seq_len - 1}"
-            width = max(4, min(options.max_width - len(prefix) - len(suffix), 120))
-            line = Text(prefix, no_wrap=True, overflow="crop")
-            for glyph, style in strip(d.ratio, width, self.th):
-                line.append(glyph, style=style)
-            line.append(suffix, style="dim")
-            yield line
+            yield strip_line(f"{layer_label(d):>6}", d.ratio, options.max_width, self.th)
+
+
+def strip_line(label: str, ratios: Sequence[float | None], max_width: int,
+               th: Thresholds) -> Text:
+    """`  label t=0 ▁▂▃… T-1`: one strip fitted to the width."""
+    prefix, suffix = f"  {label} t=0 ", f" {len(ratios) - 1}"
+    width = max(4, min(max_width - len(prefix) - len(suffix), 120))
+    line = Text(prefix, no_wrap=True, overflow="crop")
+    for glyph, style in strip(ratios, width, th):
+        line.append(glyph, style=style)
+    line.append(suffix, style="dim")
+    return line
 
 
 def buckets(n: int, width: int) -> list[range]:
@@ -299,13 +304,7 @@ class CreditRow:
         self.r: list[float | None] = [None if ref == 0 or x == 0 else x / ref for x in norms]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        prefix, suffix = f"  {f's={self.s}':>8} t=0 ", f" {len(self.r) - 1}"
-        width = max(4, min(options.max_width - len(prefix) - len(suffix), 120))
-        line = Text(prefix, no_wrap=True, overflow="crop")
-        for glyph, style in strip(self.r, width, self.th):
-            line.append(glyph, style=style)
-        line.append(suffix, style="dim")
-        yield line
+        yield strip_line(f"{f's={self.s}':>8}", self.r, options.max_width, self.th)
 
 
 def _spans_table(layers: Sequence[LayerDiagnosis]) -> list[RenderableType]:
