@@ -1,0 +1,384 @@
+"""Does rnndiag's clip suggestion keep training stable? Train with it, without clipping, and
+with fixed thresholds spanning decades, and compare.
+
+Task: the adding problem of sample_models/make_samples.py (its `adding_batch`, T = 100), MSE,
+training batches of B = 32, 150 steps per run. Models: the four sample models, rebuilt as
+make_samples.py defines them and loaded from the committed weights (training continues from
+there), plus a fresh exploding IRNN (`nn.RNN(2, 32, nonlinearity="relu")`, W_hh = 1.05 I, zero
+biases; plain SGD diverges on its first step). Settings: SGD at several learning rates
+(3 seeds) and Adam (2 seeds); the GRU, 8x slower per step, gets one seed fewer. A seed fixes
+the data stream (and the IRNN's initialisation); every policy of a seed sees the same batches.
+
+Policies: no clipping; `clip_grad_norm_` at fixed thresholds; and rnndiag's suggestion, got
+as a user would: before training, `rnndiag.check_model(model, x, y, train_batch_size=B, lr=lr,
+optimizer=...)` on the first training batch, then `d.files[0].clip.suggested_max_norm` (None:
+"no suggestion", trained without clipping and said so).
+
+A run diverges when its training loss is NaN/Inf or above 1e6 at any step (or on one more
+batch after the last step); it stops there. Its final loss is the mean training loss of its
+last 20 steps. A cell is the median final loss over the seeds that did not diverge, and
+`div k/n` when k of n seeds diverged.
+
+Pass criterion per row (model x learning rate), from the issue "Advice must survive contact
+with training": the suggestion diverges in no more seeds than the best fixed threshold (so:
+no divergence wherever some fixed threshold had none), and its final loss is within 5x of the
+best fixed threshold's (best: fewest divergences, then lowest final loss).
+
+Run: .venv/bin/python bench/validate_clip.py [--quick] [--workers N] [--output FILE]
+(the full grid writes bench/clip_validation.md; --quick, a smoke test of under a minute,
+writes nothing unless --output is given). Deterministic: one thread per worker, fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import multiprocessing
+import statistics
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+sys.path.insert(0, str(SAMPLES))
+from make_samples import Model, adding_batch  # noqa: E402  (the task's own generator)
+
+DIVERGED = 1e6  # a training loss above this (or non-finite) is divergence
+LAST = 20  # final loss: mean over the last LAST steps
+FACTOR = 5.0  # the suggestion's final loss must be within FACTOR x the best fixed threshold's
+IRNN_SCALE = 1.05
+DATA_SEED = 1000  # a seed s streams batches from torch.Generator().manual_seed(DATA_SEED + s)
+NAMES = {"tanh": "tanh RNN (vanishing sample)", "lstm": "LSTM (healthy sample)",
+         "relu": "ReLU RNN (exploding sample)", "gru": "GRU bidir 2-layer (sample)",
+         "irnn": f"fresh IRNN, W_hh={IRNN_SCALE}·I"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    models: tuple[str, ...]
+    settings: tuple[tuple[str, tuple[float, ...], int], ...]  # (optimizer, lrs, seeds)
+    thresholds: tuple[float, ...]
+    steps: int
+    slow: tuple[str, ...] = ()  # models run with one seed fewer (for time)
+    batch: int = 32
+    seq_len: int = 100
+
+    def seeds(self, model: str, seeds: int) -> int:
+        return max(1, seeds - 1) if model in self.slow else seeds
+
+
+FULL = Grid(("tanh", "lstm", "relu", "gru", "irnn"),
+            (("sgd", (0.01, 0.1, 1.0), 3), ("adam", (1e-3, 1e-2), 2)),
+            (0.01, 0.1, 1.0, 10.0, 100.0), steps=150, slow=("gru",))
+QUICK = Grid(("tanh", "irnn"), (("sgd", (0.1,), 1), ("adam", (1e-3,), 1)),
+             (0.1, 1.0, 10.0), steps=30)
+
+
+@dataclass(frozen=True)
+class Job:
+    optimizer: str
+    lr: float
+    model: str
+    seed: int
+    grid: Grid
+
+
+@dataclass(frozen=True)
+class Run:
+    diverged: bool
+    final: float  # mean training loss of the last LAST steps (inf when diverged)
+    steps: int  # steps taken (the step that diverged, when it did)
+    clipped: float  # fraction of steps whose pre-clip norm exceeded the threshold
+    median_norm: float  # median pre-clip gradient norm
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    value: float | None
+    decided_by: str
+    expected_norm: float | None
+    step_cap: float | None
+    note: str  # why there is no value, else ""
+
+
+@dataclass(frozen=True)
+class Cell:
+    job: Job
+    suggestion: Suggestion
+    runs: tuple[tuple[str, Run], ...]  # (policy label, run)
+
+
+def build(name: str, seed: int) -> Model:
+    """The model at the start of training: a sample model's committed weights, or a fresh
+    IRNN (initialised from `seed`)."""
+    torch.manual_seed(seed)
+    if name == "irnn":
+        irnn = nn.RNN(2, 32, nonlinearity="relu", batch_first=True)
+        with torch.no_grad():  # IRNN (Le et al. 2015) a little above the identity
+            irnn.get_parameter("weight_hh_l0").copy_(IRNN_SCALE * torch.eye(32))
+            irnn.get_parameter("bias_hh_l0").zero_()
+            irnn.get_parameter("bias_ih_l0").zero_()
+        return Model(irnn, 32)
+    if name == "gru":
+        model = Model(nn.GRU(2, 16, num_layers=2, bidirectional=True, batch_first=True), 32)
+        saved = torch.load(SAMPLES / "gru_bidir_2layer.pt", weights_only=True)
+        state = {k.removeprefix("module."): v for k, v in saved["model_state_dict"].items()}
+    else:
+        rnn: nn.Module = (nn.LSTM(2, 32, batch_first=True) if name == "lstm" else
+                          nn.RNN(2, 32, nonlinearity="relu" if name == "relu" else "tanh",
+                                 batch_first=True))
+        model = Model(rnn, 32)
+        file = {"tanh": "rnn_tanh_vanishing", "lstm": "lstm_healthy",
+                "relu": "rnn_relu_exploding"}[name]
+        state = load_file(SAMPLES / f"{file}.safetensors")
+    model.load_state_dict(state)
+    return model
+
+
+def stream(job: Job) -> torch.Generator:
+    return torch.Generator().manual_seed(DATA_SEED + job.seed)
+
+
+def suggestion(job: Job) -> Suggestion:
+    """rnndiag's suggestion, as a user gets it: check_model on the first training batch."""
+    import rnndiag
+
+    x, y = adding_batch(job.grid.batch, job.grid.seq_len, stream(job))
+    try:
+        d = rnndiag.check_model(build(job.model, job.seed), x, y,
+                                train_batch_size=job.grid.batch, lr=job.lr,
+                                optimizer=job.optimizer)
+    except rnndiag.RnnDiagError as err:
+        return Suggestion(None, "error", None, None, f"check_model raised: {err}")
+    clip = d.files[0].clip
+    if clip is None:
+        return Suggestion(None, "none", None, None, "no clip record")
+    note = "" if clip.suggested_max_norm is not None else clip.advice
+    return Suggestion(clip.suggested_max_norm, clip.decided_by, clip.expected_norm,
+                      clip.step_cap, note)
+
+
+def bad(loss: float) -> bool:
+    return not math.isfinite(loss) or loss > DIVERGED
+
+
+def train(job: Job, max_norm: float | None) -> Run:
+    """`job.grid.steps` steps with clip_grad_norm_(max_norm) before each (None: no clipping)."""
+    model, gen, grid = build(job.model, job.seed), stream(job), job.grid
+    params = list(model.parameters())
+    opt = (torch.optim.SGD(params, lr=job.lr) if job.optimizer == "sgd"
+           else torch.optim.Adam(params, lr=job.lr))
+    losses: list[float] = []
+    norms: list[float] = []
+    for step in range(grid.steps + 1):
+        x, y = adding_batch(grid.batch, grid.seq_len, gen)
+        loss = nn.functional.mse_loss(model(x), y)
+        if bad(loss.item()):
+            return Run(True, math.inf, step, _frac(norms, max_norm), _median(norms))
+        if step == grid.steps:  # one more batch: did the last update blow up?
+            break
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        norms.append(float(nn.utils.get_total_norm([p.grad for p in params]) if max_norm is None
+                           else nn.utils.clip_grad_norm_(params, max_norm)))
+        opt.step()
+    return Run(False, statistics.fmean(losses[-LAST:]), grid.steps, _frac(norms, max_norm),
+               _median(norms))
+
+
+def _frac(norms: list[float], max_norm: float | None) -> float:
+    if not norms or max_norm is None:
+        return 0.0
+    return sum(n > max_norm for n in norms) / len(norms)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def run_cell(job: Job) -> Cell:
+    """Every policy for one (optimizer, lr, model, seed): no clip, each fixed threshold, and
+    rnndiag's suggestion."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    s = suggestion(job)
+    runs = [("none", train(job, None))]
+    runs += [(_num(c), train(job, c)) for c in job.grid.thresholds]
+    runs.append(("rnndiag", train(job, s.value)))
+    return Cell(job, s, tuple(runs))
+
+
+def jobs(grid: Grid) -> list[Job]:
+    """Every cell, the slow GRU first so that the workers finish together."""
+    out = [Job(opt, lr, model, seed, grid) for opt, lrs, seeds in grid.settings
+           for model in grid.models for lr in lrs for seed in range(grid.seeds(model, seeds))]
+    return sorted(out, key=lambda j: j.model != "gru")
+
+
+# ---- aggregation and the markdown report -------------------------------------------------
+
+@dataclass(frozen=True)
+class Agg:
+    """One policy over the seeds of a row."""
+
+    diverged: int
+    seeds: int
+    final: float  # median final loss of the seeds that did not diverge (inf: all diverged)
+
+    def key(self) -> tuple[int, float]:
+        return (self.diverged, self.final)
+
+    def text(self) -> str:
+        div = f"div {self.diverged}/{self.seeds}" if self.diverged else ""
+        if self.diverged == self.seeds:
+            return div
+        return f"{_num(self.final)} {div}".strip()
+
+
+def aggregate(runs: Iterable[Run]) -> Agg:
+    runs = list(runs)
+    ok = [r.final for r in runs if not r.diverged]
+    return Agg(len(runs) - len(ok), len(runs), statistics.median(ok) if ok else math.inf)
+
+
+def verdict(fixed: dict[str, Agg], ours: Agg) -> tuple[bool, str]:
+    """The pass criterion (module docstring) for one row."""
+    label, best = min(fixed.items(), key=lambda item: item[1].key())
+    if ours.diverged > best.diverged:
+        return False, f"FAIL: diverged {ours.diverged}/{ours.seeds}, {label} {best.diverged}/" \
+            f"{best.seeds}"
+    if not math.isfinite(best.final):
+        return True, "PASS (every fixed threshold diverged)"
+    ratio = ours.final / best.final
+    word = "PASS" if ratio <= FACTOR else "FAIL"
+    return ratio <= FACTOR, f"{word} {ratio:.2f}x best ({label})"
+
+
+def _num(value: float) -> str:
+    """Two significant digits; whole numbers (thresholds) as written."""
+    if not math.isfinite(value) or (value == int(value) and abs(value) < 1e4):
+        return f"{value:g}"
+    return f"{value:.2g}"
+
+
+def _sug_text(sugs: list[Suggestion]) -> str:
+    values = [s.value for s in sugs if s.value is not None]
+    if not values:
+        return "no suggestion"
+    tags = {"step_cap": "cap", "expected_norm": "N_b"}
+    by = "/".join(sorted({tags.get(s.decided_by, s.decided_by) for s in sugs if s.value}))
+    missing = f", none {len(sugs) - len(values)}/{len(sugs)}" if len(values) < len(sugs) else ""
+    return f"c={_num(statistics.median(values))} {by}{missing}"
+
+
+def row_cells(cells: list[Cell]) -> tuple[list[str], bool, list[str]]:
+    """(markdown cells of the result row, passed, markdown cells of the details row)."""
+    labels = [label for label, _ in cells[0].runs]
+    aggs = {label: aggregate(dict(c.runs)[label] for c in cells) for label in labels}
+    fixed = {label: aggs[label] for label in labels[1:-1]}
+    ok, why = verdict(fixed, aggs["rnndiag"])
+    sugs = [c.suggestion for c in cells]
+    ours = f"{aggs['rnndiag'].text()} ({_sug_text(sugs)})"
+    result = [aggs[label].text() for label in labels[:-1]] + [ours, why]
+    ours_runs = [dict(c.runs)["rnndiag"] for c in cells]
+    details = [_med(s.expected_norm for s in sugs), _med(s.step_cap for s in sugs),
+               _med(s.value for s in sugs), ", ".join(sorted({s.decided_by for s in sugs})),
+               f"{statistics.median(r.clipped for r in ours_runs):.0%}",
+               _med(r.median_norm for r in ours_runs),
+               "; ".join(sorted({s.note for s in sugs if s.note}))[:160]]
+    return result, ok, details
+
+
+def _med(values: Iterable[float | None]) -> str:
+    got = [v for v in values if v is not None and not math.isnan(v)]
+    return _num(statistics.median(got)) if got else "-"
+
+
+def render(cells: list[Cell], grid: Grid, header: list[str]) -> tuple[str, int, int]:
+    """The markdown report; (text, rows passed, rows)."""
+    lines, passed, total = list(header), 0, 0
+    for opt, lrs, seeds in grid.settings:
+        thr = [_num(c) for c in grid.thresholds]
+        fewer = "".join(f"; {m}: {grid.seeds(m, seeds)}" for m in grid.slow if m in grid.models)
+        lines += ["", f"## {opt.upper()} (seeds: {seeds}{fewer})", "",
+                  "| model | lr | no clip | " + " | ".join(thr) + " | rnndiag | result |",
+                  "|---|---:|" + "---:|" * (len(thr) + 2) + "---|"]
+        details = ["", f"Suggestion details ({opt}): medians over seeds; `clipped` is the "
+                   "fraction of steps the suggestion clipped in training.", "",
+                   "| model | lr | N_b | cap | c | decided by | clipped | pre-clip norm | note |",
+                   "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+        for model in grid.models:
+            for lr in lrs:
+                row = sorted((c for c in cells if (c.job.optimizer, c.job.model, c.job.lr)
+                              == (opt, model, lr)), key=lambda c: c.job.seed)
+                result, ok, more = row_cells(row)
+                passed, total = passed + ok, total + 1
+                lines.append(f"| {NAMES[model]} | {_num(lr)} | " + " | ".join(result) + " |")
+                details.append(f"| {NAMES[model]} | {_num(lr)} | " + " | ".join(more) + " |")
+        lines += details
+    lines += ["", f"**Rows passed: {passed}/{total}.**"]
+    return "\n".join(lines) + "\n", passed, total
+
+
+def header(grid: Grid, argv: list[str], seconds: float, workers: int) -> list[str]:
+    settings = "; ".join(f"{opt} lr {', '.join(_num(lr) for lr in lrs)} x {seeds} seeds"
+                         for opt, lrs, seeds in grid.settings)
+    return ["# Clip-norm suggestion: validation by training", "",
+            f"- command: `{' '.join(['.venv/bin/python', 'bench/validate_clip.py', *argv])}`",
+            f"- torch {torch.__version__}, CPU, {workers} worker process(es) x 1 thread; "
+            f"wall time {seconds:.0f} s; {datetime.date.today().isoformat()}",
+            f"- task: adding problem (sample_models/make_samples.py), T = {grid.seq_len}, "
+            f"training batch B = {grid.batch}, MSE; {grid.steps} steps per run",
+            f"- grid: models {', '.join(grid.models)}; {settings}; fixed thresholds "
+            f"{', '.join(_num(c) for c in grid.thresholds)}"
+            + (f"; {', '.join(grid.slow)}: one seed fewer (time)" if grid.slow else ""),
+            "- rnndiag: `check_model(model, x, y, train_batch_size=B, lr=lr, optimizer=...)` on "
+            "the first training batch; `c` is `files[0].clip.suggested_max_norm` (median over "
+            "seeds), decided by `N_b` (expected norm) or `cap` (rho·||θ||/lr)",
+            f"- cell: median final loss (mean training loss of the last {LAST} steps) over the "
+            f"seeds that did not diverge; `div k/n`: k of n seeds diverged (loss NaN/Inf or "
+            f"> {DIVERGED:.0e})",
+            f"- result: PASS when the suggestion diverges in no more seeds than the best fixed "
+            f"threshold and its final loss is within {FACTOR:g}x of the best fixed threshold's "
+            "(best: fewest divergences, then lowest loss)"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny grid (smoke test)")
+    parser.add_argument("--workers", type=int, default=min(2, multiprocessing.cpu_count()))
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: bench/clip_validation.md (none with --quick)")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    grid = QUICK if args.quick else FULL
+    output = args.output or (None if args.quick else ROOT / "bench" / "clip_validation.md")
+    start = time.perf_counter()
+    todo = jobs(grid)
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        cells = []
+        for i, cell in enumerate(pool.imap_unordered(run_cell, todo), 1):
+            cells.append(cell)
+            print(f"[{i}/{len(todo)} {time.perf_counter() - start:.0f}s] {cell.job.optimizer} "
+                  f"{cell.job.model} lr={cell.job.lr} seed={cell.job.seed}",
+                  file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    text, passed, total = render(cells, grid, header(grid, argv, seconds, args.workers))
+    print(text)
+    if output is not None:
+        output.write_text(text)
+        print(f"written to {output}", file=sys.stderr)
+    return 0 if passed == total else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
