@@ -194,7 +194,9 @@ def _flatten(obj: Mapping[Any, Any], path: Path) -> tuple[dict[str, Tensor], tup
              if isinstance(obj.get(key), Mapping) and _has_tensor(obj[key])]
     if found:
         flat, notes = _flatten(obj[found[0]], path)
-        others = [repr(k) for k in found[1:] if obj[k] is not obj[found[0]]]
+        averaged = [k for k in obj if isinstance(k, str) and "ema" in k.lower()
+                    and k not in found and isinstance(obj[k], Mapping) and _has_tensor(obj[k])]
+        others = [repr(k) for k in [*found[1:], *averaged] if obj[k] is not obj[found[0]]]
         extra = (f"weights from {found[0]!r}; {', '.join(others)} also hold"
                  f"{'s' if len(others) == 1 else ''} tensors (choose with --state-key)",
                  ) if others else ()

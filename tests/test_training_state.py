@@ -86,3 +86,19 @@ def test_the_clip_uses_the_checkpoints_optimizer(tmp_path: Path) -> None:
                  "--output", str(out)]) in (0, 1)
     clip = json.loads(out.read_text())["files"][0]["clip"]
     assert {i["name"]: i["source"] for i in clip["inputs"]}["lr"] == "option"
+
+
+def test_an_ema_copy_is_named_and_selectable(tmp_path: Path) -> None:
+    """The trained weights are used by default; the EMA copy beside them is said to exist and
+    is chosen with --state-key."""
+    from rnndiag.checkpoint import load_checkpoint
+
+    model, _ = _stepped("sgd")
+    ema = {k: v * 0.5 for k, v in model.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state_dict": model.state_dict(), "ema_state_dict": ema}, path)
+    ckpt = load_checkpoint(path)
+    assert torch.equal(ckpt.tensors["weight_hh_l0"], model.weight_hh_l0.detach())
+    assert any("'ema_state_dict'" in n and "--state-key" in n for n in ckpt.notes)
+    chosen = load_checkpoint(path, state_key="ema_state_dict")
+    assert torch.equal(chosen.tensors["weight_hh_l0"], ema["weight_hh_l0"])
