@@ -36,16 +36,6 @@ SAMPLES = 16  # sampled positions per credit matrix, besides each example's last
 View = Callable[[Tensor], Tensor]  # a scored tensor (or its gradient) -> (B, T, ...)
 
 
-@dataclass(frozen=True)
-class Axes:
-    """Where batch and time are: `time_major` for slicing inputs; `steps` T of the scored
-    output (None: it has no time axis)."""
-
-    batch: int
-    time_major: bool
-    steps: int | None = None
-
-
 def tensors_of(output: Any) -> list[Tensor]:
     """Every tensor in a (nested) tuple, list or dict output, in order."""
     if isinstance(output, Tensor):
