@@ -171,6 +171,7 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capt
         hit = hit & alive.t().to(hit.device)
     out.unscored = int((~hit.any(1)).sum())
     steps = torch.arange(scored.steps, device=hit.device)
+    plans: list[tuple[Tensor, Tensor, int | None, list[int]]] = []  # mask, refs, s, states
     for direction in (Direction.FORWARD, Direction.REVERSE):
         picked = [i for i in aligned if states[i].direction is direction]
         if not picked:
@@ -181,7 +182,7 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capt
             first = torch.where(hit, steps, scored.steps).amin(1)
             refs = torch.where(first == scored.steps, -1, first)
         mask = (steps.unsqueeze(0) == refs.unsqueeze(1)) & (refs.unsqueeze(1) >= 0)
-        _pass(scored.term(mask), refs, None, picked, states, capture, roots, out)
+        plans.append((mask, refs, None, picked))
     for s in positions(scored.steps):
         column = hit[:, s]
         if not bool(column.any()):
@@ -189,16 +190,32 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capt
             continue
         mask = torch.zeros_like(hit)
         mask[:, s] = column
-        refs = torch.where(column, s, -1)
-        _pass(scored.term(mask), refs, s, aligned, states, capture, roots, out)
+        plans.append((mask, torch.where(column, s, -1), s, aligned))
+    found = _passes(scored, [(mask, picked) for mask, _, _, picked in plans], states, capture,
+                    roots)
+    for (_, refs, position, picked), got in zip(plans, found, strict=True):
+        for i in picked:
+            sq, alive_i = got[i]
+            out.rows[i].append(Row(sq, refs, alive_i, position))
     return out
 
 
-def _pass(term: Tensor, refs: Tensor, position: int | None, picked: Sequence[int],
-          states: Sequence[DirectionStates], capture: Capture, roots: Sequence[Tensor],
-          out: CreditRows) -> None:
-    chains = [states[i].chain for i in picked]
-    found = capture.backward(term, roots, [c for c in chains if c is not None],
-                             retain_graph=True)
-    for i, adj in zip(picked, found, strict=True):
-        out.rows[i].append(Row(credit.state_sq(adj), refs, adj.alive, position))
+def _passes(scored: Scored, wanted: Sequence[tuple[Tensor, Sequence[int]]],
+            states: Sequence[DirectionStates], capture: Capture, roots: Sequence[Tensor],
+            ) -> list[dict[int, tuple[Tensor, Tensor | None]]]:
+    """One backward pass per distinct mask (each example's last scored position is often a
+    sampled position too: T-1 forward, 0 reverse), watching every state any plan with that
+    mask needs; per plan, sq (rnndiag.credit.state_sq) and `alive` of each state."""
+    keys = [mask.cpu().numpy().tobytes() for mask, _ in wanted]
+    need: dict[bytes, tuple[Tensor, set[int]]] = {}
+    for key, (mask, picked) in zip(keys, wanted, strict=True):
+        need.setdefault(key, (mask, set()))[1].update(picked)
+    done: dict[bytes, dict[int, tuple[Tensor, Tensor | None]]] = {}
+    for key, (mask, indices) in need.items():
+        order = sorted(indices)
+        chains = [c for i in order if (c := states[i].chain) is not None]
+        assert len(chains) == len(order)  # aligned states are watched
+        adjoints = capture.backward(scored.term(mask), roots, chains, retain_graph=True)
+        done[key] = {i: (credit.state_sq(adj), adj.alive)
+                     for i, adj in zip(order, adjoints, strict=True)}
+    return [done[key] for key in keys]
