@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from rnndiag.errors import OptionError
+from rnndiag.files import one_line
 from rnndiag.records import CheckOptions, Ignore, Override
 
 # key -> (CheckOptions field, accepted python types)
@@ -50,7 +51,6 @@ OPTION_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
     "context": ("context", (int,)),
 }
 THRESHOLD_FIELDS = ("vanish", "explode", "context")
-TOP_ONLY = {"fail-on": (str,)}
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ def _read(path: Path) -> dict[str, Any]:
         with path.open("rb") as f:
             return tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
-        text = " ".join(str(exc).split())[:200]
-        raise OptionError(f"config {path}: cannot read ({text})") from None
+        raise OptionError(f"config {path}: cannot read ({one_line(exc)})") from None
 
 
 def load(path: Path | None) -> Config:

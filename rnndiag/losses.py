@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rnndiag.errors import BatchError
+from rnndiag.files import one_line
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -43,8 +44,8 @@ class Loss:
         try:
             value = self.fn(scored, targets)
         except Exception as exc:  # the user's loss (or a shape it rejects), in one line
-            text = " ".join(str(exc).split())[:200]
-            raise BatchError(f"loss {self.name} failed: {type(exc).__name__}: {text}") from None
+            raise BatchError(f"loss {self.name} failed: {type(exc).__name__}: "
+                             f"{one_line(exc)}") from None
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise BatchError(f"loss {self.name} must return a scalar tensor, got "
                              f"{type(value).__name__}{_shape(value)}")
