@@ -174,3 +174,14 @@ def clip_inputs(options: CheckOptions, state: TrainingState | None, batch: int) 
     return Chosen(b, optimizer, lr, (ClipInput("train_batch_size", b, b_src),
                                      ClipInput("optimizer", optimizer, o_src),
                                      ClipInput("lr", lr, l_src)))
+
+
+def recommend(gram: Tensor | None, options: CheckOptions, state: TrainingState | None,
+              batch: int, param_norm: float, parameters: str, count: int, exploding: bool,
+              unavailable: str | None = None) -> ClipSuggestion:
+    """`suggest` with the rule's inputs chosen from the options, the checkpoint's optimizer
+    state and the replayed batch (`clip_inputs`), the parameter norm reported as measured."""
+    chosen = clip_inputs(options, state, batch)
+    return suggest(gram, (*chosen.inputs, ClipInput("param_norm", param_norm, "measured")),
+                   chosen.batch, chosen.optimizer, chosen.lr, param_norm, parameters, count,
+                   exploding, unavailable)

@@ -26,7 +26,6 @@ from rnndiag.modelcheck import diagnose_live, file_model_inputs
 from rnndiag.records import (
     BatchInfo,
     CheckOptions,
-    ClipInput,
     ClipSuggestion,
     FileDiagnosis,
     FileStatus,
@@ -215,11 +214,8 @@ def _clip(square: float, options: CheckOptions, count: int, batch: int, explodin
           state: TrainingState | None) -> ClipSuggestion:
     """Without a task loss there is no measured norm: only the step cap, over the recurrent
     modules' parameters, when the learning rate is known (rnndiag.clip)."""
-    norm = math.sqrt(square)
-    chosen = clip.clip_inputs(options, state, batch)
-    return clip.suggest(None, (*chosen.inputs, ClipInput("param_norm", norm, "measured")),
-                        chosen.batch, chosen.optimizer, chosen.lr, norm, "recurrent", count,
-                        exploding)
+    return clip.recommend(None, options, state, batch, math.sqrt(square), "recurrent", count,
+                          exploding)
 
 
 def module_params(spec: ModuleSpec, tensors: Mapping[str, Tensor], dtype: torch.dtype,

@@ -25,12 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from rnndiag import clip, static
-from rnndiag.clip import clip_inputs
 from rnndiag.errors import BatchError
 from rnndiag.losses import Loss, LossFn, choose, pick
 from rnndiag.records import (
     CheckOptions,
-    ClipInput,
     ClipSuggestion,
     ModuleDiagnosis,
     TrainingState,
@@ -286,7 +284,6 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
     params = [p for p in model.parameters() if p.requires_grad]
     count = sum(p.numel() for p in params)
     norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
-    chosen = clip_inputs(options, state, slicing.batch)
     gram, unavailable = None, None
     if loss_def.fn is not None:
         n = clip.examples_for(slicing.batch, count)
@@ -296,9 +293,8 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
                                                      slicing, options.ignore_index), params, n)
         except BatchError as exc:  # a model bound to its batch (a stateful self.hidden)
             unavailable = f"the model does not run on one example alone ({exc})"
-    return clip.suggest(gram, (*chosen.inputs, ClipInput("param_norm", norm, "measured")),
-                        chosen.batch, chosen.optimizer, chosen.lr, norm, "model", count,
-                        exploding, unavailable)
+    return clip.recommend(gram, options, state, slicing.batch, norm, "model", count, exploding,
+                          unavailable)
 
 
 def _example_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
