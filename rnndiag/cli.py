@@ -6,6 +6,7 @@ error becomes one line on stderr and exit code 2 (`--debug` adds the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -183,7 +184,7 @@ def check(
 
             check_target(plot)
     except RnnDiagError as exc:
-        raise typer.Exit(_fail(str(exc), sink, CheckOptions(), debug)) from None
+        raise typer.Exit(_fail(str(exc), sink, None, debug)) from None
 
     options = CheckOptions(
         batch_path=str(batch) if batch else None, batch_size=batch_size,
@@ -204,7 +205,30 @@ def check(
             message = (f"config {settings.path}: fail-on = {settings.fail_on!r}: expected one "
                        f"of {', '.join(f.value for f in FailOn)}")
             raise typer.Exit(_fail(message, sink, options, debug)) from None
+    try:
+        from rnndiag.config import check_values
+
+        check_values(options)
+        _refuse_inputs(sink, plot, [*paths, *_batches(options), *([settings.path] if
+                                                                   settings.path else [])])
+    except RnnDiagError as exc:
+        raise typer.Exit(_fail(str(exc), sink, options, debug)) from None
     raise typer.Exit(_run_check(paths, options, fail_on, sink, debug, plot))
+
+
+def _batches(options: CheckOptions) -> list[str]:
+    """Every batch file the run may read: the options' and the config overrides'."""
+    found = [options.batch_path] if options.batch_path else []
+    return found + [v for o in options.overrides for k, v in o.values
+                    if k == "batch_path" and isinstance(v, str)]
+
+
+def _refuse_inputs(sink: Sink, plot: Path | None, inputs: Sequence[Path | str]) -> None:
+    """OptionError when an output file is an input (before anything is read or written)."""
+    from rnndiag.atomic import refuse_inputs
+
+    refuse_inputs({"--output": sink.output, "--save-svg": sink.svg, "--save-html": sink.html,
+                   "--plot": plot}, inputs)
 
 
 # command-line parameters -> the CheckOptions (or Thresholds) fields they set
@@ -250,6 +274,7 @@ def inspect(
     """Static, data-free check: architecture, NaN/Inf in weights, sigma_max(W_hh), forget bias."""
     sink = Sink(Format(output_format.value), output, None, None)
     try:
+        _refuse_inputs(sink, None, paths)
         from rnndiag.api import inspect_files
 
         result = inspect_files(paths, nonlinearity=nonlinearity.value if nonlinearity else None,
@@ -261,10 +286,8 @@ def inspect(
 
             sink.renderable(render_inspect(result.files))
     except Exception as exc:  # RnnDiagError (bad --output) or a bug: one line, exit 2
-        if debug:
-            traceback.print_exc()
-        _stderr(str(exc) if _is_ours(exc) else f"internal error: {type(exc).__name__}: {exc}")
-        raise typer.Exit(2) from None
+        message = str(exc) if _is_ours(exc) else f"internal error: {type(exc).__name__}: {exc}"
+        raise typer.Exit(_fail(message, sink, None, debug, command="inspect")) from None
     _file_errors(result.files)
     raise typer.Exit(result.exit_code)
 
@@ -365,6 +388,9 @@ def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: 
             result.save_plot(plot)
     except RnnDiagError as exc:
         return _fail(str(exc), sink, options, debug)
+    except SystemExit as exc:  # sys.exit() in user code (--model, --loss) is not ours
+        return _fail(f"user code called sys.exit({exc.code!r}) during the run", sink, options,
+                     debug)
     except Exception as exc:  # a bug in rnndiag: still one line and exit 2
         return _fail(f"internal error: {type(exc).__name__}: {exc}", sink, options, debug)
     _file_errors(result.files)
@@ -377,19 +403,47 @@ def _file_errors(files: Sequence[FileDiagnosis] | Sequence[InspectDiagnosis]) ->
             _stderr(f.error if f.error.startswith(f.path) else f"{f.path}: {f.error}")
 
 
-def _fail(message: str, sink: Sink, options: CheckOptions, debug: bool) -> int:
-    from rnndiag import jsonout
-
+def _fail(message: str, sink: Sink, options: CheckOptions | None, debug: bool,
+          command: str = "check") -> int:
+    """One line on stderr and exit code 2; in JSON and SARIF modes, still one document (on
+    stdout when the output file itself is the problem), listing the error."""
     if debug:
         traceback.print_exc()
-    if sink.fmt is Format.JSON:
-        doc = jsonout.document([], options, errors=[message])
+    if sink.fmt is not Format.TEXT:
+        text = error_document(message, sink.fmt, options, command)
         try:
-            sink.json(doc)
+            sink.emit(text)
         except Exception:  # the output file itself is the problem: the document goes to stdout
-            sys.stdout.write(jsonout.dumps(doc))
+            sys.stdout.write(text)
     _stderr(message)
     return 2
+
+
+def error_document(message: str, fmt: Format, options: CheckOptions | None = None,
+                   command: str = "check") -> str:
+    """The JSON (or SARIF) document of a run that failed as a whole with `message`; the
+    options only when they are valid (the schema describes valid options)."""
+    from rnndiag import jsonout
+
+    if fmt is Format.SARIF:
+        from rnndiag import sarif
+
+        return jsonout.dumps(sarif.document([], errors=[message]))
+    if command == "inspect":
+        return jsonout.dumps(jsonout.inspect_document([], errors=[message]))
+    return jsonout.dumps(jsonout.document([], _valid(options), errors=[message]))
+
+
+def _valid(options: CheckOptions | None) -> CheckOptions | None:
+    from rnndiag.config import check_values
+    from rnndiag.errors import RnnDiagError
+
+    try:
+        if options is not None:
+            check_values(options)
+    except RnnDiagError:
+        return None
+    return options
 
 
 def _stderr(message: str) -> None:
@@ -461,6 +515,12 @@ def hook_argv(argv: Sequence[str]) -> list[str] | None:
     return [argv[1], *options, "--", *files]
 
 
+# click's base class of usage errors, found through typer's public BadParameter: typer vendors
+# click in newer releases and depends on it in older ones
+_CLICK_ERROR: type[Exception] = next(
+    c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (also usable in-process)."""
     from rnndiag.errors import OptionError
@@ -469,13 +529,69 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = hook_argv(args) or args
     except OptionError as exc:
-        _stderr(str(exc))
-        return 2
+        return _usage_error(str(exc), args, 2)
     try:
-        app(args=args, prog_name="rnndiag", standalone_mode=True)
+        code = app(args=args, prog_name="rnndiag", standalone_mode=False)
+    except _CLICK_ERROR as exc:  # a usage error: click's words, and a document when asked
+        if _format_asked(args) is Format.TEXT:
+            exc.show()  # type: ignore[attr-defined]
+            code = exc.exit_code  # type: ignore[attr-defined]
+        else:
+            code = _usage_error(exc.format_message(), args,  # type: ignore[attr-defined]
+                                exc.exit_code)  # type: ignore[attr-defined]
+    except typer.Abort:
+        _stderr("aborted")
+        code = 1
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    return 0
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    return _flushed(code if isinstance(code, int) else 0)
+
+
+def _usage_error(message: str, args: Sequence[str], code: int) -> int:
+    fmt = _format_asked(args)
+    if fmt is not Format.TEXT:
+        command = "inspect" if args and args[0] == "inspect" else "check"
+        sys.stdout.write(error_document(message, fmt, None, command))
+    _stderr(message)
+    return code
+
+
+def _format_asked(args: Sequence[str]) -> Format:
+    """The --format of a `check` or `inspect` command line, read before click parses it (for
+    a usage error in JSON mode: the document is still printed); text when unclear."""
+    if args and args[0] == "hook":
+        args = args[1:]
+    if not args or args[0] not in HOOK_COMMANDS:
+        return Format.TEXT
+    options = list(args[1:args.index("--")] if "--" in args else args[1:])
+    value = None
+    for i, token in enumerate(options):
+        if token == "--format" and i + 1 < len(options):
+            value = options[i + 1]
+        elif token.startswith("--format="):
+            value = token.partition("=")[2]
+    try:
+        return Format(value) if value is not None else Format.TEXT
+    except ValueError:
+        return Format.TEXT
+
+
+def _flushed(code: int) -> int:
+    """Flush stdout now, so a full disk or a closed pipe is one line here (exit 2), not a
+    traceback at interpreter exit."""
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            # nothing more can reach it: point the descriptor at /dev/null so that the flush
+            # at interpreter exit does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        if isinstance(exc, BrokenPipeError):  # the reader left (| head): not an error
+            return code
+        _stderr(f"cannot write the report to standard output ({exc.strerror or exc})")
+        return 2
+    return code
 
 
 if __name__ == "__main__":

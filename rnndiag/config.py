@@ -201,3 +201,55 @@ def _apply(base: CheckOptions, values: list[tuple[str, Any]]) -> CheckOptions:
     if changes:
         changes["from_config"] = base.from_config + tuple(n for n, _ in values)
     return replace(base, **changes) if changes else base
+
+
+INT64 = 2**63 - 1
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+DTYPE_NAMES = ("float32", "float64")
+
+
+def check_values(options: CheckOptions) -> None:
+    """Reject option values no file could make sense of, with one line naming the option.
+    Torch-free, so the CLI can check before anything is imported or written; the device and
+    the optimizer name are checked by rnndiag.diagnose.validate."""
+    o, th = options, options.thresholds
+    for flag, value, low in (("--batch-size", o.batch_size, 1), ("--seq-len", o.seq_len, 1),
+                             ("--train-batch-size", o.train_batch_size, 1),
+                             ("--context", th.context, 1),
+                             ("--ignore-index", o.ignore_index, -INT64)):
+        if value is not None and value < low:
+            raise OptionError(f"{flag} must be at least {low}, got {value}")
+        if value is not None and value > INT64:
+            raise OptionError(f"{flag} {value} is too large (at most 2**63 - 1)")
+    if not SEED_RANGE[0] <= o.seed <= SEED_RANGE[1]:
+        raise OptionError(f"--seed {o.seed} is out of range: expected an integer from "
+                          "-2**63 to 2**64 - 1")
+    if o.dtype not in DTYPE_NAMES:
+        raise OptionError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {o.dtype!r}")
+    if o.lr is not None and not 0.0 < o.lr < float("inf"):
+        raise OptionError(f"--lr must be a positive number, got {o.lr}")
+    if o.time_axis not in (None, 0, 1):
+        raise OptionError(f"--time-axis must be 0 (time-major) or 1 (batch-first), got "
+                          f"{o.time_axis}")
+    if o.max_memory is not None and o.max_memory < 1:
+        raise OptionError(f"--max-memory must be more than 0 bytes, got {o.max_memory} (leave "
+                          "it out for half of the RAM)")
+    if not 0.0 < th.vanish < 1.0 < th.explode < float("inf"):
+        raise OptionError("thresholds must satisfy 0 < --vanish-threshold < 1 < "
+                          f"--explode-threshold (finite), got {th.vanish:g} and "
+                          f"{th.explode:g}")
+    if o.model_kwargs:
+        model_kwargs(o.model_kwargs)
+
+
+def model_kwargs(text: str) -> dict[str, Any]:
+    """--model-kwargs: a JSON object."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise OptionError("--model-kwargs is nested too deeply to parse") from None
+    except ValueError as exc:
+        raise OptionError(f"--model-kwargs is not valid JSON ({one_line(exc)})") from None
+    if not isinstance(value, dict):
+        raise OptionError("--model-kwargs must be a JSON object of keyword arguments")
+    return value

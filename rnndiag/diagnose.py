@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from rnndiag import clip, config, feeding, resources, static
-from rnndiag.batch import BatchFile, file_lengths, load_batch
+from rnndiag.batch import BatchFile, file_inputs, file_lengths, load_batch
 from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
 from rnndiag.discover import find_modules, mark_nonfinite
-from rnndiag.errors import ArchitectureError, BatchError, OptionError
+from rnndiag.errors import ArchitectureError, BatchError, OptionError, RnnDiagError
 from rnndiag.feeding import Fed
 from rnndiag.inspection import NO_RECURRENT
 from rnndiag.modelcheck import diagnose_live, file_model_inputs
@@ -45,29 +45,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def validate(options: CheckOptions) -> None:
     """Reject option values no file could make sense of (exit 2 before any work)."""
-    if options.batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {options.batch_size}")
-    if options.seq_len < 1:
-        raise OptionError(f"--seq-len must be at least 1, got {options.seq_len}")
+    config.check_values(options)
     resources.resolve_device(options.device)
-    if options.dtype not in DTYPES:
-        raise OptionError(f"--dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
-    if options.train_batch_size is not None and options.train_batch_size < 1:
-        raise OptionError(f"--train-batch-size must be at least 1, got {options.train_batch_size}")
-    if options.lr is not None and not 0.0 < options.lr < float("inf"):
-        raise OptionError(f"--lr must be a positive number, got {options.lr}")
     if options.optimizer is not None and options.optimizer not in clip.OPTIMIZERS:
         raise OptionError(f"--optimizer must be one of {', '.join(clip.OPTIMIZERS)}, got "
                           f"{options.optimizer!r}")
-    if options.time_axis not in (None, 0, 1):
-        raise OptionError(f"--time-axis must be 0 (time-major) or 1 (batch-first), got "
-                          f"{options.time_axis}")
-    th = options.thresholds
-    if th.context is not None and th.context < 1:
-        raise OptionError(f"--context must be at least 1 step, got {th.context}")
-    if not 0.0 < th.vanish < 1.0 < th.explode < float("inf"):
-        raise OptionError("thresholds must satisfy 0 < --vanish-threshold < 1 < "
-                          f"--explode-threshold, got {th.vanish:g} and {th.explode:g}")
 
 
 Progress = Callable[[str], None]
@@ -80,19 +62,39 @@ def _quiet(message: str) -> None:
 def diagnose_files(paths: Iterable[Path], options: CheckOptions,
                    progress: Progress = _quiet) -> list[FileDiagnosis]:
     """Diagnose every file, each with its options (`options`, and the config's overrides that
-    match it). Option and batch errors raise: they affect all files that use them."""
-    batches: dict[str, BatchFile] = {}
+    match it). Errors of `options` itself (its values, its batch) raise: they affect every
+    file. An override's error is the error of the files it matches only."""
+    validate(options)
+    batches: dict[str, BatchFile | BatchError] = {}
     out = []
     for path in paths:
         own = config.for_path(options, path)
-        validate(own)
-        if own.batch_path and own.batch_path not in batches:
-            batches[own.batch_path] = load_batch(Path(own.batch_path))
-        batch = batches.get(own.batch_path) if own.batch_path else None
-        found = diagnose_file(path, _work(own, batch, progress), own.debug,
-                              state_key=own.state_key)
+        try:
+            found = _one_file(path, own, batches, progress)
+        except RnnDiagError as exc:
+            if own is options:
+                raise
+            found = FileDiagnosis(str(path), "unknown", FileStatus.ERROR,
+                                  error=f"{path}: {exc}")
         out.append(replace(found, ignores=own.ignores) if own.ignores else found)
     return out
+
+
+def _one_file(path: Path, own: CheckOptions, batches: dict[str, BatchFile | BatchError],
+              progress: Progress) -> FileDiagnosis:
+    validate(own)
+    batch = None
+    if own.batch_path:
+        if own.batch_path not in batches:  # read once; a batch that fails, fails once
+            try:
+                batches[own.batch_path] = load_batch(Path(own.batch_path))
+            except BatchError as exc:
+                batches[own.batch_path] = exc
+        got = batches[own.batch_path]
+        if isinstance(got, BatchError):
+            raise got
+        batch = got
+    return diagnose_file(path, _work(own, batch, progress), own.debug, state_key=own.state_key)
 
 
 def _work(options: CheckOptions, batch: BatchFile | None,
@@ -149,6 +151,7 @@ def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions
     fed: dict[str, Fed] = {}
     problems: dict[str, BatchError] = {}
     for spec in specs:
+        _check_memory(spec, options, _planned(spec, options, batch))
         try:
             fed[spec.name] = feeding.from_file(spec, ckpt, options, batch)
         except BatchError as exc:
@@ -165,6 +168,7 @@ def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions
         stalled = all(s.name in problems for s in pending)
         for spec in list(pending):
             if spec.name not in fed:
+                _check_memory(spec, options, (first.shape[0], first.shape[1]))
                 got = feeding.fallback(spec, specs, outputs, problems[spec.name],
                                        (first.shape[0], first.shape[1]), options.seed, stalled)
                 if got is None:
@@ -178,6 +182,27 @@ def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions
     notes = tuple(note for s in specs if (note := fed[s.name].note) is not None)
     return ([m for m, _, _ in results], sum(sq for _, sq, _ in results),
             sum(n for _, _, n in results), notes)
+
+
+def _planned(spec: ModuleSpec, options: CheckOptions, batch: BatchFile | None,
+             ) -> tuple[int, int] | None:
+    """(B, T) the module will be replayed on, from the options or the batch file's declared
+    shape, before any input is made; None when the batch does not fit (its own error)."""
+    if batch is None:
+        return options.batch_size, options.seq_len
+    try:
+        _, inputs = file_inputs(spec, batch)
+    except BatchError:
+        return None
+    return (inputs.shape[0], inputs.shape[1]) if inputs.ndim >= 2 else None
+
+
+def _check_memory(spec: ModuleSpec, options: CheckOptions,
+                  shape: tuple[int, int] | None) -> None:
+    """--max-memory, checked from the sizes before the inputs are made or embedded."""
+    if shape is not None:
+        resources.check_fits(spec, shape[0], shape[1], DTYPES[options.dtype].itemsize,
+                             options.max_memory or resources.default_limit())
 
 
 def checkpoint_modules(ckpt: Checkpoint, nonlinearity: str | None,
@@ -198,7 +223,8 @@ def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
     load_strict(model, ckpt.tensors, str(raw.path))
     model = model.to(device)
     inputs = file_model_inputs(batch.tensors, batch.path, dtype).map(lambda x: x.to(device))
-    custom = load_callable(options.loss, "--loss") if options.loss else None
+    custom = _no_exit(load_callable(options.loss, "--loss"), options.loss) \
+        if options.loss else None
     live = diagnose_live(model, inputs, custom, options.loss, options,
                          lambda m: progress(f"{raw.path}: {m}"), ckpt.training)
     info = BatchInfo(batch.path, live.batch_size, live.modules[0].seq_len, None)
@@ -208,6 +234,19 @@ def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
                              nonfinite_weights(ckpt.tensors),
                              (m.spec.name for m in live.modules), options.strict_nonfinite),
                          clip=live.clip, loss=live.loss)
+
+
+def _no_exit(loss: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
+    """The user's loss, with its sys.exit() an error of this file, never rnndiag's exit
+    (exit code 0 and no report)."""
+    def call(*args: object) -> Tensor:
+        try:
+            return loss(*args)
+        except SystemExit as exc:
+            raise OptionError(f"--loss {name}: calling it raised SystemExit({exc.code!r})"
+                              ) from None
+
+    return call
 
 
 def _clip(square: float, options: CheckOptions, count: int, batch: int, exploding: bool,
@@ -241,8 +280,7 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
     and its top-layer outputs (B, T, D*P) for a module chained after it."""
     dtype = DTYPES[options.dtype]
     desc, inputs = fed.desc, fed.inputs
-    resources.check_fits(spec, inputs.shape[0], inputs.shape[1], dtype.itemsize,
-                         options.max_memory or resources.default_limit())
+    _check_memory(spec, options, (inputs.shape[0], inputs.shape[1]))
     device = resources.resolve_device(options.device)
     params = {k: v.to(device) for k, v in module_params(spec, ckpt.tensors, dtype).items()}
     inputs = inputs.detach().to(device=device, dtype=dtype)

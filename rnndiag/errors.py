@@ -19,3 +19,7 @@ class BatchError(RnnDiagError):
 
 class OptionError(RnnDiagError):
     """A command-line option or option combination is invalid."""
+
+
+class OutputError(RnnDiagError):
+    """A report, picture or export could not be written (a full disk, a missing folder)."""

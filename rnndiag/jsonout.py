@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,33 @@ def document(files: Sequence[FileDiagnosis], options: CheckOptions | None,
 
 
 def dumps(doc: dict[str, Any]) -> str:
-    return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    """Strict JSON (no NaN or Infinity), valid Unicode: a file name that is not UTF-8 (its
+    bytes read as lone surrogates) is written with those bytes as `\\xff` escapes."""
+    text = json.dumps(doc, indent=2, allow_nan=False)
+    if "\\ud" in text:  # a surrogate escape, perhaps lone (rare: only then walk the document)
+        text = json.dumps(_valid_text(doc), indent=2, allow_nan=False)
+    return text + "\n"
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(x: Any) -> Any:
+    """`x` with every lone surrogate in its strings (keys too) written out as an escape."""
+    if isinstance(x, str):
+        return _SURROGATE.sub(_escape, x)
+    if isinstance(x, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_valid_text(v) for v in x]
+    return x
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m[0])
+    # U+DC80..U+DCFF: a byte 0x80..0xFF that was not UTF-8 (surrogateescape); else a lone
+    # surrogate that came in as text (a \\ud800 escape in a header)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
 
 
 def _options(o: CheckOptions, fail_on: FailOn) -> dict[str, Any]:
@@ -149,14 +176,17 @@ def _module(m: ModuleDiagnosis) -> dict[str, Any]:
     }
 
 
-def inspect_document(files: Sequence[InspectDiagnosis]) -> dict[str, Any]:
-    """The document of `rnndiag inspect --format json` (inspect.schema.json)."""
+def inspect_document(files: Sequence[InspectDiagnosis],
+                     errors: Sequence[str] = ()) -> dict[str, Any]:
+    """The document of `rnndiag inspect --format json` (inspect.schema.json); `errors` are
+    failures of the run as a whole (a bad option)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "rnndiag", "version": __version__},
         "command": "inspect",
-        "exit_code": int(inspect_exit_code(files)),
-        "errors": [{"path": f.path, "message": f.error} for f in files if f.error],
+        "exit_code": 2 if errors else int(inspect_exit_code(files)),
+        "errors": [{"path": None, "message": e} for e in errors]
+        + [{"path": f.path, "message": f.error} for f in files if f.error],
         "files": [{
             "path": f.path, "format": f.format, "status": f.status.value, "error": f.error,
             "notes": list(f.notes),

@@ -39,28 +39,45 @@ def default_limit() -> int:
 
 
 def estimate(spec: ModuleSpec, batch: int, seq_len: int, itemsize: int) -> int:
-    """Estimated peak bytes of replaying `spec` on a (batch, seq_len) input."""
+    """Estimated peak bytes of replaying `spec` on a (batch, seq_len) input: the replay, and
+    the (B, T, input_size) inputs themselves (made in float32 by the synthetic batch or an
+    embedding lookup, plus their copy in the replay dtype when it is not float32), which
+    dominate when input_size is much larger than the hidden size."""
     width = max(spec.hidden_size, spec.proj_size)
     per_direction = unit(spec.cell_type).memory_units * seq_len * batch * width * itemsize
-    return math.ceil(MARGIN * per_direction * spec.num_layers * len(spec.directions))
+    inputs = batch * seq_len * spec.input_size * (4 if itemsize == 4 else 4 + itemsize)
+    return math.ceil(MARGIN * (per_direction * spec.num_layers * len(spec.directions) + inputs))
 
 
 def check_fits(spec: ModuleSpec, batch: int, seq_len: int, itemsize: int, limit: int) -> None:
+    """OptionError when the replay's estimate is above `limit`, saying what would fit. Called
+    before the inputs are made, from the sizes alone."""
     need = estimate(spec, batch, seq_len, itemsize)
     if need <= limit:
         return
-    per_step = estimate(spec, batch, 1, itemsize)
-    per_example = estimate(spec, 1, seq_len, itemsize)
     name = spec.name or "<root>"
-    raise OptionError(
-        f"replaying module '{name}' (B={batch}, T={seq_len}) needs about {_gib(need)}, above "
-        f"--max-memory {_gib(limit)}; at B={batch} up to T={limit // per_step} fits, or at "
-        f"T={seq_len} up to B={limit // per_example} (use --batch-size/--seq-len, a smaller "
-        "batch file, or raise --max-memory)")
+    head = (f"replaying module '{name}' (B={batch}, T={seq_len}) needs about {size_text(need)}, "
+            f"above --max-memory {size_text(limit)}")
+    smallest = estimate(spec, 1, 1, itemsize)
+    if smallest > limit:
+        raise OptionError(f"{head}; even B=1, T=1 needs {size_text(smallest)}: raise "
+                          "--max-memory")
+    steps = limit // estimate(spec, batch, 1, itemsize)
+    examples = limit // estimate(spec, 1, seq_len, itemsize)
+    fits = [f"at B={batch} up to T={steps} fits"] if steps else []
+    fits += [f"at T={seq_len} up to B={examples} fits"] if examples else []
+    raise OptionError(f"{head}; {' or '.join(fits) or 'a smaller B and T fit'} (use "
+                      "--batch-size/--seq-len, a smaller batch file, or raise --max-memory)")
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def size_text(n: int) -> str:
+    """Bytes for people: 512 bytes, 3.0 KiB, 1.50 GiB."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit_name, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit_name}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def resolve_device(name: str) -> str:

@@ -165,7 +165,7 @@ def test_sarif(capsys: pytest.CaptureFixture[str]) -> None:
 def test_memory_estimate_refuses_with_sizes_that_fit(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["check", VANISHING, "--seq-len", "5000", "--max-memory", "64M"])
     err = capsys.readouterr().err
-    assert code == 2 and "above --max-memory 0.06 GiB" in err
+    assert code == 2 and "above --max-memory 64.00 MiB" in err
     fits = int(err.split("up to T=")[1].split()[0])
     assert 0 < fits < 5000
     assert main(["check", VANISHING, "--seq-len", str(fits), "--max-memory", "64M",
