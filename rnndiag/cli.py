@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -209,10 +209,14 @@ def check(
         from rnndiag.config import check_values
 
         check_values(options)
-        _refuse_inputs(sink, plot, [*paths, *_batches(options), *([settings.path] if
-                                                                   settings.path else [])])
     except RnnDiagError as exc:
         raise typer.Exit(_fail(str(exc), sink, options, debug)) from None
+    try:
+        _refuse_inputs(sink, plot, [*paths, *_batches(options), *([settings.path] if
+                                                                   settings.path else [])])
+    except RnnDiagError as exc:  # and the document goes to stdout, not to the refused file
+        raise typer.Exit(_fail(str(exc), Sink(sink.fmt, None, None, None), options,
+                               debug)) from None
     raise typer.Exit(_run_check(paths, options, fail_on, sink, debug, plot))
 
 
@@ -272,9 +276,15 @@ def inspect(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Static, data-free check: architecture, NaN/Inf in weights, sigma_max(W_hh), forget bias."""
+    from rnndiag.errors import RnnDiagError
+
     sink = Sink(Format(output_format.value), output, None, None)
     try:
         _refuse_inputs(sink, None, paths)
+    except RnnDiagError as exc:  # and the document goes to stdout, not to the refused file
+        raise typer.Exit(_fail(str(exc), Sink(sink.fmt, None, None, None), None, debug,
+                               command="inspect")) from None
+    try:
         from rnndiag.api import inspect_files
 
         result = inspect_files(paths, nonlinearity=nonlinearity.value if nonlinearity else None,
@@ -344,7 +354,8 @@ class Sink:
         from rich.console import Console
 
         if self.output is None:
-            Console(highlight=False).print(renderable)
+            with _stdout_errors():
+                Console(highlight=False).print(renderable)
         if self.output is not None or self.svg or self.html:
             from rnndiag.report import recorded
 
@@ -358,9 +369,39 @@ class Sink:
 
     def emit(self, text: str) -> None:
         if self.output is None:
-            sys.stdout.write(text)
+            _to_stdout(text)
         else:
             _write(self.output, text)
+
+
+def _to_stdout(text: str) -> None:
+    with _stdout_errors():
+        sys.stdout.write(text)
+
+
+@contextlib.contextmanager
+def _stdout_errors() -> Iterator[None]:
+    """Write to stdout inside; a full disk is an OutputError, a reader that left (| head) is
+    not an error. Either way nothing more can reach stdout: it is pointed at /dev/null."""
+    from rnndiag.errors import OutputError
+
+    try:
+        yield
+        sys.stdout.flush()
+    except OSError as exc:
+        _silence_stdout()
+        if not isinstance(exc, BrokenPipeError):
+            raise OutputError("cannot write the report to standard output "
+                              f"({exc.strerror or exc})") from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout's descriptor at /dev/null, so that the flush at interpreter exit does not
+    fail again with a traceback."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _write(path: Path, text: str) -> None:
@@ -414,7 +455,8 @@ def _fail(message: str, sink: Sink, options: CheckOptions | None, debug: bool,
         try:
             sink.emit(text)
         except Exception:  # the output file itself is the problem: the document goes to stdout
-            sys.stdout.write(text)
+            with contextlib.suppress(Exception):  # unless stdout is the problem
+                _to_stdout(text)
     _stderr(message)
     return 2
 
@@ -551,7 +593,8 @@ def _usage_error(message: str, args: Sequence[str], code: int) -> int:
     fmt = _format_asked(args)
     if fmt is not Format.TEXT:
         command = "inspect" if args and args[0] == "inspect" else "check"
-        sys.stdout.write(error_document(message, fmt, None, command))
+        with contextlib.suppress(Exception):
+            _to_stdout(error_document(message, fmt, None, command))
     _stderr(message)
     return code
 
@@ -579,17 +622,12 @@ def _format_asked(args: Sequence[str]) -> Format:
 def _flushed(code: int) -> int:
     """Flush stdout now, so a full disk or a closed pipe is one line here (exit 2), not a
     traceback at interpreter exit."""
+    from rnndiag.errors import OutputError
+
     try:
-        sys.stdout.flush()
-    except OSError as exc:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            # nothing more can reach it: point the descriptor at /dev/null so that the flush
-            # at interpreter exit does not fail again
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        if isinstance(exc, BrokenPipeError):  # the reader left (| head): not an error
-            return code
-        _stderr(f"cannot write the report to standard output ({exc.strerror or exc})")
+        _to_stdout("")
+    except OutputError as exc:
+        _stderr(str(exc))
         return 2
     return code
 

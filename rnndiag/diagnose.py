@@ -7,7 +7,8 @@ Everything here returns frozen records; nothing prints. A file that cannot be us
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -175,13 +176,28 @@ def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions
                     continue
                 fed[spec.name] = got
             progress(f"replaying {spec.name or '<root>'} ({spec.kind.value})")
-            done[spec.name], outputs[spec.name] = _diagnose_module(spec, ckpt, options, batch,
-                                                                   fed[spec.name])
+            with _out_of_memory(spec):
+                done[spec.name], outputs[spec.name] = _diagnose_module(spec, ckpt, options,
+                                                                       batch, fed[spec.name])
             pending.remove(spec)
     results = [done[s.name] for s in specs]
     notes = tuple(note for s in specs if (note := fed[s.name].note) is not None)
     return ([m for m, _, _ in results], sum(sq for _, sq, _ in results),
             sum(n for _, _, n in results), notes)
+
+
+@contextmanager
+def _out_of_memory(spec: ModuleSpec) -> Iterator[None]:
+    """An allocation the estimate let through that failed (another process took the memory,
+    a raised --max-memory) is this file's error, not a crash."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise OptionError(f"out of memory replaying module '{spec.name or '<root>'}' (below "
+                          "the --max-memory estimate): use a smaller --batch-size/--seq-len "
+                          "or batch file") from None
 
 
 def _planned(spec: ModuleSpec, options: CheckOptions, batch: BatchFile | None,

@@ -157,11 +157,11 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def check_readable(path: Path) -> None:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    try:
+    try:  # exists() raises too, for a name longer than NAME_MAX or a loop of links
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file")
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
         with path.open("rb"):
             pass
     except OSError as exc:

@@ -31,11 +31,28 @@ def parse_size(text: str) -> int:
 
 
 def default_limit() -> int:
-    """Half of the machine's physical memory."""
+    """Half of the memory this process may still take: of the machine's physical memory, and
+    of what is left under its address-space limit (ulimit -v), when one is set."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        half = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
+        half = 8 * 2**30
+    left = _address_space_left()
+    return half if left is None else max(1, min(half, left // 2))
+
+
+def _address_space_left() -> int | None:
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm") as f:  # first field: the address space now, in pages
+            used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+    return max(0, soft - used)
 
 
 def estimate(spec: ModuleSpec, batch: int, seq_len: int, itemsize: int) -> int:
