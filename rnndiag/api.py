@@ -76,9 +76,13 @@ class Diagnosis:
         return render(self.files, self.options.thresholds)
 
     def save_plot(self, path: str | Path) -> int:
-        """The `--plot` picture (.png or .svg, needs matplotlib); returns the panels drawn."""
+        """The `--plot` picture (.png or .svg, needs matplotlib); returns the panels drawn.
+        Refuses (OptionError) to write over one of the diagnosed files or their batch."""
+        from rnndiag.atomic import refuse_inputs
         from rnndiag.plot import save_plot
 
+        inputs = [f.path for f in self.files] + [f.batch.source for f in self.files if f.batch]
+        refuse_inputs({"--plot": Path(path)}, inputs)
         return save_plot(self.files, Path(path), self.options.thresholds)
 
 

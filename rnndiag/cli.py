@@ -143,7 +143,8 @@ def check(
     device: Annotated[str, typer.Option(
         help="Where to replay: cpu, cuda, cuda:N or auto (cuda when available).")] = "cpu",
     max_memory: Annotated[str | None, typer.Option(
-        help="Refuse a replay estimated above this (e.g. 8G); default half of the RAM.")
+        help="Refuse a replay estimated above this (e.g. 8G; inputs included), before any "
+        "input is made; default half of the RAM (or of what ulimit -v leaves).")
     ] = None,
     fail_on: Annotated[FailOn, typer.Option(
         help="Which error findings make the exit code 1: vanishing (RD001), exploding "
@@ -152,7 +153,9 @@ def check(
         "--format", help="text for people, json for pipelines, sarif for code scanning.")
     ] = Format.TEXT,
     output: Annotated[Path | None, typer.Option(
-        help="Write the report (in --format) to this file, atomically, instead of stdout.")
+        help="Write the report (in --format) to this file instead of stdout: atomically "
+        "(temporary file, then rename), or into a device, FIFO or /dev/stdout; never onto an "
+        "input file.")
     ] = None,
     save_svg: Annotated[Path | None, typer.Option(
         help="Also save the text report as SVG (for pull requests).")] = None,

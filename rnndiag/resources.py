@@ -5,6 +5,9 @@ keeps its states, the autograd graph of its steps and the captured adjoint buffe
 backward pass ends. Measured on CPU (bench/bench_check.py, float32), the growth of the
 process's resident set per layer and direction is about U * T * B * max(H, P) values, U being
 the cell unit's `memory_units`; the estimate adds 25% for the allocator and rounds up.
+`--max-memory` is checked against that plus the (B, T, input_size) inputs (`peak`), from the
+declared sizes, before the inputs are made: a synthetic batch, an embedding lookup or the
+input projection of a very wide input is never allocated first.
 """
 
 from __future__ import annotations
@@ -56,31 +59,35 @@ def _address_space_left() -> int | None:
 
 
 def estimate(spec: ModuleSpec, batch: int, seq_len: int, itemsize: int) -> int:
-    """Estimated peak bytes of replaying `spec` on a (batch, seq_len) input: the replay, and
-    the (B, T, input_size) inputs themselves (made in float32 by the synthetic batch or an
-    embedding lookup, plus their copy in the replay dtype when it is not float32), which
-    dominate when input_size is much larger than the hidden size."""
+    """Estimated peak bytes of the replay of `spec` on a (batch, seq_len) input."""
     width = max(spec.hidden_size, spec.proj_size)
     per_direction = unit(spec.cell_type).memory_units * seq_len * batch * width * itemsize
+    return math.ceil(MARGIN * per_direction * spec.num_layers * len(spec.directions))
+
+
+def peak(spec: ModuleSpec, batch: int, seq_len: int, itemsize: int) -> int:
+    """`estimate`, plus the (B, T, input_size) inputs themselves (made in float32 by the
+    synthetic batch or an embedding lookup, plus their copy in the replay dtype when that is
+    not float32): they dominate when input_size is much larger than the hidden size."""
     inputs = batch * seq_len * spec.input_size * (4 if itemsize == 4 else 4 + itemsize)
-    return math.ceil(MARGIN * (per_direction * spec.num_layers * len(spec.directions) + inputs))
+    return estimate(spec, batch, seq_len, itemsize) + math.ceil(MARGIN * inputs)
 
 
 def check_fits(spec: ModuleSpec, batch: int, seq_len: int, itemsize: int, limit: int) -> None:
     """OptionError when the replay's estimate is above `limit`, saying what would fit. Called
     before the inputs are made, from the sizes alone."""
-    need = estimate(spec, batch, seq_len, itemsize)
+    need = peak(spec, batch, seq_len, itemsize)
     if need <= limit:
         return
     name = spec.name or "<root>"
     head = (f"replaying module '{name}' (B={batch}, T={seq_len}) needs about {size_text(need)}, "
             f"above --max-memory {size_text(limit)}")
-    smallest = estimate(spec, 1, 1, itemsize)
+    smallest = peak(spec, 1, 1, itemsize)
     if smallest > limit:
         raise OptionError(f"{head}; even B=1, T=1 needs {size_text(smallest)}: raise "
                           "--max-memory")
-    steps = limit // estimate(spec, batch, 1, itemsize)
-    examples = limit // estimate(spec, 1, seq_len, itemsize)
+    steps = limit // peak(spec, batch, 1, itemsize)
+    examples = limit // peak(spec, 1, seq_len, itemsize)
     fits = [f"at B={batch} up to T={steps} fits"] if steps else []
     fits += [f"at T={seq_len} up to B={examples} fits"] if examples else []
     raise OptionError(f"{head}; {' or '.join(fits) or 'a smaller B and T fit'} (use "

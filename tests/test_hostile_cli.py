@@ -448,3 +448,14 @@ def test_an_override_error_is_its_files_error_only(work: Path,
     doc = _validate(out)
     assert [f["status"] for f in doc["files"]] == ["ok", "error"]
     assert "other.safetensors: batch" in _one_line(err)
+
+
+def test_api_save_plot_refuses_an_input(work: Path) -> None:
+    from rnndiag import check_files
+    from rnndiag.errors import OptionError
+
+    result = check_files(["model.svg"], batch="batch.safetensors")
+    before = (work / "model.svg").read_bytes()
+    with pytest.raises(OptionError, match="refusing to overwrite an input file"):
+        result.save_plot(_spelled(work, "model.svg", "symlink"))
+    assert (work / "model.svg").read_bytes() == before
