@@ -347,6 +347,7 @@ class Sink:
     def __init__(self, fmt: Format, output: Path | None, svg: Path | None,
                  html: Path | None) -> None:
         self.fmt, self.output, self.svg, self.html = fmt, output, svg, html
+        self.done = False  # the report went out: an error after it (--plot) adds no document
 
     def json(self, doc: dict[str, object]) -> None:
         from rnndiag import jsonout
@@ -375,6 +376,7 @@ class Sink:
             _to_stdout(text)
         else:
             _write(self.output, text)
+        self.done = True
 
 
 def _to_stdout(text: str) -> None:
@@ -453,7 +455,7 @@ def _fail(message: str, sink: Sink, options: CheckOptions | None, debug: bool,
     stdout when the output file itself is the problem), listing the error."""
     if debug:
         traceback.print_exc()
-    if sink.fmt is not Format.TEXT:
+    if sink.fmt is not Format.TEXT and not sink.done:
         text = error_document(message, sink.fmt, options, command)
         try:
             sink.emit(text)

@@ -459,3 +459,17 @@ def test_api_save_plot_refuses_an_input(work: Path) -> None:
     with pytest.raises(OptionError, match="refusing to overwrite an input file"):
         result.save_plot(_spelled(work, "model.svg", "symlink"))
     assert (work / "model.svg").read_bytes() == before
+
+
+def test_a_plot_error_after_the_report_adds_no_second_document(
+        work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import rnndiag.plot
+
+    def broken(*args: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rnndiag.plot, "save_plot", broken)
+    assert main(["check", "model.safetensors", "--format", "json", "--plot", "p.png"]) == 2
+    out, err = capsys.readouterr()
+    assert _validate(out)["files"][0]["verdict"] == "vanishing"  # one document: the report
+    assert "No space left on device" in err
