@@ -87,10 +87,10 @@ def diagnose_files(paths: Iterable[Path], options: CheckOptions,
         own = config.for_path(options, path)
         validate(own)
         if own.batch_path and own.batch_path not in batches:
-            batches[own.batch_path] = load_batch(Path(own.batch_path))
+            batches[own.batch_path] = load_batch(Path(own.batch_path), own.max_memory)
         batch = batches.get(own.batch_path) if own.batch_path else None
         found = diagnose_file(path, _work(own, batch, progress), own.debug,
-                              state_key=own.state_key)
+                              state_key=own.state_key, limit=own.max_memory)
         out.append(replace(found, ignores=own.ignores) if own.ignores else found)
     return out
 
@@ -109,14 +109,15 @@ def _work(options: CheckOptions, batch: BatchFile | None,
 
 
 def diagnose_file(path: Path, work: Callable[[RawFile], FileDiagnosis],
-                  debug: bool = False, *, state_key: str | None = None) -> FileDiagnosis:
+                  debug: bool = False, *, state_key: str | None = None,
+                  limit: int | None = None) -> FileDiagnosis:
     """`work` on the file's contents (the entry `state_key` names, when given); a skipped or
     unusable file becomes its own record."""
     def failed(fmt: str, status: FileStatus, error: str | None,
                notes: tuple[str, ...]) -> FileDiagnosis:
         return FileDiagnosis(str(path), fmt, status, notes=notes, error=error)
 
-    return guarded(path, work, failed, debug, state_key=state_key)
+    return guarded(path, work, failed, debug, state_key=state_key, limit=limit)
 
 
 def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | None,
@@ -184,7 +185,8 @@ def checkpoint_modules(ckpt: Checkpoint, nonlinearity: str | None,
                        embeddings: tuple[tuple[str, str], ...] = ()) -> list[ModuleSpec]:
     """The recurrent modules of a loaded checkpoint (the discovery chain of every mode)."""
     return find_modules({k: tuple(t.shape) for k, t in ckpt.tensors.items()}, ckpt.metadata,
-                        nonlinearity, dict(embeddings))
+                        nonlinearity, dict(embeddings),
+                        {k: str(t.dtype).removeprefix("torch.") for k, t in ckpt.tensors.items()})
 
 
 def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
