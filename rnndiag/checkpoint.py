@@ -92,11 +92,21 @@ def checkpoint_of(raw: RawFile) -> Checkpoint:
             tensor = tensor.float()
         tensors[key] = tensor
     notes = list(raw.notes)
+    beyond = [f"{key} (|x| up to {float(t.abs().max()):.3g})" for key, t in tensors.items()
+              if t.dtype == torch.float64 and t.numel() and _beyond_float32(t)]
+    if beyond:
+        notes.append(f"float64 values beyond float32's range in {_few(beyond)}: they become "
+                     "inf at --dtype float32 (the default); use --dtype float64")
     if upcast:
         more = f" and {len(upcast) - 3} more" if len(upcast) > 3 else ""
         notes.append(f"upcast to float32: {', '.join(upcast[:3])}{more}")
     return Checkpoint(str(raw.path), raw.format, tensors, raw.metadata, tuple(notes),
                       raw.training)
+
+
+def _beyond_float32(t: Tensor) -> bool:
+    finite = t[torch.isfinite(t)]
+    return bool(finite.numel()) and float(finite.abs().max()) > torch.finfo(torch.float32).max
 
 
 def torch_tensors(path: Path, *, state_key: str | None = None,

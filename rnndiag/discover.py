@@ -22,6 +22,9 @@ from rnndiag.errors import ArchitectureError
 from rnndiag.records import ModuleSpec, NonFiniteTensor
 
 Shape = tuple[int, ...]
+# Recurrent modules in one file: `check` replays each (a few ms apiece for tiny cells), so
+# 10,000 cells would take minutes; refused by inspect and check alike
+MAX_MODULES = 1_000
 META_NONLINEARITY = "rnndiag.nonlinearity"  # safetensors __metadata__ key; may end in .<module>
 
 
@@ -254,6 +257,10 @@ def find_modules(shapes: Mapping[str, Shape], metadata: Mapping[str, str],
     (name -> "float32", "complex64", ...) is given, and a plain RNN's nonlinearity (option >
     metadata > tanh)."""
     specs = discover(shapes)
+    if len(specs) > MAX_MODULES:
+        raise ArchitectureError(f"holds {len(specs):,} recurrent modules, more than the "
+                                f"{MAX_MODULES:,} rnndiag diagnoses in one file (each is "
+                                "replayed on its own)")
     if dtypes is not None:
         check_weight_dtypes(specs, dtypes)
     if embeddings:
