@@ -3,8 +3,8 @@ length N, N bytes of JSON header, then the data buffer).
 
 Everything is checked before any tensor is touched, as the `safetensors` library checks it
 (so a file rnndiag accepts is one that library loads): header length bounded by the file size
-and `MAX_HEADER`, UTF-8 JSON (nested no deeper than Python's recursion limit) that parses to an object
-without duplicate names, integers of at most `MAX_DIGITS` digits, names and metadata that are
+and `MAX_HEADER`, UTF-8 JSON (nested no deeper than Python's recursion limit) that parses to an
+object without duplicate names, integers of at most `MAX_DIGITS` digits, names and metadata that are
 valid Unicode, `__metadata__` absent, null or an object of strings, known dtypes, shapes of at
 most `MAX_DIMS` non-negative dimensions whose product fits in 63 bits, offsets whose size
 matches the shape, and tensors that tile the data buffer exactly (no overlap, no gap, no bytes
@@ -16,6 +16,7 @@ truncated while it is read is an error naming it, where a map would fault (SIGBU
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -230,7 +231,7 @@ def read_native(header: Header, name: str) -> np.ndarray:
     return read_arrays(header, {name: name})[name]
 
 
-def _read_one(header: Header, f: BinaryIO, name: str) -> np.ndarray:
+def _read_one(header: Header, f: io.BufferedReader, name: str) -> np.ndarray:
     t = header.tensors[name]
     if t.dtype not in NUMPY and t.dtype not in FLOAT8:
         raise CheckpointError(f"{header.path}: tensor {name!r} has dtype "
@@ -241,7 +242,7 @@ def _read_one(header: Header, f: BinaryIO, name: str) -> np.ndarray:
         return np.zeros(t.shape, dtype=np.float32 if t.dtype in WIDENED else stored)
     data = np.empty(count, dtype=stored)
     f.seek(header.data_start + t.begin)
-    if f.readinto(memoryview(data).cast("B")) != t.end - t.begin:
+    if f.readinto(data.data.cast("B")) != t.end - t.begin:
         raise CheckpointError(f"{header.path}: the file was truncated or changed while it was "
                               f"read (tensor {name!r})")
     if t.dtype == "BF16":  # bfloat16 is the upper half of a float32

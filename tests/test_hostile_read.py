@@ -109,7 +109,8 @@ def _self_containing() -> dict[str, Any]:
 
 def _stride0(hidden: int) -> dict[str, torch.Tensor]:
     one = torch.zeros(1)
-    return {"rnn.weight_ih_l0": one.expand(hidden, 2), "rnn.weight_hh_l0": one.expand(hidden, hidden),
+    return {"rnn.weight_ih_l0": one.expand(hidden, 2),
+            "rnn.weight_hh_l0": one.expand(hidden, hidden),
             "rnn.bias_ih_l0": one.expand(hidden), "rnn.bias_hh_l0": one.expand(hidden)}
 
 
