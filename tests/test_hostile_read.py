@@ -88,6 +88,18 @@ def _bomb(path: Path) -> None:
     _torch_zip(path, pkl, bytes(4 * count))
 
 
+def _npz_bomb(path: Path) -> None:
+    """An .npz whose one member inflates to 256 MiB of float32 zeros from about 256 KB."""
+    count = 64 * 2**20
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, \
+            archive.open("w.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(
+            member, {"descr": "<f4", "fortran_order": False, "shape": (count,)})
+        chunk = bytes(2**20)
+        for _ in range(4 * count // len(chunk)):
+            member.write(chunk)
+
+
 def _nested(depth: int) -> bytes:
     """A protocol-2 pickle of {"a": {"a": ... {} ...}} nested `depth` deep, without recursion."""
     key = b"X\x01\x00\x00\x00a"
@@ -150,6 +162,7 @@ CORPUS: dict[str, Case] = {
     "stride0-expanded-pt": ("a.pt", _pt(_stride0(20_000)), ["--max-memory", "1G"],
                             "limit on what reading may allocate"),
     "zip-bomb-pt": ("a.pt", _bomb, ["--max-memory", "100M"], "decompress to about"),
+    "zip-bomb-npz": ("a.npz", _npz_bomb, ["--max-memory", "100M"], "decompress to about"),
     "shared-dicts-8^12-pt": ("a.pt", _pt(_shared(12, 8)), [], "entries"),
     "dev-zero-link-pt": ("a.pt", _link("/dev/zero"), [], "character device"),
     # item 8: hangs
@@ -213,7 +226,7 @@ signal.signal(signal.SIGALRM, alarm)
 results = []
 for argv in json.loads(sys.argv[2]):
     out, err = io.StringIO(), io.StringIO()
-    signal.alarm(60)
+    signal.alarm(30)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)
@@ -228,7 +241,7 @@ print(json.dumps(results))
 
 # Refused by check, read by inspect: the bomb is within inspect's default limit (inspect has no
 # --max-memory) and an empty embedding matters only to a replay
-CHECK_ONLY = ("zip-bomb-pt", "zero-row-embedding")
+CHECK_ONLY = ("zip-bomb-pt", "zip-bomb-npz", "zero-row-embedding")
 
 
 def _runs(hostile: Path, good: Path, extra: list[str]) -> list[list[str]]:
@@ -260,7 +273,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str,
     stdin_r, stdin_w = os.pipe()  # kept open: a reader of /proc/self/fd/0 would wait forever
     try:
         proc = subprocess.run([sys.executable, "-c", RUNNER, str(MEMORY), json.dumps(argvs)],
-                              stdin=stdin_r, capture_output=True, text=True, timeout=900,
+                              stdin=stdin_r, capture_output=True, text=True, timeout=600,
                               cwd=ROOT, check=False)
     finally:
         os.close(stdin_r)
@@ -412,3 +425,39 @@ def test_float64_beyond_float32_is_said_and_inspect_stays_finite(
     assert err == ""  # no overflow warning from squaring 1e200
     [layer] = json.loads(out)["files"][0]["modules"][0]["layers"]
     assert layer["sigma_max_hh"] == pytest.approx(1e200)
+
+
+def test_nonfinite_inputs_are_refused_in_model_mode_too(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sample_models.user_models import Decoder
+
+    monkeypatch.chdir(ROOT)
+    path, batch = tmp_path / "d.safetensors", tmp_path / "b.safetensors"
+    save_file({k: v.contiguous() for k, v in Decoder().state_dict().items()}, path)
+    x = torch.randn(4, 6, 2)
+    x[1, 2, 0] = float("nan")
+    save_file({"inputs.0": x, "targets": torch.randn(4)}, batch)
+    code = main(["check", str(path), "--batch", str(batch), "--model",
+                 "sample_models.user_models:Decoder", "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1
+    assert "'inputs.0' holds 1 NaN and 0 infinite values (of 48)" in err
+    assert json.loads(out)["exit_code"] == 2
+
+
+def test_complex_weights_are_refused_in_model_mode(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from sample_models.user_models import Decoder
+
+    monkeypatch.chdir(ROOT)
+    path, batch = tmp_path / "d.safetensors", tmp_path / "b.safetensors"
+    save_file({k: v.to(torch.complex64).contiguous()
+               for k, v in Decoder().state_dict().items()}, path)
+    save_file({"inputs": torch.randn(4, 6, 2), "targets": torch.randn(4)}, batch)
+    code = main(["check", str(path), "--batch", str(batch), "--model",
+                 "sample_models.user_models:Decoder"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "not floating-point weights" in err and "cell.weight_hh (complex64)" in err
