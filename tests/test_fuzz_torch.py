@@ -102,3 +102,32 @@ def test_random_containers(tmp_path: Path, tree: dict[str, Any]) -> None:
     path = tmp_path / "m.pt"
     torch.save(tree, path)
     _assert_record(path)
+
+
+def _containers(obj: Any, out: list[Any]) -> list[Any]:
+    if isinstance(obj, dict | list):
+        out.append(obj)
+        for value in (obj.values() if isinstance(obj, dict) else obj):
+            _containers(value, out)
+    return out
+
+
+@settings(max_examples=100, deadline=2000, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(tree=st.dictionaries(st.text(max_size=4), _TREE, min_size=1, max_size=4),
+       links=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), min_size=1,
+                      max_size=4))
+def test_shared_and_cyclic_containers(tmp_path: Path, tree: dict[str, Any],
+                                      links: list[tuple[int, int]]) -> None:
+    """The same containers linked into each other (pickle memo references): sharing, and
+    cycles when a container is linked below itself."""
+    found = _containers(tree, [])
+    for i, j in links:
+        a, b = found[i % len(found)], found[j % len(found)]
+        if isinstance(a, dict):
+            a[f"link{i}"] = b
+        else:
+            a.append(b)
+    path = tmp_path / "m.pt"
+    torch.save(tree, path)
+    _assert_record(path)
