@@ -29,22 +29,43 @@ class BatchFile:
     tensors: dict[str, Tensor]
 
 
-def load_batch(path: Path) -> BatchFile:
-    """Read a batch file; it must hold an `inputs` tensor (or `inputs.<module>` tensors)."""
+def load_batch(path: Path, limit: int | None = None) -> BatchFile:
+    """Read a batch file (what reading allocates bounded by `limit`, `sources.read`); it must
+    hold an `inputs` tensor (or `inputs.<module>` tensors) of finite numbers."""
     try:
-        _, tensors, _ = read_tensors(path)
+        _, tensors, _ = read_tensors(path, limit)
     except CheckpointError as exc:
         raise BatchError(f"batch {exc}") from None
     if not any(k == "inputs" or k.startswith("inputs.") for k in tensors):
         found = ", ".join(sorted(tensors)[:8]) or "none"
         raise BatchError(f"batch {path}: no 'inputs' tensor (found: {found})")
+    check_finite_inputs(tensors, str(path))
     return BatchFile(str(path), tensors)
+
+
+def check_finite_inputs(tensors: Mapping[str, Tensor], where: str) -> None:
+    """Every floating-point `inputs`/`inputs.*` tensor is finite: a NaN or Inf in the data would
+    be reported as the model's exploding gradient, so it is refused here, named and counted."""
+    for name in sorted(tensors):
+        x = tensors[name]
+        if not (name == "inputs" or name.startswith("inputs.")) or not (
+                x.is_floating_point() or x.is_complex()):
+            continue
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            nan = int(torch.isnan(x).sum())
+            raise BatchError(f"batch {where}: {name!r} holds {nan} NaN and {bad - nan} infinite "
+                             f"values (of {x.numel()}); rnndiag diagnoses the model, not the "
+                             "data: clean or drop them")
 
 
 def synthetic_inputs(spec: ModuleSpec, batch_size: int, seq_len: int, seed: int,
                      vocab: int | None) -> Tensor:
     """x ~ N(0, 1), (B, T, input_size) float32; or token ids (B, T) when `vocab` is given."""
     gen = torch.Generator().manual_seed(seed)
+    if vocab is not None and vocab < 1:
+        raise BatchError(f"module '{spec.name or '<root>'}': its embedding {spec.embedding} has "
+                         "no rows, so there are no token ids to feed it")
     if vocab is not None:
         return torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
     return torch.randn(batch_size, seq_len, spec.input_size, generator=gen)

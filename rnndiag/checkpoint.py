@@ -45,6 +45,13 @@ __all__ = ["Checkpoint", "check_readable", "is_lfs_pointer", "load_checkpoint",
            "nonfinite_weights", "read_tensors", "sniff_format"]
 
 MIN_TORCH = (2, 6)  # torch.load(weights_only=True) is unsafe before 2.6 (CVE-2025-32434)
+# Bounds on what torch.load returned, checked before anything walks it: a pickle can share one
+# container under many keys (8 keys per level, 12 levels: 8**12 paths from a 2 KB pickle),
+# nest containers thousands deep, or hold a container inside itself
+MAX_NESTING = 32  # containers inside containers; Lightning checkpoints nest about 6 deep
+MAX_ENTRIES = 1_000_000  # entries reached by walking every path (shared containers repeat)
+UPCAST = ("float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+          "float8_e5m2fnuz")  # read as float32
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,11 @@ class Checkpoint:
     training: TrainingState | None = None  # a training checkpoint's optimizer kind and lr
 
 
-def read_tensors(path: Path) -> tuple[str, dict[str, Tensor], dict[str, str]]:
-    """Return (format, name -> torch tensor, safetensors metadata), wrapper prefixes removed."""
-    raw = read(path)
+def read_tensors(path: Path, limit: int | None = None,
+                 ) -> tuple[str, dict[str, Tensor], dict[str, str]]:
+    """Return (format, name -> torch tensor, safetensors metadata), wrapper prefixes removed;
+    `limit` bounds what reading allocates (`sources.read`)."""
+    raw = read(path, limit=limit)
     return raw.format, {k: _tensor(v) for k, v in raw.arrays.items()}, raw.metadata
 
 
@@ -74,20 +83,30 @@ def load_checkpoint(path: Path, *, state_key: str | None = None) -> Checkpoint:
 
 
 def checkpoint_of(raw: RawFile) -> Checkpoint:
-    """torch tensors from what `sources.read` gave; float16/bfloat16 upcast to float32."""
+    """torch tensors from what `sources.read` gave; 16- and 8-bit floats upcast to float32."""
     tensors, upcast = {}, []
     for key, x in raw.arrays.items():
         tensor = _tensor(x)
-        if raw.dtypes.get(key) in ("float16", "bfloat16"):
+        if raw.dtypes.get(key) in UPCAST:
             upcast.append(f"{key} ({raw.dtypes[key]})")
             tensor = tensor.float()
         tensors[key] = tensor
     notes = list(raw.notes)
+    beyond = [f"{key} (|x| up to {float(t.abs().max()):.3g})" for key, t in tensors.items()
+              if t.dtype == torch.float64 and t.numel() and _beyond_float32(t)]
+    if beyond:
+        notes.append(f"float64 values beyond float32's range in {_few(beyond)}: they become "
+                     "inf at --dtype float32 (the default); use --dtype float64")
     if upcast:
         more = f" and {len(upcast) - 3} more" if len(upcast) > 3 else ""
         notes.append(f"upcast to float32: {', '.join(upcast[:3])}{more}")
     return Checkpoint(str(raw.path), raw.format, tensors, raw.metadata, tuple(notes),
                       raw.training)
+
+
+def _beyond_float32(t: Tensor) -> bool:
+    finite = t[torch.isfinite(t)]
+    return bool(finite.numel()) and float(finite.abs().max()) > torch.finfo(torch.float32).max
 
 
 def torch_tensors(path: Path, *, state_key: str | None = None,
@@ -96,6 +115,7 @@ def torch_tensors(path: Path, *, state_key: str | None = None,
     state says), read with weights_only=True: the entry `state_key` names (dotted for
     nesting), else a training container's state dict (`CONTAINER_KEYS`), else every tensor."""
     obj = _torch_load(path)
+    check_structure(obj, path)
     found = training_state(obj)
     if isinstance(obj, Tensor):
         raise CheckpointError(f"{path}: holds a single tensor, not a state dict")
@@ -112,6 +132,43 @@ def torch_tensors(path: Path, *, state_key: str | None = None,
                   f"{'-' if found.lr is None else f'{found.lr:g}'} (used by the clip suggestion "
                   "unless --optimizer/--lr say otherwise)",)
     return tensors, notes, found
+
+
+def check_structure(obj: Any, path: Path) -> None:
+    """`obj` nests containers at most `MAX_NESTING` deep, reaches at most `MAX_ENTRIES`
+    entries over all its paths, and holds no container inside itself; iterative, so a deep
+    structure costs no recursion."""
+    stack = [iter(_children(obj))]
+    on_path = [id(obj)]
+    entries = 0
+    while stack:
+        child = next(stack[-1], _END)
+        if child is _END:
+            stack.pop()
+            on_path.pop()
+            continue
+        entries += 1
+        if entries > MAX_ENTRIES:
+            raise CheckpointError(f"{path}: its containers reach more than {MAX_ENTRIES:,} "
+                                  "entries (shared or repeated nested dicts/lists); refused")
+        if isinstance(child, Mapping | list | tuple):
+            if id(child) in on_path:
+                raise CheckpointError(f"{path}: a container in it contains itself; refused")
+            if len(stack) >= MAX_NESTING:
+                raise CheckpointError(f"{path}: containers nested deeper than {MAX_NESTING} "
+                                      "levels; refused")
+            stack.append(iter(_children(child)))
+            on_path.append(id(child))
+
+
+_END = object()
+
+
+def _children(obj: Any) -> list[Any]:
+    """A container's values, and its keys that are containers themselves (tuple keys)."""
+    if isinstance(obj, Mapping):
+        return [*(k for k in obj if isinstance(k, tuple)), *obj.values()]
+    return list(obj) if isinstance(obj, list | tuple) else []
 
 
 def _torch_load(path: Path) -> Any:

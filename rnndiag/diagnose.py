@@ -88,14 +88,15 @@ def _one_file(path: Path, own: CheckOptions, batches: dict[str, BatchFile | Batc
     if own.batch_path:
         if own.batch_path not in batches:  # read once; a batch that fails, fails once
             try:
-                batches[own.batch_path] = load_batch(Path(own.batch_path))
+                batches[own.batch_path] = load_batch(Path(own.batch_path), own.max_memory)
             except BatchError as exc:
                 batches[own.batch_path] = exc
         got = batches[own.batch_path]
         if isinstance(got, BatchError):
             raise got
         batch = got
-    return diagnose_file(path, _work(own, batch, progress), own.debug, state_key=own.state_key)
+    return diagnose_file(path, _work(own, batch, progress), own.debug, state_key=own.state_key,
+                         limit=own.max_memory)
 
 
 def _work(options: CheckOptions, batch: BatchFile | None,
@@ -112,14 +113,15 @@ def _work(options: CheckOptions, batch: BatchFile | None,
 
 
 def diagnose_file(path: Path, work: Callable[[RawFile], FileDiagnosis],
-                  debug: bool = False, *, state_key: str | None = None) -> FileDiagnosis:
+                  debug: bool = False, *, state_key: str | None = None,
+                  limit: int | None = None) -> FileDiagnosis:
     """`work` on the file's contents (the entry `state_key` names, when given); a skipped or
     unusable file becomes its own record."""
     def failed(fmt: str, status: FileStatus, error: str | None,
                notes: tuple[str, ...]) -> FileDiagnosis:
         return FileDiagnosis(str(path), fmt, status, notes=notes, error=error)
 
-    return guarded(path, work, failed, debug, state_key=state_key)
+    return guarded(path, work, failed, debug, state_key=state_key, limit=limit)
 
 
 def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | None,
@@ -225,7 +227,8 @@ def checkpoint_modules(ckpt: Checkpoint, nonlinearity: str | None,
                        embeddings: tuple[tuple[str, str], ...] = ()) -> list[ModuleSpec]:
     """The recurrent modules of a loaded checkpoint (the discovery chain of every mode)."""
     return find_modules({k: tuple(t.shape) for k, t in ckpt.tensors.items()}, ckpt.metadata,
-                        nonlinearity, dict(embeddings))
+                        nonlinearity, dict(embeddings),
+                        {k: str(t.dtype).removeprefix("torch.") for k, t in ckpt.tensors.items()})
 
 
 def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,

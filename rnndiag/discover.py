@@ -22,6 +22,9 @@ from rnndiag.errors import ArchitectureError
 from rnndiag.records import ModuleSpec, NonFiniteTensor
 
 Shape = tuple[int, ...]
+# Recurrent modules in one file: `check` replays each (a few ms apiece for tiny cells), so
+# 10,000 cells would take minutes; refused by inspect and check alike
+MAX_MODULES = 1_000
 META_NONLINEARITY = "rnndiag.nonlinearity"  # safetensors __metadata__ key; may end in .<module>
 
 
@@ -55,7 +58,8 @@ def discover(shapes: Mapping[str, Shape]) -> list[ModuleSpec]:
         if not stacked and not {("weight_ih", 0, False), ("weight_hh", 0, False)} <= found.keys():
             continue  # a lone `weight_ih` or `bias_hh` is not a cell
         specs.append(_spec(group))
-    specs = [attach_embedding(spec, shapes) for spec in specs]
+    index = _Embeddings.of(shapes)
+    specs = [attach_embedding(spec, shapes, index) for spec in specs]
     return sorted(specs, key=lambda s: s.name)
 
 
@@ -153,7 +157,30 @@ def _check_layer(g: _Group, layer: int, rev: bool, expected: Mapping[str, Shape]
                                 f"must come in pairs and exist in every layer, or in none)")
 
 
-def attach_embedding(spec: ModuleSpec, shapes: Mapping[str, Shape]) -> ModuleSpec:
+@dataclass(frozen=True)
+class _Embeddings:
+    """The file's embedding candidates by width, and the input widths of its convolutions,
+    found in one pass over the names (so discovery stays linear in the number of tensors)."""
+
+    by_width: dict[int, list[str]]
+    conv_widths: frozenset[int]
+
+    @classmethod
+    def of(cls, shapes: Mapping[str, Shape]) -> _Embeddings:
+        by_width: dict[int, list[str]] = defaultdict(list)
+        conv: set[int] = set()
+        for name, shape in shapes.items():
+            if not name.endswith("weight"):
+                continue
+            if len(shape) == 2 and "emb" in name.removesuffix("weight").lower():
+                by_width[shape[1]].append(name)
+            elif len(shape) >= 3:
+                conv.add(shape[1])
+        return cls({w: sorted(names) for w, names in by_width.items()}, frozenset(conv))
+
+
+def attach_embedding(spec: ModuleSpec, shapes: Mapping[str, Shape],
+                     index: _Embeddings | None = None) -> ModuleSpec:
     """Name the embedding matrix (V, input_size) that feeds the module token ids, only when
     the wiring is certain or an announced guess.
 
@@ -162,16 +189,15 @@ def attach_embedding(spec: ModuleSpec, shapes: Mapping[str, Shape]) -> ModuleSpe
     `enc.rnn`). A guess, said so: the file holds exactly one candidate, and no convolution
     reads its width (an embedding feeding a CNN front end is not the RNN's input). Anything
     else is refused and the candidates are listed: `--embedding MODULE=TENSOR` chooses.
+    `index` is `_Embeddings.of(shapes)`, computed once for many modules.
     """
-    candidates = sorted(
-        name for name, shape in shapes.items()
-        if name.endswith("weight") and len(shape) == 2 and shape[1] == spec.input_size
-        and "emb" in name.removesuffix("weight").lower())
+    index = index or _Embeddings.of(shapes)
+    candidates = index.by_width.get(spec.input_size, [])
     if not candidates:
         return spec
     parent = spec.name.rpartition(".")[0]
     siblings = [n for n in candidates if _parent_module(n) == parent]
-    if not _convolution_reads(spec.input_size, shapes):
+    if spec.input_size not in index.conv_widths:
         if len(siblings) == 1:
             return replace(spec, embedding=siblings[0], wiring="same-parent")
         if len(candidates) == 1:
@@ -182,12 +208,6 @@ def attach_embedding(spec: ModuleSpec, shapes: Mapping[str, Shape]) -> ModuleSpe
 def _parent_module(key: str) -> str:
     """`enc.embed.weight` -> `enc` (the module holding the embedding module)."""
     return key.removesuffix(".weight").rpartition(".")[0]
-
-
-def _convolution_reads(width: int, shapes: Mapping[str, Shape]) -> bool:
-    """Some convolution weight (out, in, k...) takes `width` input channels."""
-    return any(name.endswith("weight") and len(shape) >= 3 and shape[1] == width
-               for name, shape in shapes.items())
 
 
 def choose_embedding(spec: ModuleSpec, choices: Mapping[str, str],
@@ -231,11 +251,18 @@ def resolve_nonlinearity(spec: ModuleSpec, metadata: Mapping[str, str],
 
 def find_modules(shapes: Mapping[str, Shape], metadata: Mapping[str, str],
                  nonlinearity: str | None, embeddings: Mapping[str, str] | None = None,
-                 ) -> list[ModuleSpec]:
+                 dtypes: Mapping[str, str] | None = None) -> list[ModuleSpec]:
     """The discovery chain of every mode: modules from key names and shapes (each with the
-    embedding that feeds it, `--embedding` first), and a plain RNN's nonlinearity (option >
+    embedding that feeds it, `--embedding` first), their weights' dtypes checked when `dtypes`
+    (name -> "float32", "complex64", ...) is given, and a plain RNN's nonlinearity (option >
     metadata > tanh)."""
     specs = discover(shapes)
+    if len(specs) > MAX_MODULES:
+        raise ArchitectureError(f"holds {len(specs):,} recurrent modules, more than the "
+                                f"{MAX_MODULES:,} rnndiag diagnoses in one file (each is "
+                                "replayed on its own)")
+    if dtypes is not None:
+        check_weight_dtypes(specs, dtypes)
     if embeddings:
         known = {s.name or "<root>" for s in specs}
         unknown = sorted(set(embeddings) - known)
@@ -244,6 +271,20 @@ def find_modules(shapes: Mapping[str, Shape], metadata: Mapping[str, str],
                                     f"name (found: {', '.join(sorted(known))})")
         specs = [choose_embedding(s, embeddings, shapes) for s in specs]
     return [resolve_nonlinearity(spec, metadata, nonlinearity) for spec in specs]
+
+
+REAL_FLOATS = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn",
+                         "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
+
+
+def check_weight_dtypes(specs: Sequence[ModuleSpec], dtypes: Mapping[str, str]) -> None:
+    """Every parameter of a recurrent module (`name.local`) is a real floating-point tensor:
+    integer, boolean and complex weights are refused by name, by inspect and check alike."""
+    owners = {spec.name for spec in specs}
+    for key in sorted(dtypes):
+        head, dot, _ = key.rpartition(".")
+        if (head if dot else "") in owners and dtypes[key] not in REAL_FLOATS:
+            raise ArchitectureError(f"{key}: dtype {dtypes[key]} is not a floating-point weight")
 
 
 def mark_nonfinite(bad: Sequence[NonFiniteTensor], modules: Iterable[str], strict: bool,

@@ -11,8 +11,10 @@ a plain pickle, a single `.npy` array, ...).
 
 from __future__ import annotations
 
+import os
 import pickletools
 import re
+import stat
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -157,15 +159,39 @@ def one_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def check_readable(path: Path) -> None:
-    try:  # exists() raises too, for a name longer than NAME_MAX or a loop of links
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such file")
-        if path.is_dir():
-            raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-        with path.open("rb"):
-            pass
+    """The path names a regular file (after following links) that can be opened for reading.
+
+    A FIFO, a terminal, a socket or a device (`/dev/zero`, `/proc/self/fd/0`) would block or
+    never end, so they are refused by `stat` before anything opens them; the open itself is
+    non-blocking, and the opened file is checked again (it may have been swapped meanwhile)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from None
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror or one_line(exc)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(not_regular(path, st.st_mode))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror or one_line(exc)})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(not_regular(path, mode))
+
+
+def not_regular(path: Path, mode: int) -> str:
+    """The refusal of a path that is not a regular file, naming what it is."""
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    what = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"{path}: is {what}, not a regular file; rnndiag reads only regular files"
 
 
 def strip_wrappers(key: str) -> str:

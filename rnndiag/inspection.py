@@ -21,18 +21,20 @@ NO_RECURRENT = "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file
 
 Arrays = Mapping[str, np.ndarray]
 
+
 def inspect_file(path: Path, nonlinearity: str | None = None, debug: bool = False, *,
                  state_key: str | None = None) -> InspectDiagnosis:
     """The static facts of one file (of the entry `state_key` names, when given)."""
     def work(raw: RawFile) -> InspectDiagnosis:
         arrays = as_numpy(raw)
         specs = find_modules({name: a.shape for name, a in arrays.items()}, raw.metadata,
-                             nonlinearity)
+                             nonlinearity, dtypes=raw.dtypes)
         bad = mark_nonfinite(nonfinite(arrays), (s.name for s in specs), strict=False)
         if not specs:
             return InspectDiagnosis(str(path), raw.format, FileStatus.SKIPPED,
                                     nonfinite_weights=bad, notes=raw.notes + (NO_RECURRENT,))
-        modules = tuple(static_module(s, arrays) for s in specs)
+        owned = by_module(arrays)
+        modules = tuple(static_module(s, owned.get(s.name, {})) for s in specs)
         return InspectDiagnosis(str(path), raw.format, FileStatus.OK, modules, bad,
                                 notes=raw.notes)
 
@@ -43,9 +45,19 @@ def inspect_file(path: Path, nonlinearity: str | None = None, debug: bool = Fals
     return guarded(path, work, failed, debug, state_key=state_key)
 
 
-def static_module(spec: ModuleSpec, arrays: Arrays) -> StaticModule:
-    prefix = f"{spec.name}." if spec.name else ""
-    local = {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+def by_module(arrays: Arrays) -> dict[str, dict[str, np.ndarray]]:
+    """{module name: {local name: array}} for every `module.local` key ("" for top-level keys),
+    in one pass: looking each module's tensors up by prefix would be quadratic in a file of
+    many small modules."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, a in arrays.items():
+        head, _, local = key.rpartition(".")
+        out.setdefault(head, {})[local] = a
+    return out
+
+
+def static_module(spec: ModuleSpec, local: Arrays) -> StaticModule:
+    """The static facts of one module from its own tensors, by local name (`weight_hh_l0`)."""
     return StaticModule(spec, tuple(static.static_layer(spec, local, layer, direction)
                                     for layer in range(spec.num_layers)
                                     for direction in spec.directions))

@@ -43,6 +43,12 @@ def load_strict(model: nn.Module, tensors: Mapping[str, Tensor], path: str) -> N
     if problems:
         raise ArchitectureError(f"{path}: the state dict does not fit the model: "
                                 + "; ".join(problems) + _prefix_hint(unexpected, missing))
+    not_real = sorted(f"{name} ({str(tensors[name].dtype).removeprefix('torch.')})"
+                      for key, name in source.items()
+                      if own[key].is_floating_point() and not tensors[name].is_floating_point())
+    if not_real:  # complex would lose its imaginary part, integers their meaning, silently
+        raise ArchitectureError(f"{path}: not floating-point weights for the model's "
+                                f"floating-point parameters: {_few(not_real)}")
     state = {key: tensors[name].to(own[key].dtype) for key, name in source.items()}
     try:
         model.load_state_dict(state, strict=True)

@@ -30,8 +30,13 @@ def sigma_max(w_hh: ArrayLike | None) -> float:
         return math.nan
     # sigma_max^2 is the largest eigenvalue of the smaller Gram matrix (P x P for a (G*H, P)
     # W_hh): an eigh of P x P instead of an SVD of (G*H, P), same result to ~1e-12 relative.
+    # W is scaled to max |w| = 1 first: squaring weights of 1e200 would overflow float64.
+    scale = float(np.abs(w).max())
+    if scale == 0.0:
+        return 0.0
+    w = w / scale
     gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-    return math.sqrt(max(float(np.linalg.eigvalsh(gram)[-1]), 0.0))
+    return scale * math.sqrt(max(float(np.linalg.eigvalsh(gram)[-1]), 0.0))
 
 
 def static_layer(spec: ModuleSpec, arrays: Mapping[str, ArrayLike], layer: int,
