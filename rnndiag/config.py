@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rnndiag.errors import OptionError
-from rnndiag.files import one_line
+from rnndiag.errors import CheckpointError, OptionError
+from rnndiag.files import check_readable, one_line
 from rnndiag.records import CheckOptions, Ignore, Override
 
 # key -> (CheckOptions field, accepted python types)
@@ -71,11 +71,20 @@ def find(start: Path | None = None) -> Path | None:
     return None
 
 
+MAX_CONFIG_BYTES = 10 * 2**20  # a configuration file, at most
+
+
 def _read(path: Path) -> dict[str, Any]:
+    """The TOML document of a regular file (a FIFO named by --config would block the run)."""
     try:
+        check_readable(path)
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise OptionError(f"config {path}: larger than {MAX_CONFIG_BYTES} bytes")
         with path.open("rb") as f:
             return tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except CheckpointError as exc:
+        raise OptionError(f"config {exc}") from None
+    except (OSError, tomllib.TOMLDecodeError, RecursionError) as exc:  # nested 10,000 deep
         raise OptionError(f"config {path}: cannot read ({one_line(exc)})") from None
 
 

@@ -42,6 +42,7 @@ from rnndiag.files import (
     unwrap_names,
 )
 from rnndiag.records import FileStatus, NonFiniteTensor, TrainingState
+from rnndiag.resources import size_text as _size
 
 T = TypeVar("T")
 MAX_TENSORS = 100_000  # tensors (or .npz arrays) in one file; a 70B-parameter LLM has ~1,000
@@ -111,7 +112,7 @@ def _read_torch(path: Path, *, state_key: str | None = None, limit: int) -> RawF
     check_archive(path, limit)
     tensors, notes, training = torch_tensors(path, state_key=state_key)
     check_count(path, len(tensors))
-    check_budget(path, sum(_footprint(t.numel(), t.element_size(),
+    check_budget(path, sum(_footprint(t.numel(), t.elementresources.size_text(),
                                       t.is_floating_point() or t.is_complex())
                            for t in tensors.values()), limit)
     dtypes = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
@@ -158,8 +159,6 @@ def check_archive(path: Path, limit: int) -> None:
                               "(raise it with --max-memory)")
 
 
-def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def default_limit() -> int:

@@ -4,6 +4,7 @@ win; per-file overrides; ignored findings reported but never failing the gate.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import textwrap
 from pathlib import Path
@@ -150,3 +151,22 @@ def test_api_takes_the_same_config(project: Path) -> None:
     assert d.exit_code == 0 and d.files[0].batch is not None and d.files[0].batch.seq_len == 30
     assert rnndiag.check_files([VANISHING], config="gate.toml", seq_len=61,
                                thresholds=rnndiag.Thresholds()).exit_code == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "nested", "directory"])
+def test_a_hostile_config_file_is_one_line_and_exit_2(
+        kind: str, project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--config naming a FIFO (would block: nothing writes to it), TOML nested 100,000 deep
+    (tomllib recurses) or a folder: one error line, exit 2, still one JSON document."""
+    cfg = project / "gate.toml"
+    if kind == "fifo":
+        os.mkfifo(cfg)
+    elif kind == "nested":
+        cfg.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    else:
+        cfg.mkdir()
+    code, doc, err = _run([VANISHING, "--config", str(cfg)], capsys)
+    assert code == 2
+    assert doc["exit_code"] == 2 and doc["errors"], doc
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "gate.toml" in lines[0] and "Traceback" not in err, err
