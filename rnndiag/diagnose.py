@@ -22,7 +22,7 @@ from rnndiag.checkpoint import Checkpoint, checkpoint_of, nonfinite_weights
 from rnndiag.discover import find_modules, mark_nonfinite
 from rnndiag.errors import ArchitectureError, BatchError, OptionError, RnnDiagError
 from rnndiag.feeding import Fed
-from rnndiag.inspection import NO_RECURRENT
+from rnndiag.inspection import NO_RECURRENT, by_module
 from rnndiag.modelcheck import diagnose_live, file_model_inputs
 from rnndiag.records import (
     BatchInfo,
@@ -164,6 +164,7 @@ def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions
     if not fed:  # the batch fits no module of this file: it is the wrong batch
         raise next(iter(problems.values()))
     first = next(iter(fed.values())).inputs
+    own = by_module(ckpt.tensors)  # once: by prefix per module is quadratic in many modules
     done: dict[str, tuple[ModuleDiagnosis, float, int]] = {}
     outputs: dict[str, Tensor] = {}
     pending = list(specs)
@@ -179,8 +180,8 @@ def _replay_all(specs: list[ModuleSpec], ckpt: Checkpoint, options: CheckOptions
                 fed[spec.name] = got
             progress(f"replaying {spec.name or '<root>'} ({spec.kind.value})")
             with _out_of_memory(spec):
-                done[spec.name], outputs[spec.name] = _diagnose_module(spec, ckpt, options,
-                                                                       batch, fed[spec.name])
+                done[spec.name], outputs[spec.name] = _diagnose_module(
+                    spec, own.get(spec.name, {}), options, batch, fed[spec.name])
             pending.remove(spec)
     results = [done[s.name] for s in specs]
     notes = tuple(note for s in specs if (note := fed[s.name].note) is not None)
@@ -276,15 +277,14 @@ def _clip(square: float, options: CheckOptions, count: int, batch: int, explodin
                           exploding)
 
 
-def module_params(spec: ModuleSpec, tensors: Mapping[str, Tensor], dtype: torch.dtype,
+def module_params(spec: ModuleSpec, own: Mapping[str, Tensor], dtype: torch.dtype,
                   ) -> dict[str, Tensor]:
-    """The module's tensors under their local names (`weight_hh_l0`), cast to `dtype`."""
+    """The module's own tensors (`by_module(tensors)[spec.name]`, by local name such as
+    `weight_hh_l0`), cast to `dtype`."""
     prefix = f"{spec.name}." if spec.name else ""
     out = {}
-    for key, tensor in tensors.items():
-        local = key[len(prefix):] if key.startswith(prefix) else None
-        if local is None or "." in local:
-            continue
+    for local, tensor in own.items():
+        key = prefix + local
         if not tensor.is_floating_point():
             raise ArchitectureError(f"{key}: dtype {str(tensor.dtype).removeprefix('torch.')} "
                                "is not a floating-point weight")
@@ -292,7 +292,7 @@ def module_params(spec: ModuleSpec, tensors: Mapping[str, Tensor], dtype: torch.
     return out
 
 
-def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
+def _diagnose_module(spec: ModuleSpec, own: Mapping[str, Tensor], options: CheckOptions,
                      batch: BatchFile | None, fed: Fed,
                      ) -> tuple[tuple[ModuleDiagnosis, float, int], Tensor]:
     """Replay one module on its inputs; (diagnosis, ||its parameters||^2, parameter count),
@@ -301,7 +301,7 @@ def _diagnose_module(spec: ModuleSpec, ckpt: Checkpoint, options: CheckOptions,
     desc, inputs = fed.desc, fed.inputs
     _check_memory(spec, options, (inputs.shape[0], inputs.shape[1]))
     device = resources.resolve_device(options.device)
-    params = {k: v.to(device) for k, v in module_params(spec, ckpt.tensors, dtype).items()}
+    params = {k: v.to(device) for k, v in module_params(spec, own, dtype).items()}
     inputs = inputs.detach().to(device=device, dtype=dtype)
     batch_size, seq_len, _ = inputs.shape
     lengths = None if batch is None else file_lengths(batch, batch_size, seq_len)

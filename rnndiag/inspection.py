@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from rnndiag.sources import RawFile, as_numpy, guarded, nonfinite
 NO_RECURRENT = "no recurrent layer (nn.RNN/LSTM/GRU or their cells) in this file"
 
 Arrays = Mapping[str, np.ndarray]
+V = TypeVar("V")
 
 
 def inspect_file(path: Path, nonlinearity: str | None = None, debug: bool = False, *,
@@ -45,11 +47,11 @@ def inspect_file(path: Path, nonlinearity: str | None = None, debug: bool = Fals
     return guarded(path, work, failed, debug, state_key=state_key)
 
 
-def by_module(arrays: Arrays) -> dict[str, dict[str, np.ndarray]]:
+def by_module(arrays: Mapping[str, V]) -> dict[str, dict[str, V]]:
     """{module name: {local name: array}} for every `module.local` key ("" for top-level keys),
     in one pass: looking each module's tensors up by prefix would be quadratic in a file of
     many small modules."""
-    out: dict[str, dict[str, np.ndarray]] = {}
+    out: dict[str, dict[str, V]] = {}
     for key, a in arrays.items():
         head, _, local = key.rpartition(".")
         out.setdefault(head, {})[local] = a

@@ -112,7 +112,7 @@ def _read_torch(path: Path, *, state_key: str | None = None, limit: int) -> RawF
     check_archive(path, limit)
     tensors, notes, training = torch_tensors(path, state_key=state_key)
     check_count(path, len(tensors))
-    check_budget(path, sum(_footprint(t.numel(), t.elementresources.size_text(),
+    check_budget(path, sum(_footprint(t.numel(), t.element_size(),
                                       t.is_floating_point() or t.is_complex())
                            for t in tensors.values()), limit)
     dtypes = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items()}
