@@ -33,8 +33,9 @@ runs seeds S, S+1, ... instead of 0, 1, ... (other data streams, other IRNN init
 --seq-len and --batch change the task's T and the training batch B (the suggestion is then
 measured at that B); --models and --optimizers select rows. Rule variants, for exploration
 only: --rho R and --edge E recompute the suggestion from the reported N_b and caps as
-min(N_b, step_cap * R / 0.005, curvature_cap * E / 2) (E = 0: no curvature cap); with the
-defaults the library's own value is used unchanged. Any non-default option writes nothing
+min(N_b, step_cap * R / 0.005, curvature_cap * E / 2) (E = 0: no curvature cap; it stays
+absent where the rule does not apply it); with the defaults the library's own value is used
+unchanged. Any non-default option writes nothing
 unless --output is given.
 """
 

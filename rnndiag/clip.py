@@ -19,10 +19,15 @@ step of a gradient of norm N_b clipped to c moves lr * c along it; on the local 
 that step cannot raise the loss only while lr * c <= 2 * N_b / lambda' for the curvature
 lambda' <= lambda along the gradient, i.e. while the step's effective learning rate
 lr * c / N_b stays within the classical 2 / lambda. It is below N_b only when lr * lambda > 2,
-where unclipped SGD is unstable. Adam-family optimizers normalise the step themselves: neither
-cap applies, N_b is reported as the typical norm, and clipping well below it only slows
-training. Without a task loss (checkpoint mode) no norm and no curvature are measured: only the
-step cap, when the learning rate is known.
+where unclipped SGD is unstable. That is linear stability around a stationary point, so the
+curvature cap applies only near one: when G <= S / 2 (the per-example gradients disagree more
+than they agree; G ~ 0 at a minimum). When G > S / 2 the examples agree on a slope and training
+is in transit: in a model whose outputs explode, lambda is set by the explosion and falls by
+orders of magnitude as training repairs it (bench/validate_clip.py, fresh IRNN), so the start's
+lambda would hold training back; the step cap governs there. Adam-family optimizers normalise
+the step themselves: neither cap applies, N_b is reported as the typical norm, and clipping
+well below it only slows training. Without a task loss (checkpoint mode) no norm and no
+curvature are measured: only the step cap, when the learning rate is known.
 
 The spread of the norm at batch size b and the fraction of steps the suggestion clips come from
 simulated batches (`resampled_norms`) computed through the Gram matrix K_ij = <g_i, g_j>: the
@@ -42,6 +47,7 @@ from rnndiag.records import CheckOptions, ClipInput, ClipSuggestion, TrainingSta
 
 RHO = 0.005  # the cap: one SGD step moves the parameters by at most 0.5% of their norm
 EDGE = 2.0  # the curvature cap: effective learning rate * lambda <= 2, GD's stability edge
+COHERENT = 0.5  # G/S above this: the examples agree on a slope, training is in transit
 POWER_ITERATIONS = 30  # Hessian-vector products at most, for lambda (Lanczos)
 POWER_TOLERANCE = 1e-4  # relative change of the top Ritz value that stops the iteration
 ADAM_FAMILY = ("adam", "adamw", "nadam", "radam", "adamax", "adagrad", "rmsprop", "adadelta")
@@ -200,15 +206,17 @@ def suggest(gram: Tensor | None, inputs: Sequence[ClipInput], b: int, optimizer:
         return ClipSuggestion(cap, "step_cap" if cap is not None else "none", None, None, None,
                               cap, None, n, parameters, count, tuple(inputs),
                               _advice(None, optimizer, exploding, why, cap is not None))
-    nb, _, _ = expected_norm(gram, b)
-    bent = curvature_cap(nb, curvature, lr) if optimizer not in ADAM_FAMILY else None
+    nb, s, g = expected_norm(gram, b)
+    near = g <= COHERENT * s  # no coherent slope: near a stationary point, where lambda holds
+    bent = curvature_cap(nb, curvature, lr) if optimizer not in ADAM_FAMILY and near else None
     value, decided = min([(nb, "expected_norm")] + [(x, k) for x, k in (
         (cap, "step_cap"), (bent, "curvature_cap")) if x is not None], key=lambda t: t[0])
     norms = resampled_norms(gram, b)
     spread = tuple(float(torch.quantile(norms, q)) for q in (0.1, 0.5, 0.9))
     clipped = float((norms > value).double().mean())
+    coherence = ClipInput("coherence", g / s if s > 0 else 0.0, "measured")
     return ClipSuggestion(value, decided, nb, (spread[0], spread[1], spread[2]), clipped, cap,
-                          bent, n, parameters, count, tuple(inputs),
+                          bent, n, parameters, count, (*inputs, coherence),
                           _advice(decided, optimizer, exploding, None, cap is not None))
 
 

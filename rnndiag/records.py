@@ -272,7 +272,8 @@ class TrainingState:
 class ClipInput:
     """One input of the clip rule and where it came from."""
 
-    name: str  # "train_batch_size" | "optimizer" | "lr" | "param_norm" | "curvature"
+    name: str  # "train_batch_size" | "optimizer" | "lr" | "param_norm" | "curvature" |
+    #            "coherence" (G/S)
     value: str | float | int | None
     source: str  # "option" | "config" | "checkpoint" | "batch" | "measured" | "missing"
 
@@ -288,7 +289,8 @@ class ClipSuggestion:
     spread: tuple[float, float, float] | None  # p10, p50, p90 of that norm (resampled)
     fraction_clipped: float | None  # expected fraction of training steps clipped
     step_cap: float | None  # rho * ||theta|| / lr (SGD-family, learning rate known)
-    curvature_cap: float | None  # 2 N_b / (lambda lr) (SGD-family, lambda and lr known)
+    curvature_cap: float | None  # 2 N_b / (lambda lr) (SGD-family, lambda and lr known,
+    #                              near a stationary point: G <= S/2)
     examples: int  # per-example gradients measured
     parameters: str  # "model" (all model parameters that require grad) | "recurrent"
     parameter_count: int

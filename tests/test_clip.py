@@ -182,6 +182,22 @@ def test_curvature_cap_is_the_stability_edge() -> None:
     assert adam.curvature_cap is None and adam.suggested_max_norm == pytest.approx(10.0)
 
 
+def test_curvature_cap_only_near_a_stationary_point() -> None:
+    """Examples that agree on a slope (G/S > 1/2: training in transit) get no curvature cap;
+    G is measured (coherence = G/S reported)."""
+    one = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    agree = torch.stack([one, one * 1.1, one * 0.9, one])  # G/S ~ 0.99
+    transit = clip.suggest(agree @ agree.T, (), 1, "sgd", 0.01, 1e4, "model", 1, False,
+                           curvature=1e3)
+    assert transit.curvature_cap is None and transit.decided_by == "expected_norm"
+    coherence = {i.name: i.value for i in transit.inputs}["coherence"]
+    assert isinstance(coherence, float) and coherence > 0.9
+    near = clip.suggest(torch.eye(4, dtype=torch.float64), (), 1, "sgd", 0.01, 1e4, "model",
+                        1, False, curvature=1e3)  # orthogonal examples: G = 0
+    assert near.decided_by == "curvature_cap"
+    assert {i.name: i.value for i in near.inputs}["coherence"] == 0.0
+
+
 def test_model_mode_reports_the_curvature_it_measured() -> None:
     torch.manual_seed(0)
     model = Regressor().double()
