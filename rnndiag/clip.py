@@ -217,7 +217,13 @@ def suggest(gram: Tensor | None, inputs: Sequence[ClipInput], b: int, optimizer:
     coherence = ClipInput("coherence", g / s if s > 0 else 0.0, "measured")
     return ClipSuggestion(value, decided, nb, (spread[0], spread[1], spread[2]), clipped, cap,
                           bent, n, parameters, count, (*inputs, coherence),
-                          _advice(decided, optimizer, exploding, None, cap is not None))
+                          _advice(decided, optimizer, exploding, None, cap is not None)
+                          + (_TRANSIT if curvature is not None and not near and
+                             optimizer not in ADAM_FAMILY else ""))
+
+
+_TRANSIT = (" The examples agree on a slope (coherence G/S > 0.5): training is in transit, "
+            "where the curvature changes along the way, so the curvature cap does not apply.")
 
 
 def _advice(decided: str | None, optimizer: str | None, exploding: bool, why: str | None,

@@ -190,6 +190,7 @@ def test_curvature_cap_only_near_a_stationary_point() -> None:
     transit = clip.suggest(agree @ agree.T, (), 1, "sgd", 0.01, 1e4, "model", 1, False,
                            curvature=1e3)
     assert transit.curvature_cap is None and transit.decided_by == "expected_norm"
+    assert "in transit" in transit.advice
     coherence = {i.name: i.value for i in transit.inputs}["coherence"]
     assert isinstance(coherence, float) and coherence > 0.9
     near = clip.suggest(torch.eye(4, dtype=torch.float64), (), 1, "sgd", 0.01, 1e4, "model",
