@@ -32,10 +32,10 @@ Out-of-sample checks (a rule must also pass on data it was not designed on): --s
 runs seeds S, S+1, ... instead of 0, 1, ... (other data streams, other IRNN initialisations);
 --seq-len and --batch change the task's T and the training batch B (the suggestion is then
 measured at that B); --models and --optimizers select rows. Rule variants, for exploration
-only: --rho R and --edge E recompute the suggestion from the reported N_b and caps as
-min(N_b, step_cap * R / 0.005, curvature_cap * E / 2) (E = 0: no curvature cap; it stays
-absent where the rule does not apply it); with the defaults the library's own value is used
-unchanged. Any non-default option writes nothing
+only: --rho R, --edge E and --gate X recompute the suggestion from the reported N_b, step cap,
+lambda and coherence G/S as min(N_b, step_cap * R / 0.005, E * N_b / (lambda * lr)), the last
+term only where G/S <= X (E = 0: no curvature cap; X = 1: no gate); without them the
+library's own value is used unchanged. Any non-default option writes nothing
 unless --output is given.
 """
 
@@ -83,6 +83,7 @@ class Grid:
     seed_base: int = 0  # seeds seed_base, seed_base + 1, ...
     rho: float | None = None  # None: the library's step cap; else recomputed with this rho
     edge: float | None = None  # None: the library's curvature cap; else recomputed (0: none)
+    gate: float | None = None  # None: the library's coherence gate; else recomputed (1: none)
 
     def seeds(self, model: str, seeds: int) -> int:
         return max(1, seeds - 1) if model in self.slow else seeds
@@ -124,6 +125,8 @@ class Suggestion:
     step_cap: float | None
     curvature_cap: float | None
     note: str  # why there is no value, else ""
+    curvature: float | None = None  # lambda, as reported in the inputs
+    coherence: float | None = None  # G/S, as reported in the inputs
 
 
 @dataclass(frozen=True)
@@ -179,25 +182,34 @@ def suggestion(job: Job) -> Suggestion:
     if clip is None:
         return Suggestion(None, "none", None, None, None, "no clip record")
     note = "" if clip.suggested_max_norm is not None else clip.advice
+    measured = {i.name: i.value for i in clip.inputs if isinstance(i.value, float)}
     found = Suggestion(clip.suggested_max_norm, clip.decided_by, clip.expected_norm,
-                       clip.step_cap, clip.curvature_cap, note)
-    return found if job.grid.rho is None and job.grid.edge is None else variant(found, job.grid)
+                       clip.step_cap, clip.curvature_cap, note, measured.get("curvature"),
+                       measured.get("coherence"))
+    grid = job.grid
+    return found if (grid.rho, grid.edge, grid.gate) == (None, None, None) else \
+        variant(found, grid, job.lr)
 
 
-def variant(s: Suggestion, grid: Grid) -> Suggestion:
-    """The suggestion recomputed with --rho / --edge from the reported N_b and caps."""
+def variant(s: Suggestion, grid: Grid, lr: float) -> Suggestion:
+    """The suggestion recomputed with --rho / --edge / --gate from the reported N_b, step cap,
+    curvature lambda and coherence G/S."""
     from rnndiag import clip
 
     cap = s.step_cap if grid.rho is None or s.step_cap is None else \
         s.step_cap * grid.rho / clip.RHO
-    bent = s.curvature_cap if grid.edge is None or s.curvature_cap is None else \
-        s.curvature_cap * grid.edge / clip.EDGE if grid.edge > 0 else None
+    edge = clip.EDGE if grid.edge is None else grid.edge
+    gate = clip.COHERENT if grid.gate is None else grid.gate
+    near = s.coherence is not None and s.coherence <= gate
+    bent = (edge * s.expected_norm / (s.curvature * lr) if near and edge > 0 and s.curvature
+            and s.curvature > 0 and s.expected_norm is not None and s.step_cap is not None
+            else None)
     terms = [(x, k) for x, k in ((s.expected_norm, "expected_norm"), (cap, "step_cap"),
                                  (bent, "curvature_cap")) if x is not None]
     if not terms:
         return s
     value, by = min(terms, key=lambda t: t[0])
-    return Suggestion(value, by, s.expected_norm, cap, bent, s.note)
+    return Suggestion(value, by, s.expected_norm, cap, bent, s.note, s.curvature, s.coherence)
 
 
 def bad(loss: float) -> bool:
@@ -369,9 +381,10 @@ def header(grid: Grid, argv: list[str], seconds: float, workers: int) -> list[st
     settings = "; ".join(f"{opt} lr {', '.join(_num(lr) for lr in lrs)} x {seeds} seeds"
                          for opt, lrs, seeds in grid.settings)
     settings += f" (seeds from {grid.seed_base})"
-    rule = "the library's rule" if grid.rho is None and grid.edge is None else (
-        f"a VARIANT recomputed from the reported terms: rho = {grid.rho or 0.005:g}, "
-        f"edge = {2.0 if grid.edge is None else grid.edge:g}")
+    rule = "the library's rule" if (grid.rho, grid.edge, grid.gate) == (None, None, None) \
+        else (f"a VARIANT recomputed from the reported terms: rho = {grid.rho or 0.005:g}, "
+              f"edge = {2.0 if grid.edge is None else grid.edge:g}, "
+              f"gate = {0.5 if grid.gate is None else grid.gate:g}")
     return ["# Clip-norm suggestion: validation by training", "",
             f"- command: `{' '.join(['.venv/bin/python', 'bench/validate_clip.py', *argv])}`",
             f"- torch {torch.__version__}, CPU, {workers} worker process(es) x 1 thread; "
@@ -404,7 +417,7 @@ def variant_grid(grid: Grid, args: argparse.Namespace) -> Grid:
     settings = tuple(s for s in grid.settings if s[0] in optimizers)
     return replace(grid, models=models, settings=settings, seed_base=args.seed_base,
                    seq_len=args.seq_len or grid.seq_len, batch=args.batch or grid.batch,
-                   rho=args.rho, edge=args.edge)
+                   rho=args.rho, edge=args.edge, gate=args.gate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rho", type=float, default=None, help="variant: step cap's rho")
     parser.add_argument("--edge", type=float, default=None,
                         help="variant: curvature cap's factor (0: none)")
+    parser.add_argument("--gate", type=float, default=None,
+                        help="variant: coherence G/S up to which the curvature cap applies "
+                        "(1: always)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     grid = variant_grid(QUICK if args.quick else FULL, args)

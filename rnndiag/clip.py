@@ -48,8 +48,8 @@ from rnndiag.records import CheckOptions, ClipInput, ClipSuggestion, TrainingSta
 RHO = 0.005  # the cap: one SGD step moves the parameters by at most 0.5% of their norm
 EDGE = 2.0  # the curvature cap: effective learning rate * lambda <= 2, GD's stability edge
 COHERENT = 0.5  # G/S above this: the examples agree on a slope, training is in transit
-POWER_ITERATIONS = 30  # Hessian-vector products at most, for lambda (Lanczos)
-POWER_TOLERANCE = 1e-4  # relative change of the top Ritz value that stops the iteration
+LANCZOS_STEPS = 30  # Hessian-vector products at most, for lambda (Lanczos)
+LANCZOS_TOLERANCE = 1e-4  # relative change of the top Ritz value that stops the iteration
 ADAM_FAMILY = ("adam", "adamw", "nadam", "radam", "adamax", "adagrad", "rmsprop", "adadelta")
 SGD_FAMILY = ("sgd",)
 OPTIMIZERS = SGD_FAMILY + ADAM_FAMILY
@@ -127,7 +127,7 @@ def top_curvature(loss_of: Callable[[], Tensor], params: Sequence[Tensor],
     Lanczos on Hessian-vector products (double backward through the model; three vectors
     kept, no reorthogonalisation, which spoils only interior Ritz values): the top Ritz value
     of the tridiagonal matrix, a lower bound that converges fast to the top eigenvalue, until
-    it changes by under POWER_TOLERANCE (at most POWER_ITERATIONS products). It bounds the
+    it changes by under LANCZOS_TOLERANCE (at most LANCZOS_STEPS products). It bounds the
     curvature along any direction, the gradient's included; <= 0: no direction curves up.
     0.0: the gradient does not depend on the parameters. cuDNN has no double backward for its
     RNN kernels: they are off while this runs.
@@ -167,7 +167,7 @@ def _lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tensor]) -> fl
     betas: list[float] = []
     previous: list[Tensor] = [torch.zeros_like(x) for x in v]
     top = -math.inf
-    for _ in range(POWER_ITERATIONS):
+    for _ in range(LANCZOS_STEPS):
         w = hvp(v)
         alpha = _dot(w, v)
         w = [a - alpha * b - (betas[-1] if betas else 0.0) * c
@@ -179,7 +179,7 @@ def _lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tensor]) -> fl
             tri += torch.diag(off, 1) + torch.diag(off, -1)
         ritz, last = float(torch.linalg.eigvalsh(tri)[-1]), top
         top = ritz
-        if not math.isfinite(ritz) or abs(ritz - last) <= POWER_TOLERANCE * abs(ritz):
+        if not math.isfinite(ritz) or abs(ritz - last) <= LANCZOS_TOLERANCE * abs(ritz):
             break
         beta = math.sqrt(_dot(w, w))
         if beta <= 1e-10 * max(abs(a) for a in alphas):  # an invariant subspace: exact
