@@ -27,6 +27,16 @@ best fixed threshold's (best: fewest divergences, then lowest final loss).
 Run: .venv/bin/python bench/validate_clip.py [--quick] [--workers N] [--output FILE]
 (the full grid writes bench/clip_validation.md; --quick, a smoke test of under a minute,
 writes nothing unless --output is given). Deterministic: one thread per worker, fixed seeds.
+
+Out-of-sample checks (a rule must also pass on data it was not designed on): --seed-base S
+runs seeds S, S+1, ... instead of 0, 1, ... (other data streams, other IRNN initialisations);
+--seq-len and --batch change the task's T and the training batch B (the suggestion is then
+measured at that B); --models and --optimizers select rows. Rule variants, for exploration
+only: --rho R, --edge E and --gate X recompute the suggestion from the reported N_b, step cap,
+lambda and coherence G/S as min(N_b, step_cap * R / 0.005, E * N_b / (lambda * lr)), the last
+term only where G/S <= X (E = 0: no curvature cap; X = 1: no gate); without them the
+library's own value is used unchanged. Any non-default option writes nothing
+unless --output is given.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,9 +80,16 @@ class Grid:
     slow: tuple[str, ...] = ()  # models run with one seed fewer (for time)
     batch: int = 32
     seq_len: int = 100
+    seed_base: int = 0  # seeds seed_base, seed_base + 1, ...
+    rho: float | None = None  # None: the library's step cap; else recomputed with this rho
+    edge: float | None = None  # None: the library's curvature cap; else recomputed (0: none)
+    gate: float | None = None  # None: the library's coherence gate; else recomputed (1: none)
 
     def seeds(self, model: str, seeds: int) -> int:
         return max(1, seeds - 1) if model in self.slow else seeds
+
+    def seed_range(self, model: str, seeds: int) -> range:
+        return range(self.seed_base, self.seed_base + self.seeds(model, seeds))
 
 
 FULL = Grid(("tanh", "lstm", "relu", "gru", "irnn"),
@@ -106,7 +123,10 @@ class Suggestion:
     decided_by: str
     expected_norm: float | None
     step_cap: float | None
+    curvature_cap: float | None
     note: str  # why there is no value, else ""
+    curvature: float | None = None  # lambda, as reported in the inputs
+    coherence: float | None = None  # G/S, as reported in the inputs
 
 
 @dataclass(frozen=True)
@@ -157,13 +177,39 @@ def suggestion(job: Job) -> Suggestion:
                                 train_batch_size=job.grid.batch, lr=job.lr,
                                 optimizer=job.optimizer)
     except rnndiag.RnnDiagError as err:
-        return Suggestion(None, "error", None, None, f"check_model raised: {err}")
+        return Suggestion(None, "error", None, None, None, f"check_model raised: {err}")
     clip = d.files[0].clip
     if clip is None:
-        return Suggestion(None, "none", None, None, "no clip record")
+        return Suggestion(None, "none", None, None, None, "no clip record")
     note = "" if clip.suggested_max_norm is not None else clip.advice
-    return Suggestion(clip.suggested_max_norm, clip.decided_by, clip.expected_norm,
-                      clip.step_cap, note)
+    measured = {i.name: i.value for i in clip.inputs if isinstance(i.value, float)}
+    found = Suggestion(clip.suggested_max_norm, clip.decided_by, clip.expected_norm,
+                       clip.step_cap, clip.curvature_cap, note, measured.get("curvature"),
+                       measured.get("coherence"))
+    grid = job.grid
+    return found if (grid.rho, grid.edge, grid.gate) == (None, None, None) else \
+        variant(found, grid, job.lr)
+
+
+def variant(s: Suggestion, grid: Grid, lr: float) -> Suggestion:
+    """The suggestion recomputed with --rho / --edge / --gate from the reported N_b, step cap,
+    curvature lambda and coherence G/S."""
+    from rnndiag import clip
+
+    cap = s.step_cap if grid.rho is None or s.step_cap is None else \
+        s.step_cap * grid.rho / clip.RHO
+    edge = clip.EDGE if grid.edge is None else grid.edge
+    gate = clip.COHERENT if grid.gate is None else grid.gate
+    near = s.coherence is not None and s.coherence <= gate
+    bent = (edge * s.expected_norm / (s.curvature * lr) if near and edge > 0 and s.curvature
+            and s.curvature > 0 and s.expected_norm is not None and s.step_cap is not None
+            else None)
+    terms = [(x, k) for x, k in ((s.expected_norm, "expected_norm"), (cap, "step_cap"),
+                                 (bent, "curvature_cap")) if x is not None]
+    if not terms:
+        return s
+    value, by = min(terms, key=lambda t: t[0])
+    return Suggestion(value, by, s.expected_norm, cap, bent, s.note, s.curvature, s.coherence)
 
 
 def bad(loss: float) -> bool:
@@ -220,7 +266,7 @@ def run_cell(job: Job) -> Cell:
 def jobs(grid: Grid) -> list[Job]:
     """Every cell, the slow GRU first so that the workers finish together."""
     out = [Job(opt, lr, model, seed, grid) for opt, lrs, seeds in grid.settings
-           for model in grid.models for lr in lrs for seed in range(grid.seeds(model, seeds))]
+           for model in grid.models for lr in lrs for seed in grid.seed_range(model, seeds)]
     return sorted(out, key=lambda j: j.model != "gru")
 
 
@@ -274,7 +320,7 @@ def _sug_text(sugs: list[Suggestion]) -> str:
     values = [s.value for s in sugs if s.value is not None]
     if not values:
         return "no suggestion"
-    tags = {"step_cap": "cap", "expected_norm": "N_b"}
+    tags = {"step_cap": "cap", "expected_norm": "N_b", "curvature_cap": "curv"}
     by = "/".join(sorted({tags.get(s.decided_by, s.decided_by) for s in sugs if s.value}))
     missing = f", none {len(sugs) - len(values)}/{len(sugs)}" if len(values) < len(sugs) else ""
     return f"c={_num(statistics.median(values))} {by}{missing}"
@@ -291,7 +337,8 @@ def row_cells(cells: list[Cell]) -> tuple[list[str], bool, list[str]]:
     result = [aggs[label].text() for label in labels[:-1]] + [ours, why]
     ours_runs = [dict(c.runs)["rnndiag"] for c in cells]
     details = [_med(s.expected_norm for s in sugs), _med(s.step_cap for s in sugs),
-               _med(s.value for s in sugs), ", ".join(sorted({s.decided_by for s in sugs})),
+               _med(s.curvature_cap for s in sugs), _med(s.value for s in sugs),
+               ", ".join(sorted({s.decided_by for s in sugs})),
                f"{statistics.median(r.clipped for r in ours_runs):.0%}",
                _med(r.median_norm for r in ours_runs),
                "; ".join(sorted({s.note for s in sugs if s.note}))[:160]]
@@ -314,8 +361,9 @@ def render(cells: list[Cell], grid: Grid, header: list[str]) -> tuple[str, int, 
                   "|---|---:|" + "---:|" * (len(thr) + 2) + "---|"]
         details = ["", f"Suggestion details ({opt}): medians over seeds; `clipped` is the "
                    "fraction of steps the suggestion clipped in training.", "",
-                   "| model | lr | N_b | cap | c | decided by | clipped | pre-clip norm | note |",
-                   "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+                   "| model | lr | N_b | step cap | curvature cap | c | decided by | clipped | "
+                   "pre-clip norm | note |",
+                   "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
         for model in grid.models:
             for lr in lrs:
                 row = sorted((c for c in cells if (c.job.optimizer, c.job.model, c.job.lr)
@@ -332,6 +380,11 @@ def render(cells: list[Cell], grid: Grid, header: list[str]) -> tuple[str, int, 
 def header(grid: Grid, argv: list[str], seconds: float, workers: int) -> list[str]:
     settings = "; ".join(f"{opt} lr {', '.join(_num(lr) for lr in lrs)} x {seeds} seeds"
                          for opt, lrs, seeds in grid.settings)
+    settings += f" (seeds from {grid.seed_base})"
+    rule = "the library's rule" if (grid.rho, grid.edge, grid.gate) == (None, None, None) \
+        else (f"a VARIANT recomputed from the reported terms: rho = {grid.rho or 0.005:g}, "
+              f"edge = {2.0 if grid.edge is None else grid.edge:g}, "
+              f"gate = {0.5 if grid.gate is None else grid.gate:g}")
     return ["# Clip-norm suggestion: validation by training", "",
             f"- command: `{' '.join(['.venv/bin/python', 'bench/validate_clip.py', *argv])}`",
             f"- torch {torch.__version__}, CPU, {workers} worker process(es) x 1 thread; "
@@ -343,7 +396,8 @@ def header(grid: Grid, argv: list[str], seconds: float, workers: int) -> list[st
             + (f"; {', '.join(grid.slow)}: one seed fewer (time)" if grid.slow else ""),
             "- rnndiag: `check_model(model, x, y, train_batch_size=B, lr=lr, optimizer=...)` on "
             "the first training batch; `c` is `files[0].clip.suggested_max_norm` (median over "
-            "seeds), decided by `N_b` (expected norm) or `cap` (rho·||θ||/lr)",
+            "seeds), decided by `N_b` (expected norm), `cap` (rho·||θ||/lr) or `curv` "
+            f"(2·N_b/(λ·lr)); {rule}",
             f"- cell: median final loss (mean training loss of the last {LAST} steps) over the "
             f"seeds that did not diverge; `div k/n`: k of n seeds diverged (loss NaN/Inf or "
             f"> {DIVERGED:.0e})",
@@ -352,16 +406,44 @@ def header(grid: Grid, argv: list[str], seconds: float, workers: int) -> list[st
             "(best: fewest divergences, then lowest loss)"]
 
 
+def variant_grid(grid: Grid, args: argparse.Namespace) -> Grid:
+    """The grid with the out-of-sample and variant options applied."""
+    models = tuple(args.models.split(",")) if args.models else grid.models
+    unknown = [m for m in models if m not in NAMES]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}")
+    optimizers = args.optimizers.split(",") if args.optimizers else [o for o, _, _ in
+                                                                      grid.settings]
+    settings = tuple(s for s in grid.settings if s[0] in optimizers)
+    return replace(grid, models=models, settings=settings, seed_base=args.seed_base,
+                   seq_len=args.seq_len or grid.seq_len, batch=args.batch or grid.batch,
+                   rho=args.rho, edge=args.edge, gate=args.gate)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny grid (smoke test)")
     parser.add_argument("--workers", type=int, default=min(2, multiprocessing.cpu_count()))
     parser.add_argument("--output", type=Path, default=None,
-                        help="default: bench/clip_validation.md (none with --quick)")
+                        help="default: bench/clip_validation.md (none with --quick or any "
+                        "option below)")
+    parser.add_argument("--seed-base", type=int, default=0, help="first seed (fresh: 100)")
+    parser.add_argument("--seq-len", type=int, default=None, help="the task's T (100)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch B (32)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of " +
+                        ",".join(FULL.models))
+    parser.add_argument("--optimizers", default=None, help="comma-separated: sgd,adam")
+    parser.add_argument("--rho", type=float, default=None, help="variant: step cap's rho")
+    parser.add_argument("--edge", type=float, default=None,
+                        help="variant: curvature cap's factor (0: none)")
+    parser.add_argument("--gate", type=float, default=None,
+                        help="variant: coherence G/S up to which the curvature cap applies "
+                        "(1: always)")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    grid = QUICK if args.quick else FULL
-    output = args.output or (None if args.quick else ROOT / "bench" / "clip_validation.md")
+    grid = variant_grid(QUICK if args.quick else FULL, args)
+    default = grid == FULL
+    output = args.output or (ROOT / "bench" / "clip_validation.md" if default else None)
     start = time.perf_counter()
     todo = jobs(grid)
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:

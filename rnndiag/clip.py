@@ -9,14 +9,25 @@ parameters that require grad), with S = mean ||g_i||^2 and F = ||mean g_i||^2:
 
 The suggestion, for SGD-family optimizers with learning rate lr and parameters theta:
 
-    c = min(N_b, rho * ||theta||_2 / lr),    rho = 0.005
+    c = min(N_b, rho * ||theta||_2 / lr, 2 * N_b / (lambda * lr)),    rho = 0.005
 
-N_b is Pascanu et al.'s "around the average norm", at the batch size training uses; the cap
-limits one SGD step to 0.5% of the parameter norm and takes over when the measured norms are
-meaningless (an exploding model). Adam-family optimizers normalise the step themselves: the
-cap does not apply, N_b is reported as the typical norm, and clipping well below it only slows
-training. Without a task loss (checkpoint mode) no norm is measured: only the cap, when the
-learning rate is known.
+N_b is Pascanu et al.'s "around the average norm", at the batch size training uses; the step
+cap limits one SGD step to 0.5% of the parameter norm and takes over when the measured norms
+are meaningless (an exploding model). The curvature cap is gradient descent's stability edge:
+lambda is the top eigenvalue of the task loss's Hessian on the batch (`top_curvature`), and a
+step of a gradient of norm N_b clipped to c moves lr * c along it; on the local quadratic model
+that step cannot raise the loss only while lr * c <= 2 * N_b / lambda' for the curvature
+lambda' <= lambda along the gradient, i.e. while the step's effective learning rate
+lr * c / N_b stays within the classical 2 / lambda. It is below N_b only when lr * lambda > 2,
+where unclipped SGD is unstable. That is linear stability around a stationary point, so the
+curvature cap applies only near one: when G <= S / 2 (the per-example gradients disagree more
+than they agree; G ~ 0 at a minimum). When G > S / 2 the examples agree on a slope and training
+is in transit: in a model whose outputs explode, lambda is set by the explosion and falls by
+orders of magnitude as training repairs it (bench/validate_clip.py, fresh IRNN), so the start's
+lambda would hold training back; the step cap governs there. Adam-family optimizers normalise
+the step themselves: neither cap applies, N_b is reported as the typical norm, and clipping
+well below it only slows training. Without a task loss (checkpoint mode) no norm and no
+curvature are measured: only the step cap, when the learning rate is known.
 
 The spread of the norm at batch size b and the fraction of steps the suggestion clips come from
 simulated batches (`resampled_norms`) computed through the Gram matrix K_ij = <g_i, g_j>: the
@@ -35,6 +46,10 @@ from torch import Tensor
 from rnndiag.records import CheckOptions, ClipInput, ClipSuggestion, TrainingState
 
 RHO = 0.005  # the cap: one SGD step moves the parameters by at most 0.5% of their norm
+EDGE = 2.0  # the curvature cap: effective learning rate * lambda <= 2, GD's stability edge
+COHERENT = 0.5  # G/S above this: the examples agree on a slope, training is in transit
+LANCZOS_STEPS = 30  # Hessian-vector products at most, for lambda (Lanczos)
+LANCZOS_TOLERANCE = 1e-4  # relative change of the top Ritz value that stops the iteration
 ADAM_FAMILY = ("adam", "adamw", "nadam", "radam", "adamax", "adagrad", "rmsprop", "adadelta")
 SGD_FAMILY = ("sgd",)
 OPTIMIZERS = SGD_FAMILY + ADAM_FAMILY
@@ -98,11 +113,89 @@ def step_cap(param_norm: float, lr: float | None) -> float | None:
     return None if lr is None or lr <= 0 else RHO * param_norm / lr
 
 
+def curvature_cap(nb: float | None, curvature: float | None, lr: float | None) -> float | None:
+    """2 N_b / (lambda lr): the clipped step's effective learning rate at the stability edge."""
+    if nb is None or curvature is None or curvature <= 0 or lr is None or lr <= 0:
+        return None
+    return EDGE * nb / (curvature * lr)
+
+
+def top_curvature(loss_of: Callable[[], Tensor], params: Sequence[Tensor],
+                  seed: int = 0) -> float:
+    """lambda: the largest eigenvalue of the Hessian of `loss_of()` in `params`.
+
+    Lanczos on Hessian-vector products (double backward through the model; three vectors
+    kept, no reorthogonalisation, which spoils only interior Ritz values): the top Ritz value
+    of the tridiagonal matrix, a lower bound that converges fast to the top eigenvalue, until
+    it changes by under LANCZOS_TOLERANCE (at most LANCZOS_STEPS products). It bounds the
+    curvature along any direction, the gradient's included; <= 0: no direction curves up.
+    0.0: the gradient does not depend on the parameters. cuDNN has no double backward for its
+    RNN kernels: they are off while this runs.
+    """
+    with torch.enable_grad(), torch.backends.cudnn.flags(enabled=False):
+        grads = torch.autograd.grad(loss_of(), list(params), create_graph=True,
+                                    allow_unused=True)
+        pairs = [(g, p) for g, p in zip(grads, params, strict=True)
+                 if g is not None and g.requires_grad]
+        if not pairs:
+            return 0.0
+
+        def hvp(v: list[Tensor]) -> list[Tensor]:
+            hv = torch.autograd.grad([g for g, _ in pairs], [p for _, p in pairs],
+                                     grad_outputs=v, retain_graph=True, allow_unused=True)
+            return [h.detach() if h is not None else torch.zeros_like(p)
+                    for h, (_, p) in zip(hv, pairs, strict=True)]
+
+        gen = torch.Generator().manual_seed(seed)
+        v = _unit([torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+                   for _, p in pairs])
+        return _lanczos(hvp, v)
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    return sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True))
+
+
+def _unit(v: list[Tensor]) -> list[Tensor]:
+    norm = math.sqrt(_dot(v, v))
+    return [x / norm for x in v]
+
+
+def _lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tensor]) -> float:
+    """The top Ritz value of Lanczos from the unit vector v (see `top_curvature`)."""
+    alphas: list[float] = []
+    betas: list[float] = []
+    previous: list[Tensor] = [torch.zeros_like(x) for x in v]
+    top = -math.inf
+    for _ in range(LANCZOS_STEPS):
+        w = hvp(v)
+        alpha = _dot(w, v)
+        w = [a - alpha * b - (betas[-1] if betas else 0.0) * c
+             for a, b, c in zip(w, v, previous, strict=True)]
+        alphas.append(alpha)
+        tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            tri += torch.diag(off, 1) + torch.diag(off, -1)
+        ritz, last = float(torch.linalg.eigvalsh(tri)[-1]), top
+        top = ritz
+        if not math.isfinite(ritz) or abs(ritz - last) <= LANCZOS_TOLERANCE * abs(ritz):
+            break
+        beta = math.sqrt(_dot(w, w))
+        if beta <= 1e-10 * max(abs(a) for a in alphas):  # an invariant subspace: exact
+            break
+        betas.append(beta)
+        previous, v = v, [x / beta for x in w]
+    return top
+
+
 def suggest(gram: Tensor | None, inputs: Sequence[ClipInput], b: int, optimizer: str | None,
             lr: float | None, param_norm: float, parameters: str, count: int,
-            exploding: bool, unavailable: str | None = None) -> ClipSuggestion:
+            exploding: bool, unavailable: str | None = None,
+            curvature: float | None = None) -> ClipSuggestion:
     """The suggestion and every number behind it (see the module docstring); `gram` None:
-    no per-example gradients (`unavailable` says why; default: no task loss)."""
+    no per-example gradients (`unavailable` says why; default: no task loss); `curvature`:
+    lambda of the task loss on the batch (None: not measured)."""
     cap = step_cap(param_norm, lr) if optimizer not in ADAM_FAMILY else None
     n = 0 if gram is None else gram.shape[0]
     if gram is None or n < 2 or not bool(torch.isfinite(gram).all()):
@@ -111,20 +204,30 @@ def suggest(gram: Tensor | None, inputs: Sequence[ClipInput], b: int, optimizer:
             "the per-example gradients are not finite" if n >= 2 else
             "fewer than two examples have a loss term")
         return ClipSuggestion(cap, "step_cap" if cap is not None else "none", None, None, None,
-                              cap, n, parameters, count, tuple(inputs),
-                              _advice(cap, None, optimizer, exploding, why))
-    nb, _, _ = expected_norm(gram, b)
+                              cap, None, n, parameters, count, tuple(inputs),
+                              _advice(None, optimizer, exploding, why, cap is not None))
+    nb, s, g = expected_norm(gram, b)
+    near = g <= COHERENT * s  # no coherent slope: near a stationary point, where lambda holds
+    bent = curvature_cap(nb, curvature, lr) if optimizer not in ADAM_FAMILY and near else None
+    value, decided = min([(nb, "expected_norm")] + [(x, k) for x, k in (
+        (cap, "step_cap"), (bent, "curvature_cap")) if x is not None], key=lambda t: t[0])
     norms = resampled_norms(gram, b)
     spread = tuple(float(torch.quantile(norms, q)) for q in (0.1, 0.5, 0.9))
-    value = nb if cap is None else min(nb, cap)
     clipped = float((norms > value).double().mean())
-    return ClipSuggestion(value, "step_cap" if cap is not None and cap < nb else "expected_norm",
-                          nb, (spread[0], spread[1], spread[2]), clipped, cap, n, parameters,
-                          count, tuple(inputs), _advice(cap, nb, optimizer, exploding, None))
+    coherence = ClipInput("coherence", g / s if s > 0 else 0.0, "measured")
+    return ClipSuggestion(value, decided, nb, (spread[0], spread[1], spread[2]), clipped, cap,
+                          bent, n, parameters, count, (*inputs, coherence),
+                          _advice(decided, optimizer, exploding, None, cap is not None)
+                          + (_TRANSIT if curvature is not None and not near and
+                             optimizer not in ADAM_FAMILY else ""))
 
 
-def _advice(cap: float | None, nb: float | None, optimizer: str | None, exploding: bool,
-            why: str | None) -> str:
+_TRANSIT = (" The examples agree on a slope (coherence G/S > 0.5): training is in transit, "
+            "where the curvature changes along the way, so the curvature cap does not apply.")
+
+
+def _advice(decided: str | None, optimizer: str | None, exploding: bool, why: str | None,
+            capped: bool) -> str:
     if optimizer in ADAM_FAMILY:
         text = (f"{optimizer} normalises its steps: clipping well below the typical norm only "
                 "slows training")
@@ -133,16 +236,22 @@ def _advice(cap: float | None, nb: float | None, optimizer: str | None, explodin
                      "lower the learning rate, or change the cell or its initialisation")
         return text + "."
     if why is not None:
-        if cap is not None:
+        if capped:
             return (f"No measured norm ({why}); the step cap rho*||theta||/lr limits an SGD "
                     "step to 0.5% of the parameter norm.")
         return (f"No suggestion: {why}; give the learning rate (--lr) for the step cap, "
                 "or --model with targets for a measured norm.")
     if optimizer is None:
         return ("The expected norm at the training batch size; give --optimizer and --lr for "
-                "the step cap that keeps plain SGD stable when the model explodes.")
-    return "Use as clip_grad_norm_(params, max_norm), Lightning gradient_clip_val or HF " \
+                "the caps that keep plain SGD stable when the model explodes.")
+    use = "Use as clip_grad_norm_(params, max_norm), Lightning gradient_clip_val or HF " \
         "max_grad_norm."
+    if decided == "curvature_cap":
+        use += (" The learning rate is past the stability edge 2/lambda of this loss's "
+                "curvature: the clip keeps steps at that edge")
+        use += (", but an exploding model barely moves under it: change the cell or its "
+                "initialisation." if exploding else "; a lower learning rate does the same.")
+    return use
 
 
 @dataclass(frozen=True)
@@ -176,12 +285,35 @@ def clip_inputs(options: CheckOptions, state: TrainingState | None, batch: int) 
                                      ClipInput("lr", lr, l_src)))
 
 
+def measured_curvature(loss_of: Callable[[], Tensor], params: Sequence[Tensor],
+                       options: CheckOptions, state: TrainingState | None,
+                       batch: int) -> float | None:
+    """lambda of the task loss (`top_curvature`) when the curvature cap can apply (not an
+    Adam-family optimizer, learning rate known), else None; NaN when it could not be measured
+    (an operation without a double backward, a non-finite loss)."""
+    chosen = clip_inputs(options, state, batch)
+    if chosen.optimizer in ADAM_FAMILY or chosen.lr is None:
+        return None
+    try:
+        value = top_curvature(loss_of, params)
+    except RuntimeError:  # e.g. a custom autograd Function without a double backward
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
 def recommend(gram: Tensor | None, options: CheckOptions, state: TrainingState | None,
               batch: int, param_norm: float, parameters: str, count: int, exploding: bool,
-              unavailable: str | None = None) -> ClipSuggestion:
+              unavailable: str | None = None,
+              curvature: float | None = None) -> ClipSuggestion:
     """`suggest` with the rule's inputs chosen from the options, the checkpoint's optimizer
-    state and the replayed batch (`clip_inputs`), the parameter norm reported as measured."""
+    state and the replayed batch (`clip_inputs`), the parameter norm (and the curvature, when
+    given: NaN when it could not be measured) reported as measured."""
     chosen = clip_inputs(options, state, batch)
-    return suggest(gram, (*chosen.inputs, ClipInput("param_norm", param_norm, "measured")),
-                   chosen.batch, chosen.optimizer, chosen.lr, param_norm, parameters, count,
-                   exploding, unavailable)
+    measured = [ClipInput("param_norm", param_norm, "measured")]
+    if curvature is not None:  # NaN: it applied but could not be measured
+        failed = math.isnan(curvature)
+        measured.append(ClipInput("curvature", None if failed else curvature,
+                                  "missing" if failed else "measured"))
+        curvature = None if failed else curvature
+    return suggest(gram, (*chosen.inputs, *measured), chosen.batch, chosen.optimizer,
+                   chosen.lr, param_norm, parameters, count, exploding, unavailable, curvature)

@@ -284,17 +284,20 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
     params = [p for p in model.parameters() if p.requires_grad]
     count = sum(p.numel() for p in params)
     norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
-    gram, unavailable = None, None
+    gram, unavailable, curvature = None, None, None
     if loss_def.fn is not None:
         n = clip.examples_for(slicing.batch, count)
         try:
             with _eval(model), eager():
                 gram = clip.per_example_gram(partial(_example_loss, model, loss_def, inputs,
                                                      slicing, options.ignore_index), params, n)
+                curvature = clip.measured_curvature(
+                    partial(_rows_loss, model, loss_def, inputs, slicing, torch.arange(n)),
+                    params, options, state, slicing.batch)
         except BatchError as exc:  # a model bound to its batch (a stateful self.hidden)
             unavailable = f"the model does not run on one example alone ({exc})"
     return clip.recommend(gram, options, state, slicing.batch, norm, "model", count, exploding,
-                          unavailable)
+                          unavailable, curvature)
 
 
 def _example_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,

@@ -272,7 +272,8 @@ class TrainingState:
 class ClipInput:
     """One input of the clip rule and where it came from."""
 
-    name: str  # "train_batch_size" | "optimizer" | "lr" | "param_norm"
+    name: str  # "train_batch_size" | "optimizer" | "lr" | "param_norm" | "curvature" |
+    #            "coherence" (G/S)
     value: str | float | int | None
     source: str  # "option" | "config" | "checkpoint" | "batch" | "measured" | "missing"
 
@@ -282,11 +283,14 @@ class ClipSuggestion:
     """See rnndiag.clip for the rule and the definitions."""
 
     suggested_max_norm: float | None  # None: nothing can be suggested (see `advice`)
-    decided_by: str  # "expected_norm" (N_b) | "step_cap" (rho*||theta||/lr) | "none"
+    decided_by: str  # "expected_norm" (N_b) | "step_cap" (rho*||theta||/lr) |
+    #                  "curvature_cap" (2 N_b/(lambda lr)) | "none"
     expected_norm: float | None  # N_b: expected pre-clip norm at the training batch size
     spread: tuple[float, float, float] | None  # p10, p50, p90 of that norm (resampled)
     fraction_clipped: float | None  # expected fraction of training steps clipped
     step_cap: float | None  # rho * ||theta|| / lr (SGD-family, learning rate known)
+    curvature_cap: float | None  # 2 N_b / (lambda lr) (SGD-family, lambda and lr known,
+    #                              near a stationary point: G <= S/2)
     examples: int  # per-example gradients measured
     parameters: str  # "model" (all model parameters that require grad) | "recurrent"
     parameter_count: int

@@ -126,7 +126,9 @@ def _clip(c: ClipSuggestion, loss: str) -> RenderableType:
     else:
         rule = {"expected_norm": "the expected pre-clip norm N_b at the training batch size",
                 "step_cap": "the step cap 0.005·‖θ‖/lr, below N_b" if c.expected_norm
-                else "the step cap 0.005·‖θ‖/lr"}.get(c.decided_by, c.decided_by)
+                else "the step cap 0.005·‖θ‖/lr",
+                "curvature_cap": "the curvature cap 2·N_b/(λ·lr), below N_b and the step cap",
+                }.get(c.decided_by, c.decided_by)
         head = Text.assemble((f"max_norm ≈ {fmt(c.suggested_max_norm)}", "bold"),
                              f" ({rule}; {which})")
     lines: list[RenderableType] = [head]

@@ -4,7 +4,7 @@ suggestion"); nothing here imports rnndiag."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,3 +19,11 @@ def expected_norm(per_example: Sequence[Sequence[Tensor]], b: int) -> float:
     f = float(torch.stack(flat).mean(0).pow(2).sum())
     g = max(0.0, (n * f - s) / (n - 1))
     return math.sqrt(g + (s - g) / b)
+
+
+def top_curvature(loss_of: Callable[[Tensor], Tensor], theta: Tensor) -> float:
+    """The largest eigenvalue of the dense Hessian of `loss_of` at the flat parameter
+    vector `theta` (torch.autograd.functional.hessian, then eigvalsh)."""
+    hessian = torch.autograd.functional.hessian(loss_of, theta.detach().double())
+    hessian = (hessian + hessian.T) / 2  # symmetric up to rounding
+    return float(torch.linalg.eigvalsh(hessian).max())

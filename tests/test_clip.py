@@ -110,3 +110,146 @@ def test_checkpoint_mode_reports_no_norm_from_the_objective(
     c = d.files[0].clip
     assert c is not None and c.decided_by == "step_cap" and c.suggested_max_norm is not None
     assert {i.name: i.source for i in c.inputs}["lr"] == "option"
+
+
+def _tiny(kind: str) -> nn.Module:
+    torch.manual_seed(3)
+    rnn = {"tanh": lambda: nn.RNN(2, 3, batch_first=True),
+           "relu": lambda: nn.RNN(2, 3, nonlinearity="relu", batch_first=True),
+           "lstm": lambda: nn.LSTM(2, 2, batch_first=True),
+           "gru": lambda: nn.GRU(2, 3, batch_first=True)}[kind]()
+
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = rnn
+            self.head = nn.Linear(rnn.hidden_size, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(x)
+            return self.head(out[:, -1]).squeeze(1)
+
+    return Tiny().double()
+
+
+@pytest.mark.parametrize("kind", ["tanh", "relu", "lstm", "gru"])
+def test_top_curvature_matches_the_dense_hessian(kind: str) -> None:
+    """Power iteration on Hessian-vector products through the model against the largest
+    |eigenvalue| of the dense Hessian (torch.autograd.functional.hessian)."""
+    model = _tiny(kind)
+    x, y = _data(6, seed=4)
+    x = x[:, :5]
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+
+    def flat_loss(theta: torch.Tensor) -> torch.Tensor:
+        shaped, at = {}, 0
+        for name, p in zip(names, params, strict=True):
+            shaped[name] = theta[at:at + p.numel()].view_as(p)
+            at += p.numel()
+        return F.mse_loss(torch.func.functional_call(model, shaped, (x,)), y)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    want = clip_oracle.top_curvature(flat_loss, theta)
+    got = clip.top_curvature(lambda: F.mse_loss(model(x), y), params)
+    assert got == pytest.approx(want, rel=1e-3), (got, want)
+
+
+def test_top_curvature_is_the_largest_eigenvalue_and_zero_for_linear() -> None:
+    """Closed form: loss = 0.5 θᵀAθ with eigenvalues -5, 1, 2 has lambda 2 (the most
+    negative one is larger in magnitude, and irrelevant to stability); a loss linear in θ
+    has none."""
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0),
+                                       dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor([-5.0, 1.0, 2.0], dtype=torch.float64)) @ q.T
+    assert clip.top_curvature(lambda: 0.5 * theta @ a @ theta, [theta]) == \
+        pytest.approx(2.0, rel=1e-9)
+    assert clip.top_curvature(lambda: (3.0 * theta).sum(), [theta]) == 0.0
+
+
+def test_curvature_cap_is_the_stability_edge() -> None:
+    """c = min(N_b, step cap, 2 N_b/(lambda lr)); the curvature cap only for SGD-family."""
+    gram = torch.eye(4, dtype=torch.float64) * 100.0  # N_1 = 10
+    sgd = clip.suggest(gram, (), 1, "sgd", 0.01, 1e4, "model", 1, False, curvature=1e3)
+    assert sgd.curvature_cap == pytest.approx(2 * 10.0 / (1e3 * 0.01))  # 2.0, below cap 5000
+    assert sgd.suggested_max_norm == pytest.approx(2.0) and sgd.decided_by == "curvature_cap"
+    assert "stability edge" in sgd.advice
+    # lr * lambda <= 2: unclipped SGD is stable on the quadratic model, the cap is above N_b
+    calm = clip.suggest(gram, (), 1, "sgd", 0.01, 1e4, "model", 1, False, curvature=100.0)
+    assert calm.curvature_cap == pytest.approx(20.0) and calm.decided_by == "expected_norm"
+    adam = clip.suggest(gram, (), 1, "adam", 0.01, 1e4, "model", 1, False, curvature=1e3)
+    assert adam.curvature_cap is None and adam.suggested_max_norm == pytest.approx(10.0)
+
+
+def test_curvature_cap_only_near_a_stationary_point() -> None:
+    """Examples that agree on a slope (G/S > 1/2: training in transit) get no curvature cap;
+    G is measured (coherence = G/S reported)."""
+    one = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    agree = torch.stack([one, one * 1.1, one * 0.9, one])  # G/S ~ 0.99
+    transit = clip.suggest(agree @ agree.T, (), 1, "sgd", 0.01, 1e4, "model", 1, False,
+                           curvature=1e3)
+    assert transit.curvature_cap is None and transit.decided_by == "expected_norm"
+    assert "in transit" in transit.advice
+    coherence = {i.name: i.value for i in transit.inputs}["coherence"]
+    assert isinstance(coherence, float) and coherence > 0.9
+    near = clip.suggest(torch.eye(4, dtype=torch.float64), (), 1, "sgd", 0.01, 1e4, "model",
+                        1, False, curvature=1e3)  # orthogonal examples: G = 0
+    assert near.decided_by == "curvature_cap"
+    assert {i.name: i.value for i in near.inputs}["coherence"] == 0.0
+
+
+def test_model_mode_reports_the_curvature_it_measured() -> None:
+    torch.manual_seed(0)
+    model = Regressor().double()
+    x, y = _data(16, seed=1)
+    c = rnndiag.check_model(model, x, y, lr=50.0, optimizer="sgd").files[0].clip
+    assert c is not None and c.curvature_cap is not None and c.expected_norm is not None
+    found = {i.name: (i.value, i.source) for i in c.inputs}
+    lam, source = found["curvature"]
+    assert source == "measured" and isinstance(lam, float)
+    assert lam == pytest.approx(clip.top_curvature(lambda: F.mse_loss(model(x), y),
+                                                   list(model.parameters())), rel=1e-6)
+    assert c.curvature_cap == pytest.approx(2 * c.expected_norm / (lam * 50.0))
+    assert c.suggested_max_norm == pytest.approx(min(c.expected_norm, c.step_cap or math.inf,
+                                                     c.curvature_cap))
+    adam = rnndiag.check_model(model, x, y, lr=0.1, optimizer="adam").files[0].clip
+    assert adam is not None and "curvature" not in {i.name for i in adam.inputs}
+
+
+class _NoSecond(torch.autograd.Function):
+    """g -> 2g whose own backward raises, as kernels without a double backward do (cuDNN's
+    RNN: "derivative for _cudnn_rnn_backward is not implemented")."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, g: torch.Tensor) -> torch.Tensor:
+        return 2 * g
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, gg: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("derivative for _no_second is not implemented")
+
+
+class _Once(torch.autograd.Function):
+    """x -> 2x with a backward that cannot itself be differentiated."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        return _NoSecond.apply(grad)  # type: ignore[no-any-return, no-untyped-call]
+
+
+def test_curvature_without_double_backward_is_reported_missing() -> None:
+    class Once(Regressor):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(x)
+            return self.head(_Once.apply(out[:, -1])).squeeze(1)  # type: ignore[no-untyped-call]
+
+    torch.manual_seed(0)
+    x, y = _data(8, seed=1)
+    c = rnndiag.check_model(Once().double(), x, y, lr=0.1, optimizer="sgd").files[0].clip
+    assert c is not None and c.curvature_cap is None and c.expected_norm is not None
+    assert {i.name: i.source for i in c.inputs}["curvature"] == "missing"
