@@ -185,6 +185,7 @@ class Chain:
         self._like: dict[str, tuple[Tensor, tuple[int, ...]]] = {}  # slot -> (empty, (B, W))
         self._buffers: dict[str, Tensor] = {}  # slot -> (T, B, W), while a pass is open
         self._written: dict[str, list[bool]] = {}
+        self.watched: dict[str, dict[int, Tensor]] = {}  # slot -> t -> the state itself
 
     def watch(self, slot: str, t: int, tensor: Tensor) -> None:
         self.steps = max(self.steps, t + 1)
@@ -192,6 +193,9 @@ class Chain:
             self._like[slot] = (tensor.new_empty(0), tuple(tensor.shape))
         if tensor.requires_grad:
             tensor.register_hook(partial(self._write, slot, t))
+            # kept for batched passes (`batched_sq`), which ask autograd for these states'
+            # gradients directly; the graph holds them (or what they are computed from) anyway
+            self.watched.setdefault(slot, {})[t] = tensor
 
     def _write(self, slot: str, t: int, grad: Tensor) -> None:
         buffer = self._buffers.get(slot)
@@ -245,6 +249,35 @@ class Capture:
         finally:
             found = tuple(c.close() for c in chains)
         return found
+
+
+def batched_sq(outputs: Sequence[Tensor], cotangents: Sequence[Tensor],
+               chains: Sequence[Chain]) -> list[Tensor]:
+    """K backward passes in one: sq[k] (T, B) float64 of every chain (rnndiag.credit.state_sq:
+    ||dL_k/dh_t[b]||^2 + ||dL_k/dc_t[b]||^2, steps past an example's length zero), L_k being
+    <cotangents[j][k], outputs[j]> summed over j; returns (K, T, B) per chain, in order.
+
+    One vmapped backward (`is_grads_batched`) over the retained graph asks autograd for the
+    watched states' total gradients directly (the same sums the hooks receive), so the
+    per-step work is dispatched once for the K passes instead of K times.
+    """
+    passes = cotangents[0].shape[0]
+    wanted = [(i, slot, t, x) for i, c in enumerate(chains)
+              for slot, by_t in c.watched.items() for t, x in by_t.items()]
+    grads = torch.autograd.grad(list(outputs), [x for *_, x in wanted], list(cotangents),
+                                retain_graph=True, allow_unused=True, is_grads_batched=True)
+    found = []
+    for c in chains:
+        like, shape = c._like["dh"]
+        found.append(torch.zeros(passes, c.steps, shape[0], dtype=torch.float64,
+                                 device=like.device))
+    for (i, _, t, _), g in zip(wanted, grads, strict=True):
+        if g is not None:  # (K, B, W): no path to L_k leaves the row zero
+            found[i][:, t] += g.detach().flatten(2).double().pow(2).sum(2)
+    for c, sq in zip(chains, found, strict=True):
+        if c.alive is not None:
+            sq.mul_(c.alive.to(sq.device))
+    return found
 
 
 def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
