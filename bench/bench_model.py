@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +98,51 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tagger: embedding "
           f"{VOCAB}x{WIDTH}, 2-layer bidirectional LSTM H={args.hidden}, head {LABELS}, "
           f"per-step cross-entropy; B={args.batch}")
-    print(f"{'T':>5} {'train s':>8} {'rnndiag s':>9} {'time x':>7}  load")
+    print(f"{'T':>5} {'train s':>8} {'rnndiag s':>9} {'time x':>7} {'load':>5}   of which "
+          "(one more run): credit passes, per-example gradients, the rest")
     with tempfile.TemporaryDirectory() as tmp:
         for steps in args.steps:
-            model, opt, tokens, targets, target = setup(args.batch, steps, args.hidden,
-                                                        Path(tmp))
-            base, ours = median_times([lambda: training_step(model, opt, tokens, targets),
-                                       lambda: diagnosis(target)], args.repeat)
-            flag = "ok" if ours / base <= GOAL else "over"
-            load = os.getloadavg()[0]
-            print(f"{steps:>5} {base:8.3f} {ours:9.3f} {ours / base:7.2f}  {load:4.1f} {flag}",
-                  flush=True)
+            _row(steps, args, Path(tmp))
+
+
+def _row(steps: int, args: argparse.Namespace, folder: Path) -> None:
+    model, opt, tokens, targets, target = setup(args.batch, steps, args.hidden, folder)
+    base, ours = median_times([lambda: training_step(model, opt, tokens, targets),
+                               lambda: diagnosis(target)], args.repeat)
+    flag = "ok" if ours / base <= GOAL else "over"
+    credit, examples, total = phases(target)
+    rest = total - credit - examples
+    print(f"{steps:>5} {base:8.3f} {ours:9.3f} {ours / base:7.2f} {os.getloadavg()[0]:5.1f}   "
+          f"{credit / base:.2f}x + {examples / base:.2f}x + {rest / base:.2f}x {flag}",
+          flush=True)
+
+
+def phases(target: tuple[Path, Any]) -> tuple[float, float, float]:
+    """Seconds spent in the credit passes, in the per-example gradients and in all, in one run."""
+    from rnndiag import clip, modelcheck
+
+    spent = {"credit_rows": 0.0, "per_example_gram": 0.0}
+    saved = getattr(modelcheck, "credit_rows"), clip.per_example_gram
+
+    def timed(name: str, fn: Any) -> Any:
+        def run(*a: Any, **k: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return run
+
+    setattr(modelcheck, "credit_rows", timed("credit_rows", saved[0]))  # noqa: B010
+    clip.per_example_gram = timed("per_example_gram", saved[1])
+    try:
+        start = time.perf_counter()
+        diagnosis(target)
+        total = time.perf_counter() - start
+    finally:
+        setattr(modelcheck, "credit_rows", saved[0])  # noqa: B010
+        clip.per_example_gram = saved[1]
+    return spent["credit_rows"], spent["per_example_gram"], total
 
 
 if __name__ == "__main__":
