@@ -122,7 +122,7 @@ def phases(target: tuple[Path, Any]) -> tuple[float, float, float]:
     from rnndiag import clip, modelcheck
 
     spent = {"credit_rows": 0.0, "per_example_gram": 0.0}
-    saved = getattr(modelcheck, "credit_rows"), clip.per_example_gram
+    saved = getattr(modelcheck, "credit_rows"), clip.per_example_gram  # noqa: B009
 
     def timed(name: str, fn: Any) -> Any:
         def run(*a: Any, **k: Any) -> Any:
