@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag.cells import LayerWeights, input_terms, unit
-from rnndiag.records import Direction, ModuleSpec
+from rnndiag.cells import LayerWeights, fused, input_terms, unit
+from rnndiag.records import CellType, Direction, ModuleSpec
 
 
 @dataclass(frozen=True)
@@ -285,15 +285,27 @@ def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
     return sum((h.pow(2).sum() for h in finals), finals[0].new_zeros(())) / (2 * batch)
 
 
+def fused_applies(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> bool:
+    """Whether `replay` takes the fused route by default: on a GPU (where a per-step Python
+    loop costs 10-30x a cuDNN step), for RNN and LSTM cells, without per-example lengths. On
+    the CPU the step-by-step replay is faster (the zero block costs full GEMM work there)."""
+    return (inputs.device.type == "cuda" and lengths is None
+            and spec.cell_type in (CellType.RNN, CellType.LSTM))
+
+
 def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
-           lengths: Tensor | None = None) -> ReplayResult:
+           lengths: Tensor | None = None, fused: bool | None = None) -> ReplayResult:
     """Run `spec` on `inputs` (B, T, I) with `params` (local names) and backpropagate the objective.
 
     With `lengths` (B,), example b runs on its first lengths[b] steps only (see `unroll`).
     Weights are used as given (no gradient is taken for them); the zero initial state of each
     layer and direction is the leaf that puts every state on the autograd graph, and the one
     backward pass runs to those leaves, firing the capture hooks on the way.
+
+    `fused` (default: `fused_applies`) takes the fused-kernel route (`replay_fused`) instead.
     """
+    if fused if fused is not None else fused_applies(spec, inputs, lengths):
+        return replay_fused(spec, params, inputs)
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
     capture = Capture()
@@ -306,3 +318,45 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     return ReplayResult(output.transpose(0, 1), run.h_n.detach(),
                         None if run.c_n is None else run.c_n.detach(), float(loss.item()),
                         found)
+
+
+def replay_fused(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
+                 ) -> ReplayResult:
+    """`replay` through the fused kernels, layer by layer (rnndiag.cells.fused): the same
+    adjoints, the recurrence never unrolled in Python. RNN and LSTM, equal lengths only."""
+    if spec.cell_type not in (CellType.RNN, CellType.LSTM):
+        raise ValueError(f"no fused route for {spec.cell_type}")
+    runs: list[tuple[int, Direction, Tensor, Tensor, Tensor, LayerWeights]] = []
+    layer_input = inputs
+    for layer in range(spec.num_layers):
+        seqs = []
+        for direction in spec.directions:
+            w = LayerWeights.of(spec, params, layer, direction)
+            x = layer_input if direction is Direction.FORWARD else layer_input.flip(1)
+            out, z = fused.augmented_run(spec.cell_type, spec.nonlinearity, x, w)
+            runs.append((layer, direction, x, out, z, w))
+            seqs.append(out if direction is Direction.FORWARD else out.flip(1))
+        layer_input = torch.cat(seqs, dim=2) if len(seqs) > 1 else seqs[0]
+    top = runs[-len(spec.directions):]
+    loss = objective([out[:, -1] for _, _, _, out, _, _ in top], inputs.shape[0])
+    grads = torch.autograd.grad(loss, [r[3] for r in runs] + [r[4] for r in runs],
+                                allow_unused=True)
+    found, c_n = [], []
+    for k, (layer, direction, x, out, _, w) in enumerate(runs):
+        g, dz = grads[k], grads[len(runs) + k]
+        dh = fused.state_adjoints(torch.zeros_like(out) if g is None else g,
+                                  torch.zeros_like(out) if dz is None else dz)
+        dc = None
+        if spec.cell_type is CellType.LSTM:
+            dc, c_last = fused.lstm_cell_adjoints(x.detach(), out.detach(), dh, w)
+            c_n.append(c_last)
+        found.append(StepAdjoints(layer, direction, _by_time(dh, direction),
+                                  None if dc is None else _by_time(dc, direction)))
+    h_n = torch.stack([out[:, -1].detach() for _, _, _, out, _, _ in runs])
+    return ReplayResult(layer_input.detach(), h_n, torch.stack(c_n) if c_n else None,
+                        float(loss.item()), tuple(found))
+
+
+def _by_time(v: Tensor, direction: Direction) -> Tensor:
+    """(B, T, W) in run order -> (T, B, W) by time index t."""
+    return (v if direction is Direction.FORWARD else v.flip(1)).transpose(0, 1).contiguous()

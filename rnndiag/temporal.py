@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag import credit
 from rnndiag.errors import BatchError
 from rnndiag.records import Direction
 from rnndiag.replay import Capture, Chain, DirectionStates, batched_sq

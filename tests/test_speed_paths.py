@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rnndiag import credit, temporal
 from rnndiag.losses import Loss, choose
-from rnndiag.replay import DirectionStates
+from rnndiag.replay import DirectionStates, fused_applies, replay
 from rnndiag.temporal import Scored, scored_sequences
-from rnndiag.usermodel import call_model, capture
+from rnndiag.usermodel import call_model, capture, spec_of
 from tests.realistic_models import PackedTagger
 
 
@@ -74,11 +74,11 @@ def test_batched_credit_passes_equal_one_by_one(packed: bool, budget: int,
         fast = temporal._passes(scored, wanted, states, rec.capture, roots)
         slow = _one_by_one(scored, wanted, states, rec.capture, roots)
     assert len(fast) == len(slow) == 3
-    for f, s in zip(fast, slow, strict=True):
-        assert f.keys() == s.keys()
+    for f, one in zip(fast, slow, strict=True):
+        assert f.keys() == one.keys()
         for i in f:
-            torch.testing.assert_close(f[i][0], s[i][0], rtol=1e-12, atol=1e-300)
-            assert (f[i][1] is None) == (s[i][1] is None)
+            torch.testing.assert_close(f[i][0], one[i][0], rtol=1e-12, atol=1e-300)
+            assert (f[i][1] is None) == (one[i][1] is None)
     nonzero = [float(f[i][0].sum()) for f in fast for i in f]
     assert all(v > 0 for v in nonzero)  # every pass reaches every layer: not vacuous
 
@@ -96,3 +96,66 @@ def test_group_size_respects_the_budget(monkeypatch: pytest.MonkeyPatch) -> None
         assert temporal._group_size(scored, chains) == 1
         monkeypatch.setattr(temporal, "BATCH_BYTES", 10**12)
         assert temporal._group_size(scored, chains) > 17
+
+
+# --- the fused-kernel route (rnndiag.replay.replay_fused), run here on the CPU -------------
+
+FUSED_CASES = [
+    ("rnn-tanh", nn.RNN, {}, None),
+    ("rnn-relu", nn.RNN, {"nonlinearity": "relu"}, "relu"),
+    ("lstm", nn.LSTM, {}, None),
+    ("lstm-bidir-3", nn.LSTM, {"bidirectional": True, "num_layers": 3}, None),
+    ("lstm-proj", nn.LSTM, {"proj_size": 3, "num_layers": 2}, None),
+    ("rnn-bidir-nobias", nn.RNN, {"bidirectional": True, "num_layers": 2, "bias": False},
+     None),
+]
+
+
+@pytest.mark.parametrize(("kind", "kwargs", "nonlinearity"),
+                         [c[1:] for c in FUSED_CASES], ids=[c[0] for c in FUSED_CASES])
+def test_fused_route_equals_the_step_replay(kind: Any, kwargs: dict[str, Any],
+                                            nonlinearity: str | None) -> None:
+    module = kind(4, 6, batch_first=True, **kwargs).double()
+    spec = spec_of("", module)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    x = torch.randn(3, 11, 4, dtype=torch.float64)
+    slow = replay(spec, params, x, fused=False)
+    fast = replay(spec, params, x, fused=True)
+    torch.testing.assert_close(fast.output, slow.output, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fast.h_n, slow.h_n, rtol=1e-12, atol=1e-14)
+    if slow.c_n is not None:
+        assert fast.c_n is not None
+        torch.testing.assert_close(fast.c_n, slow.c_n, rtol=1e-12, atol=1e-14)
+    assert fast.loss == pytest.approx(slow.loss, rel=1e-12)
+    for f, s in zip(fast.adjoints, slow.adjoints, strict=True):
+        assert (f.layer, f.direction) == (s.layer, s.direction)
+        torch.testing.assert_close(f.dh, s.dh, rtol=1e-10, atol=1e-14)
+        assert (f.dc is None) == (s.dc is None)
+        if f.dc is not None and s.dc is not None:
+            torch.testing.assert_close(f.dc, s.dc, rtol=1e-10, atol=1e-14)
+    assert all(float(a.dh.abs().sum()) > 0 for a in fast.adjoints)  # not vacuous
+
+
+def test_fused_route_is_the_default_on_cuda_only() -> None:
+    module = nn.LSTM(4, 6)
+    spec = spec_of("", module)
+    x = torch.randn(2, 5, 4)
+    assert not fused_applies(spec, x, None)
+    if torch.cuda.is_available():
+        assert fused_applies(spec, x.cuda(), None)
+        assert not fused_applies(spec, x.cuda(), torch.tensor([5, 3]))
+        assert not fused_applies(spec_of("", nn.GRU(4, 6)), x.cuda(), None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fused_route_on_cuda_matches_the_cpu_replay() -> None:
+    module = nn.LSTM(4, 6, num_layers=2, bidirectional=True, batch_first=True).double()
+    spec = spec_of("", module)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    x = torch.randn(3, 9, 4, dtype=torch.float64)
+    cpu = replay(spec, params, x)
+    gpu = replay(spec, {k: v.cuda() for k, v in params.items()}, x.cuda())
+    for a, b in zip(gpu.adjoints, cpu.adjoints, strict=True):
+        torch.testing.assert_close(a.dh.cpu(), b.dh, rtol=1e-9, atol=1e-12)
+        assert a.dc is not None and b.dc is not None
+        torch.testing.assert_close(a.dc.cpu(), b.dc, rtol=1e-9, atol=1e-12)
