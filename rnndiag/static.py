@@ -31,18 +31,20 @@ def sigma_max(w_hh: ArrayLike | None) -> float:
         return math.nan
     # sigma_max^2 is the largest eigenvalue of the smaller Gram matrix (P x P for a (G*H, P)
     # W_hh): an eigh of P x P instead of an SVD of (G*H, P), same result to ~1e-12 relative.
-    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-    return math.sqrt(max(_largest_eigenvalue(gram), 0.0))
+    return math.sqrt(max(_largest_gram_eigenvalue(w), 0.0))
 
 
-def _largest_eigenvalue(gram: np.ndarray) -> float:
-    """Through torch's LAPACK when torch is loaded already (every replay): numpy's threaded
-    OpenBLAS spin-waits against torch's threads on a busy machine (a 256 x 256 eigvalsh took
-    1.3 s instead of 3 ms on 2 shared cores); torch-free otherwise (`rnndiag inspect`)."""
+def _largest_gram_eigenvalue(w: np.ndarray) -> float:
+    """Through torch's BLAS and LAPACK when torch is loaded already (every replay): numpy's
+    threaded OpenBLAS spin-waits against torch's threads on a busy machine (a 256 x 256
+    eigvalsh took 1.3 s instead of 3 ms on 2 shared cores); torch-free otherwise (`inspect`)."""
     torch = sys.modules.get("torch")
     if torch is not None:
-        return float(torch.linalg.eigvalsh(torch.from_numpy(gram))[-1])
-    return float(np.linalg.eigvalsh(gram)[-1])
+        t = torch.from_numpy(w)
+        gram = t.T @ t if t.shape[0] >= t.shape[1] else t @ t.T
+        return float(torch.linalg.eigvalsh(gram)[-1])
+    gram_np = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+    return float(np.linalg.eigvalsh(gram_np)[-1])
 
 
 def static_layer(spec: ModuleSpec, arrays: Mapping[str, ArrayLike], layer: int,
