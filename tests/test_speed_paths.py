@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from rnndiag import credit, temporal
+from rnndiag import clip, credit, temporal
 from rnndiag.losses import Loss, choose
 from rnndiag.replay import DirectionStates, fused_applies, replay
 from rnndiag.temporal import Scored, scored_sequences
@@ -159,3 +159,29 @@ def test_fused_route_on_cuda_matches_the_cpu_replay() -> None:
         torch.testing.assert_close(a.dh.cpu(), b.dh, rtol=1e-9, atol=1e-12)
         assert a.dc is not None and b.dc is not None
         torch.testing.assert_close(a.dc.cpu(), b.dc, rtol=1e-9, atol=1e-12)
+
+
+# --- per-example gradients on one CPU thread (rnndiag.clip.per_example_gram) ---------------
+
+
+def test_per_example_passes_run_on_one_thread_and_restore_the_count() -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    w = torch.randn(3, requires_grad=True)
+
+    def loss_of(i: int) -> Tensor:
+        seen.append(torch.get_num_threads())
+        return (w * (i + 1)).pow(2).sum()
+
+    gram = clip.per_example_gram(loss_of, [w], 2)
+    assert seen == [1, 1]
+    assert torch.get_num_threads() == before
+    g = torch.stack([2 * w.detach() * 1, 2 * w.detach() * 4]).double()  # d/dw of each loss
+    torch.testing.assert_close(gram, g @ g.T)
+
+    def failing(i: int) -> Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        clip.per_example_gram(failing, [w], 1)
+    assert torch.get_num_threads() == before
