@@ -25,6 +25,8 @@ its GEMMs stays in the fused kernel. Shapes in run order, batch-first: x (B, T, 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -47,13 +49,18 @@ def augmented_run(cell: CellType, nonlinearity: str | None, x: Tensor, w: LayerW
     h0 = x.new_zeros(1, batch, width)
     args = (params, len(params) >= 4, 1, 0.0, False, False, True)
     xz = torch.cat([x, z], dim=2)
-    if cell is CellType.LSTM:
-        c0 = x.new_zeros(1, batch, w.w_hh.shape[0] // 4)
-        out: Tensor = torch._VF.lstm(xz, (h0, c0), *args)[0]
-    elif nonlinearity == "relu":
-        out = torch._VF.rnn_relu(xz, h0, *args)[0]
-    else:
-        out = torch._VF.rnn_tanh(xz, h0, *args)[0]
+    # cuDNN wants the weights in one buffer (else it copies them, with a warning) and rounds
+    # float32 GEMMs to TF32 by default: exact float32 here, as on the CPU
+    with warnings.catch_warnings(), torch.backends.cudnn.flags(enabled=True,
+                                                                allow_tf32=False):
+        warnings.filterwarnings("ignore", message=".*contiguous chunk of memory")
+        if cell is CellType.LSTM:
+            c0 = x.new_zeros(1, batch, w.w_hh.shape[0] // 4)
+            out: Tensor = torch._VF.lstm(xz, (h0, c0), *args)[0]
+        elif nonlinearity == "relu":
+            out = torch._VF.rnn_relu(xz, h0, *args)[0]
+        else:
+            out = torch._VF.rnn_tanh(xz, h0, *args)[0]
     return out, z
 
 
