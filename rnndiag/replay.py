@@ -179,8 +179,9 @@ class Chain:
     "dc", the StepAdjoints field it fills).
     """
 
-    def __init__(self, layer: int, direction: Direction, alive: Tensor | None = None) -> None:
-        self.layer, self.direction, self.alive = layer, direction, alive
+    def __init__(self, layer: int, direction: Direction, alive: Tensor | None = None,
+                 keep: bool = True) -> None:
+        self.layer, self.direction, self.alive, self.keep = layer, direction, alive, keep
         self.steps = 0  # T: one more than the largest t watched
         self._like: dict[str, tuple[Tensor, tuple[int, ...]]] = {}  # slot -> (empty, (B, W))
         self._buffers: dict[str, Tensor] = {}  # slot -> (T, B, W), while a pass is open
@@ -193,9 +194,9 @@ class Chain:
             self._like[slot] = (tensor.new_empty(0), tuple(tensor.shape))
         if tensor.requires_grad:
             tensor.register_hook(partial(self._write, slot, t))
-            # kept for batched passes (`batched_sq`), which ask autograd for these states'
-            # gradients directly; the graph holds them (or what they are computed from) anyway
-            self.watched.setdefault(slot, {})[t] = tensor
+            if self.keep:  # for batched passes (`batched_sq`), which ask autograd for these
+                # states' gradients directly (the retained graph holds them anyway)
+                self.watched.setdefault(slot, {})[t] = tensor
 
     def _write(self, slot: str, t: int, grad: Tensor) -> None:
         buffer = self._buffers.get(slot)
@@ -227,11 +228,12 @@ class Chain:
 class Capture:
     """The hooks of every chain of one forward pass; `backward` returns their adjoints."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
         self.chains: list[Chain] = []
+        self.keep = keep  # the chains keep their states for `batched_sq`
 
     def chain(self, layer: int, direction: Direction, alive: Tensor | None = None) -> Chain:
-        self.chains.append(Chain(layer, direction, alive))
+        self.chains.append(Chain(layer, direction, alive, self.keep))
         return self.chains[-1]
 
     def backward(self, loss: Tensor, roots: Sequence[Tensor], chains: Sequence[Chain],
@@ -308,7 +310,7 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
         return replay_fused(spec, params, inputs)
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
-    capture = Capture()
+    capture = Capture(keep=False)  # one pass, freeing the graph as it goes
     alive = None if lengths is None else alive_mask(lengths.to(inputs.device), inputs.shape[1])
     run = unroll(spec, params, inputs, h0, c0, capture=capture, top_output=False, alive=alive)
     loss = objective(run.finals(spec), batch)
