@@ -14,7 +14,7 @@ subprocess; on CUDA, torch.cuda.max_memory_allocated over one run. Then the scal
 machine it moves the ratios more than anything else.
 
 Run: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_check.py [--repeat N] [--quick]
-         [--big] [--device cuda]
+         [--big | --only-big] [--cells LSTM ...] [--device cuda]
 """
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip memory and T scaling")
     parser.add_argument("--big", action="store_true", help="also H=512, T=1000")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (baseline: cuDNN)")
+    parser.add_argument("--cells", nargs="+", default=list(CLASSES), choices=list(CLASSES))
+    parser.add_argument("--only-big", action="store_true", help="H=512, T=1000 rows only")
     args = parser.parse_args()
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"CPU, {torch.get_num_threads()} threads")
@@ -147,11 +149,12 @@ def main() -> None:
           f"memory <= {MEMORY_GOAL}x")
     print(f"{'cell':<5} {'dirs':>4} {'H':>4} {'T':>5} {'fused s':>8} {'rnndiag s':>9} "
           f"{'time x':>7} {'fused MiB':>9} {'rnndiag MiB':>11} {'mem x':>6} {'load':>5}")
-    sizes = [(256, 400)] + ([(512, 1000)] if args.big else [])
+    sizes = ([] if args.only_big else [(256, 400)]) + (
+        [(512, 1000)] if args.big or args.only_big else [])
     with tempfile.TemporaryDirectory() as tmp:
         for hidden, steps in sizes:
             for bidirectional in (False, True):
-                for kind in CLASSES:
+                for kind in args.cells:
                     _row(kind, steps, args, Path(tmp), not args.quick, hidden, bidirectional)
         if not args.quick:
             print("scaling in T (LSTM, H=256, unidirectional):")
