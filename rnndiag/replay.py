@@ -21,10 +21,11 @@ t = 0 reverse). The initial state is zero, as in PyTorch's default.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -295,6 +296,43 @@ def fused_applies(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> b
             and spec.cell_type in (CellType.RNN, CellType.LSTM))
 
 
+DEEP_STACK = 512 * 2**20  # bytes of C stack for graph work (virtual: touched pages only)
+
+R = TypeVar("R")
+
+
+def with_deep_stack(fn: Callable[[], R]) -> R:
+    """`fn()` in a thread with a DEEP_STACK C stack, its exception re-raised here.
+
+    Freeing an autograd graph T steps deep recurses in C++ once per step where the nodes
+    that the capture hooks exposed to Python follow one another (a GRU's h_t = lerp(n, h,
+    z) reads h_{t-1} directly; so do the masked states of variable lengths): a bidirectional
+    GRU of T = 15,000 crashed with a 1 MiB stack, and the main thread's 8 MiB ends at a few
+    ten thousand steps. Where no such thread can start (an address-space limit), `fn` runs
+    here."""
+    found: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            found["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread as it was
+            found["error"] = exc
+
+    before = threading.stack_size()
+    try:
+        threading.stack_size(DEEP_STACK)
+        thread = threading.Thread(target=run, name="rnndiag-graph")
+        thread.start()
+    except (RuntimeError, ValueError, MemoryError):
+        return fn()
+    finally:
+        threading.stack_size(before)
+    thread.join()
+    if "error" in found:
+        raise found["error"]
+    return found["value"]  # type: ignore[no-any-return]
+
+
 def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
            lengths: Tensor | None = None, fused: bool | None = None) -> ReplayResult:
     """Run `spec` on `inputs` (B, T, I) with `params` (local names) and backpropagate the objective.
@@ -305,9 +343,17 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     backward pass runs to those leaves, firing the capture hooks on the way.
 
     `fused` (default: `fused_applies`) takes the fused-kernel route (`replay_fused`) instead.
+    Runs with a deep C stack (`with_deep_stack`), gradient enabled.
     """
     if fused if fused is not None else fused_applies(spec, inputs, lengths):
         return replay_fused(spec, params, inputs)
+    return with_deep_stack(partial(_replay_steps, spec, params, inputs, lengths))
+
+
+def _replay_steps(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
+                  lengths: Tensor | None) -> ReplayResult:
+    """`replay`, step by step (see there)."""
+    torch.set_grad_enabled(True)  # grad mode is per thread
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
     capture = Capture(keep=False)  # one pass, freeing the graph as it goes

@@ -70,3 +70,32 @@ def test_rnn_of_a_hundred_thousand_steps_from_a_stride_zero_batch(tmp_path: Path
     torch.manual_seed(0)
     _check(tmp_path, nn.RNN(4, 8, batch_first=True),
            {"inputs": torch.zeros(1, 1, 4).expand(2, 100_000, 4)})
+
+
+MODEL_SCRIPT = """
+import torch
+from torch import nn
+from rnndiag import check_model
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 6, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+torch.manual_seed(0)
+found = check_model(Tagger(), torch.randn(2, 15_000, 4), torch.randint(0, 3, (2, 15_000)))
+print(found.files[0].status.value)
+"""
+
+
+@pytest.mark.slow
+def test_model_mode_bidirectional_gru_of_fifteen_thousand_steps() -> None:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    done = subprocess.run([sys.executable, "-c", MODEL_SCRIPT], capture_output=True, text=True,
+                          preexec_fn=_small_stack, env=env, timeout=600, check=False)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["ok"]
