@@ -321,7 +321,7 @@ def with_deep_stack(fn: Callable[[], R]) -> R:
     before = threading.stack_size()
     try:
         threading.stack_size(DEEP_STACK)
-        thread = threading.Thread(target=run, name="rnndiag-graph")
+        thread = threading.Thread(target=run, name="rnndiag-graph", daemon=True)
         thread.start()
     except (RuntimeError, ValueError, MemoryError):
         return fn()
