@@ -36,8 +36,9 @@ per-example gradients are never kept beyond it.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,20 +67,37 @@ def examples_for(batch: int, parameters: int) -> int:
 def per_example_gram(loss_of: Callable[[int], Tensor | None], params: Sequence[Tensor],
                      count: int) -> Tensor:
     """K (n, n) float64 of the per-example gradients of `loss_of(i)` (None: example i has no
-    loss term, left out); one forward/backward pass per example through the model itself."""
+    loss term, left out); one forward/backward pass per example through the model itself.
+
+    On the CPU the passes run on one thread: a single example's operations are too small to
+    share (2.4x faster per example than two threads on a busy 2-core machine)."""
     flat: list[Tensor] = []
-    for i in range(count):
-        with torch.enable_grad():
-            loss = loss_of(i)
-            if loss is None or not loss.requires_grad:
-                continue
-            grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-        flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach()
-                               .reshape(-1) for g, p in zip(grads, params, strict=True)]))
+    with _one_thread(any(p.device.type == "cpu" for p in params)):
+        for i in range(count):
+            with torch.enable_grad():
+                loss = loss_of(i)
+                if loss is None or not loss.requires_grad:
+                    continue
+                grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+            flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach()
+                                   .reshape(-1) for g, p in zip(grads, params, strict=True)]))
     if not flat:
         return torch.zeros(0, 0, dtype=torch.float64)
     stacked = torch.stack(flat)  # (n, P)
     return (stacked.double() @ stacked.double().T).cpu()
+
+
+@contextlib.contextmanager
+def _one_thread(cpu: bool) -> Iterator[None]:
+    """torch's intra-op threads set to one while the block runs (when `cpu`), then restored."""
+    before = torch.get_num_threads()
+    if cpu:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if cpu:
+            torch.set_num_threads(before)
 
 
 def expected_norm(gram: Tensor, b: int) -> tuple[float, float, float]:

@@ -34,7 +34,7 @@ from rnndiag.records import (
     TrainingState,
     Verdict,
 )
-from rnndiag.replay import StepAdjoints, objective
+from rnndiag.replay import StepAdjoints, objective, with_deep_stack
 from rnndiag.series import layer_diagnosis
 from rnndiag.temporal import CreditRows, credit_rows, scored_sequences
 from rnndiag.usermodel import Recording, Sequence_, call_model, capture, eager, final_states
@@ -147,7 +147,16 @@ def diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                   custom_name: str | None, options: CheckOptions,
                   progress: Callable[[str], None] = lambda _: None,
                   state: TrainingState | None = None) -> LiveDiagnosis:
-    """Run the model once with every recurrent state captured; analyse; suggest a clip."""
+    """Run the model once with every recurrent state captured; analyse; suggest a clip
+    (with a deep C stack: rnndiag.replay.with_deep_stack)."""
+    return with_deep_stack(partial(_diagnose_live, model, inputs, custom, custom_name, options,
+                                   progress, state))
+
+
+def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
+                   custom_name: str | None, options: CheckOptions,
+                   progress: Callable[[str], None], state: TrainingState | None,
+                   ) -> LiveDiagnosis:
     progress("replaying the model")
     with capture(model) as rec:
         output = call_model(model, inputs.args, inputs.kwargs)

@@ -21,16 +21,17 @@ t = 0 reverse). The initial state is zero, as in PyTorch's default.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from rnndiag.cells import LayerWeights, input_terms, unit
-from rnndiag.records import Direction, ModuleSpec
+from rnndiag.cells import LayerWeights, fused, input_terms, unit
+from rnndiag.records import CellType, Direction, ModuleSpec
 
 
 @dataclass(frozen=True)
@@ -179,12 +180,14 @@ class Chain:
     "dc", the StepAdjoints field it fills).
     """
 
-    def __init__(self, layer: int, direction: Direction, alive: Tensor | None = None) -> None:
-        self.layer, self.direction, self.alive = layer, direction, alive
+    def __init__(self, layer: int, direction: Direction, alive: Tensor | None = None,
+                 keep: bool = True) -> None:
+        self.layer, self.direction, self.alive, self.keep = layer, direction, alive, keep
         self.steps = 0  # T: one more than the largest t watched
         self._like: dict[str, tuple[Tensor, tuple[int, ...]]] = {}  # slot -> (empty, (B, W))
         self._buffers: dict[str, Tensor] = {}  # slot -> (T, B, W), while a pass is open
         self._written: dict[str, list[bool]] = {}
+        self.watched: dict[str, dict[int, Tensor]] = {}  # slot -> t -> the state itself
 
     def watch(self, slot: str, t: int, tensor: Tensor) -> None:
         self.steps = max(self.steps, t + 1)
@@ -192,6 +195,9 @@ class Chain:
             self._like[slot] = (tensor.new_empty(0), tuple(tensor.shape))
         if tensor.requires_grad:
             tensor.register_hook(partial(self._write, slot, t))
+            if self.keep:  # for batched passes (`batched_sq`), which ask autograd for these
+                # states' gradients directly (the retained graph holds them anyway)
+                self.watched.setdefault(slot, {})[t] = tensor
 
     def _write(self, slot: str, t: int, grad: Tensor) -> None:
         buffer = self._buffers.get(slot)
@@ -223,11 +229,12 @@ class Chain:
 class Capture:
     """The hooks of every chain of one forward pass; `backward` returns their adjoints."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
         self.chains: list[Chain] = []
+        self.keep = keep  # the chains keep their states for `batched_sq`
 
     def chain(self, layer: int, direction: Direction, alive: Tensor | None = None) -> Chain:
-        self.chains.append(Chain(layer, direction, alive))
+        self.chains.append(Chain(layer, direction, alive, self.keep))
         return self.chains[-1]
 
     def backward(self, loss: Tensor, roots: Sequence[Tensor], chains: Sequence[Chain],
@@ -247,23 +254,109 @@ class Capture:
         return found
 
 
+def batched_sq(outputs: Sequence[Tensor], cotangents: Sequence[Tensor],
+               chains: Sequence[Chain]) -> list[Tensor]:
+    """K backward passes in one: sq[k] (T, B) float64 of every chain (rnndiag.credit.state_sq:
+    ||dL_k/dh_t[b]||^2 + ||dL_k/dc_t[b]||^2, steps past an example's length zero), L_k being
+    <cotangents[j][k], outputs[j]> summed over j; returns (K, T, B) per chain, in order.
+
+    One vmapped backward (`is_grads_batched`) over the retained graph asks autograd for the
+    watched states' total gradients directly (the same sums the hooks receive), so the
+    per-step work is dispatched once for the K passes instead of K times.
+    """
+    passes = cotangents[0].shape[0]
+    wanted = [(i, slot, t, x) for i, c in enumerate(chains)
+              for slot, by_t in c.watched.items() for t, x in by_t.items()]
+    grads = torch.autograd.grad(list(outputs), [x for *_, x in wanted], list(cotangents),
+                                retain_graph=True, allow_unused=True, is_grads_batched=True)
+    found = []
+    for c in chains:
+        like, shape = c._like["dh"]
+        found.append(torch.zeros(passes, c.steps, shape[0], dtype=torch.float64,
+                                 device=like.device))
+    for (i, _, t, _), g in zip(wanted, grads, strict=True):
+        if g is not None:  # (K, B, W): no path to L_k leaves the row zero
+            found[i][:, t] += g.detach().flatten(2).double().pow(2).sum(2)
+    for c, sq in zip(chains, found, strict=True):
+        if c.alive is not None:
+            sq.mul_(c.alive.to(sq.device))
+    return found
+
+
 def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
     """L = 1/(2B) * sum over the given final states of ||h||^2."""
     return sum((h.pow(2).sum() for h in finals), finals[0].new_zeros(())) / (2 * batch)
 
 
+def fused_applies(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> bool:
+    """Whether `replay` takes the fused route by default: on a GPU (where a per-step Python
+    loop costs 10-30x a cuDNN step), for RNN and LSTM cells, without per-example lengths. On
+    the CPU the step-by-step replay is faster (the zero block costs full GEMM work there)."""
+    return (inputs.device.type == "cuda" and lengths is None
+            and spec.cell_type in (CellType.RNN, CellType.LSTM))
+
+
+DEEP_STACK = 512 * 2**20  # bytes of C stack for graph work (virtual: touched pages only)
+
+R = TypeVar("R")
+
+
+def with_deep_stack(fn: Callable[[], R]) -> R:
+    """`fn()` in a thread with a DEEP_STACK C stack, its exception re-raised here.
+
+    Freeing an autograd graph T steps deep recurses in C++ once per step where the nodes
+    that the capture hooks exposed to Python follow one another (a GRU's h_t = lerp(n, h,
+    z) reads h_{t-1} directly; so do the masked states of variable lengths): a bidirectional
+    GRU of T = 15,000 crashed with a 1 MiB stack, and the main thread's 8 MiB ends at a few
+    ten thousand steps. Where no such thread can start (an address-space limit), `fn` runs
+    here."""
+    found: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            found["value"] = fn()
+        except BaseException as exc:  # handed to the caller's thread as it was
+            found["error"] = exc
+
+    before = threading.stack_size()
+    try:
+        threading.stack_size(DEEP_STACK)
+        thread = threading.Thread(target=run, name="rnndiag-graph", daemon=True)
+        thread.start()
+    except (RuntimeError, ValueError, MemoryError):
+        return fn()
+    finally:
+        threading.stack_size(before)
+    thread.join()
+    if "error" in found:
+        raise found["error"]
+    return found["value"]  # type: ignore[no-any-return]
+
+
 def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
-           lengths: Tensor | None = None) -> ReplayResult:
+           lengths: Tensor | None = None, fused: bool | None = None) -> ReplayResult:
     """Run `spec` on `inputs` (B, T, I) with `params` (local names) and backpropagate the objective.
 
     With `lengths` (B,), example b runs on its first lengths[b] steps only (see `unroll`).
     Weights are used as given (no gradient is taken for them); the zero initial state of each
     layer and direction is the leaf that puts every state on the autograd graph, and the one
     backward pass runs to those leaves, firing the capture hooks on the way.
+
+    `fused` (default: `fused_applies`) takes the fused-kernel route (`replay_fused`) instead.
+    Runs with a deep C stack (`with_deep_stack`), gradient enabled.
     """
+    if fused if fused is not None else fused_applies(spec, inputs, lengths):
+        return replay_fused(spec, params, inputs)
+    return with_deep_stack(partial(_replay_steps, spec, params, inputs, lengths))
+
+
+def _replay_steps(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
+                  lengths: Tensor | None) -> ReplayResult:
+    """`replay`, step by step (see there)."""
+    torch.set_grad_enabled(True)  # grad mode is per thread
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
-    capture = Capture()
+    capture = Capture(keep=False)  # one pass, freeing the graph as it goes
     alive = None if lengths is None else alive_mask(lengths.to(inputs.device), inputs.shape[1])
     run = unroll(spec, params, inputs, h0, c0, capture=capture, top_output=False, alive=alive)
     loss = objective(run.finals(spec), batch)
@@ -273,3 +366,45 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     return ReplayResult(output.transpose(0, 1), run.h_n.detach(),
                         None if run.c_n is None else run.c_n.detach(), float(loss.item()),
                         found)
+
+
+def replay_fused(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
+                 ) -> ReplayResult:
+    """`replay` through the fused kernels, layer by layer (rnndiag.cells.fused): the same
+    adjoints, the recurrence never unrolled in Python. RNN and LSTM, equal lengths only."""
+    if spec.cell_type not in (CellType.RNN, CellType.LSTM):
+        raise ValueError(f"no fused route for {spec.cell_type}")
+    runs: list[tuple[int, Direction, Tensor, Tensor, Tensor, LayerWeights]] = []
+    layer_input = inputs
+    for layer in range(spec.num_layers):
+        seqs = []
+        for direction in spec.directions:
+            w = LayerWeights.of(spec, params, layer, direction)
+            x = layer_input if direction is Direction.FORWARD else layer_input.flip(1)
+            out, z = fused.augmented_run(spec.cell_type, spec.nonlinearity, x, w)
+            runs.append((layer, direction, x, out, z, w))
+            seqs.append(out if direction is Direction.FORWARD else out.flip(1))
+        layer_input = torch.cat(seqs, dim=2) if len(seqs) > 1 else seqs[0]
+    top = runs[-len(spec.directions):]
+    loss = objective([out[:, -1] for _, _, _, out, _, _ in top], inputs.shape[0])
+    grads = torch.autograd.grad(loss, [r[3] for r in runs] + [r[4] for r in runs],
+                                allow_unused=True)
+    found, c_n = [], []
+    for k, (layer, direction, x, out, _, w) in enumerate(runs):
+        g, dz = grads[k], grads[len(runs) + k]
+        dh = fused.state_adjoints(torch.zeros_like(out) if g is None else g,
+                                  torch.zeros_like(out) if dz is None else dz)
+        dc = None
+        if spec.cell_type is CellType.LSTM:
+            dc, c_last = fused.lstm_cell_adjoints(x.detach(), out.detach(), dh, w)
+            c_n.append(c_last)
+        found.append(StepAdjoints(layer, direction, _by_time(dh, direction),
+                                  None if dc is None else _by_time(dc, direction)))
+    h_n = torch.stack([out[:, -1].detach() for _, _, _, out, _, _ in runs])
+    return ReplayResult(layer_input.detach(), h_n, torch.stack(c_n) if c_n else None,
+                        float(loss.item()), tuple(found))
+
+
+def _by_time(v: Tensor, direction: Direction) -> Tensor:
+    """(B, T, W) in run order -> (T, B, W) by time index t."""
+    return (v if direction is Direction.FORWARD else v.flip(1)).transpose(0, 1).contiguous()

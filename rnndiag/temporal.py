@@ -25,10 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag import credit
 from rnndiag.errors import BatchError
 from rnndiag.records import Direction
-from rnndiag.replay import Capture, DirectionStates
+from rnndiag.replay import Capture, Chain, DirectionStates, batched_sq
 from rnndiag.series import Row
 
 SAMPLES = 16  # sampled positions per credit matrix, besides each example's last scored one
@@ -105,6 +104,15 @@ class Scored:
         for g in self.grads:
             found |= (g != 0).flatten(2).any(2) if g.dim() > 2 else g != 0
         return found
+
+    def cotangents(self, masks: Sequence[Tensor]) -> list[Tensor]:
+        """For each view, (K, ...) the gradients of the K terms `term(masks[k])` on it."""
+        out = []
+        for g in self.grads:
+            shape = [1] * (g.dim() - 2)
+            out.append(torch.stack([(g * m.reshape(*m.shape, *shape).to(g.dtype)).detach()
+                                    for m in masks]))
+        return out
 
     def term(self, mask: Tensor) -> Tensor:
         """<g restricted to `mask` (B, T), output>: the loss's terms at those positions."""
@@ -205,17 +213,36 @@ def _passes(scored: Scored, wanted: Sequence[tuple[Tensor, Sequence[int]]],
             ) -> list[dict[int, tuple[Tensor, Tensor | None]]]:
     """One backward pass per distinct mask (each example's last scored position is often a
     sampled position too: T-1 forward, 0 reverse), watching every state any plan with that
-    mask needs; per plan, sq (rnndiag.credit.state_sq) and `alive` of each state."""
+    mask needs; per plan, sq (rnndiag.credit.state_sq) and `alive` of each state.
+
+    The passes run batched (`rnndiag.replay.batched_sq`), as many at once as BATCH_BYTES of
+    cotangents and state gradients allow."""
     keys = [mask.cpu().numpy().tobytes() for mask, _ in wanted]
     need: dict[bytes, tuple[Tensor, set[int]]] = {}
     for key, (mask, picked) in zip(keys, wanted, strict=True):
         need.setdefault(key, (mask, set()))[1].update(picked)
+    order = sorted(set().union(*(indices for _, indices in need.values())))
+    chains = [c for i in order if (c := states[i].chain) is not None]
+    assert len(chains) == len(order)  # aligned states are watched
     done: dict[bytes, dict[int, tuple[Tensor, Tensor | None]]] = {}
-    for key, (mask, indices) in need.items():
-        order = sorted(indices)
-        chains = [c for i in order if (c := states[i].chain) is not None]
-        assert len(chains) == len(order)  # aligned states are watched
-        adjoints = capture.backward(scored.term(mask), roots, chains, retain_graph=True)
-        done[key] = {i: (credit.state_sq(adj), adj.alive)
-                     for i, adj in zip(order, adjoints, strict=True)}
+    items = list(need.items())
+    group = _group_size(scored, chains)
+    for start in range(0, len(items), group):
+        part = items[start:start + group]
+        found = batched_sq(scored.views, scored.cotangents([m for _, (m, _) in part]), chains)
+        for k, (key, (_, indices)) in enumerate(part):
+            done[key] = {i: (sq[k], c.alive) for i, c, sq in zip(order, chains, found,
+                                                                  strict=True) if i in indices}
     return [done[key] for key in keys]
+
+
+BATCH_BYTES = 256 * 2**20  # cotangents and state gradients of the batched passes, at most
+
+
+def _group_size(scored: Scored, chains: Sequence[Chain]) -> int:
+    """How many credit passes to batch: their cotangents and the gradients of every watched
+    state, K copies of each, within BATCH_BYTES."""
+    views = sum(v.numel() * v.element_size() for v in scored.views)
+    watched = sum(x.numel() * x.element_size() for c in chains for by_t in c.watched.values()
+                  for x in by_t.values())
+    return max(1, BATCH_BYTES // max(1, 2 * (views + watched)))

@@ -1,0 +1,98 @@
+"""Per-step adjoints from the fused kernels (cuDNN on a GPU) instead of a step-by-step replay.
+
+The fused kernels hide h_t from autograd. The trick (issue 14): run one layer and direction
+as a fused single-layer module whose input is [x_t, z_t] with z_t = 0 (B, P) and whose
+weight_ih is [W_ih, W_hh]. The output is unchanged, and since z_t enters the gates of step t
+exactly as h_{t-1} does,
+
+    dL/dz_t = W_hh^T delta_t        (delta_t = dL/d(pre-activations of step t))
+
+which is the recurrent part of dL/dh_{t-1}. With g_t = dL/d(output_t) (the layer above and
+the loss, asked of autograd directly), in run order
+
+    dh_t = g_t + dL/dz_{t+1}        (dL/dz_T = 0)
+
+For the LSTM, dL/dc_t follows by an elementwise recurrence, the gates being recomputed from
+the outputs in one GEMM (h_{t-1} is the previous output):
+
+    c_t  = f_t * c_{t-1} + i_t * g_t
+    dc_t = dm_t * o_t * (1 - tanh(c_t)^2) + dc_{t+1} * f_{t+1},  dm_t = W_hr^T dh_t (or dh_t)
+
+Only the elementwise scans are Python loops (two or three ops per step); the recurrence with
+its GEMMs stays in the fused kernel. Shapes in run order, batch-first: x (B, T, I), outputs
+(B, T, P); a reverse direction runs on x flipped in time.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from rnndiag.cells.tensors import LayerWeights
+from rnndiag.records import CellType
+
+
+def augmented_run(cell: CellType, nonlinearity: str | None, x: Tensor, w: LayerWeights,
+                  ) -> tuple[Tensor, Tensor]:
+    """(outputs (B, T, P), z (B, T, P)): the fused run on [x, z] from zero states, z the zero
+    leaf whose gradient is the recurrent part of the adjoints."""
+    batch, steps, _ = x.shape
+    width = w.w_hh.shape[1]
+    z = x.new_zeros(batch, steps, width).requires_grad_()
+    params = [torch.cat([w.w_ih, w.w_hh], dim=1), w.w_hh]
+    if w.b_ih is not None and w.b_hh is not None:
+        params += [w.b_ih, w.b_hh]
+    if w.w_hr is not None:
+        params.append(w.w_hr)
+    h0 = x.new_zeros(1, batch, width)
+    # (params, has_biases, layers, dropout, train, bidirectional, batch_first): train=True,
+    # since cuDNN has no backward for an inference-mode run (dropout 0: the same numbers)
+    args = (params, len(params) >= 4, 1, 0.0, True, False, True)
+    xz = torch.cat([x, z], dim=2)
+    # cuDNN wants the weights in one buffer (else it copies them, with a warning) and rounds
+    # float32 GEMMs to TF32 by default: exact float32 here, as on the CPU
+    with warnings.catch_warnings(), torch.backends.cudnn.flags(enabled=True,
+                                                                allow_tf32=False):
+        warnings.filterwarnings("ignore", message=".*contiguous chunk of memory")
+        if cell is CellType.LSTM:
+            c0 = x.new_zeros(1, batch, w.w_hh.shape[0] // 4)
+            out: Tensor = torch._VF.lstm(xz, (h0, c0), *args)[0]
+        elif nonlinearity == "relu":
+            out = torch._VF.rnn_relu(xz, h0, *args)[0]
+        else:
+            out = torch._VF.rnn_tanh(xz, h0, *args)[0]
+    return out, z
+
+
+def state_adjoints(g: Tensor, dz: Tensor) -> Tensor:
+    """dh (B, T, P) in run order from g = dL/d(outputs) and dz = dL/dz."""
+    dh = g.clone()
+    dh[:, :-1] += dz[:, 1:]
+    return dh
+
+
+@torch.no_grad()
+def lstm_cell_adjoints(x: Tensor, out: Tensor, dh: Tensor, w: LayerWeights,
+                       ) -> tuple[Tensor, Tensor]:
+    """dc (B, T, H) in run order (see the module docstring), and the last c_t (B, H)."""
+    prev = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+    a = x @ w.w_ih.t() + prev @ w.w_hh.t()
+    if w.b_ih is not None and w.b_hh is not None:
+        a = a + (w.b_ih + w.b_hh)
+    i, f, g, o = a.chunk(4, dim=2)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    ig = i * g
+    steps = x.shape[1]
+    cs = [ig[:, 0]]
+    for t in range(1, steps):
+        cs.append(torch.addcmul(ig[:, t], f[:, t], cs[-1]))
+    c = torch.stack(cs, dim=1)
+    dm = dh if w.w_hr is None else dh @ w.w_hr
+    local = dm * o * (1 - c.tanh().pow(2))  # dL/dc_t through h_t alone
+    dc = torch.empty_like(local)
+    dc[:, -1] = local[:, -1]
+    for t in range(steps - 2, -1, -1):
+        dc[:, t] = torch.addcmul(local[:, t], dc[:, t + 1], f[:, t + 1])
+    return dc, cs[-1]
