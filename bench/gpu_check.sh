@@ -16,5 +16,5 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 } 2>&1 | tee "$out/machine.txt"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -k "cuda or CUDA" \
   tests/test_cli_more.py tests/test_speed_paths.py 2>&1 | tee "$out/cuda_tests.log"
-timeout 300 python3 bench/bench_check.py --device cuda --repeat 5 --quick "$@" 2>&1 \
+timeout 420 python3 bench/bench_check.py --device cuda --repeat 5 "$@" 2>&1 \
   | tee "$out/bench_cuda.log"
