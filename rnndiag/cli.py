@@ -9,8 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -19,12 +18,21 @@ import typer
 
 from rnndiag._version import __version__
 from rnndiag.outcome import FailOn  # torch-free, like every import at the top of this module
+from rnndiag.sink import (
+    Format,
+    Progress,
+    Sink,
+    error_document,
+    fail,
+    file_errors,
+    stderr_line,
+    to_stdout,
+)
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
 
     from rnndiag.config import Config
-    from rnndiag.records import CheckOptions, FileDiagnosis, InspectDiagnosis
+    from rnndiag.records import CheckOptions
 
 EXIT_HELP = """Exit codes: 0 nothing selected by --fail-on (healthy or skipped files);
 1 an error-level finding selected by --fail-on (a vanishing or exploding span, NaN/Inf
@@ -39,12 +47,6 @@ app = typer.Typer(
     help="Find where gradients vanish or explode through time in PyTorch RNN/LSTM/GRU "
     "checkpoints.\n\n" + EXIT_HELP,
 )
-
-
-class Format(StrEnum):
-    TEXT = "text"
-    JSON = "json"
-    SARIF = "sarif"
 
 
 class InspectFormat(StrEnum):
@@ -187,7 +189,7 @@ def check(
 
             check_target(plot)
     except RnnDiagError as exc:
-        raise typer.Exit(_fail(str(exc), sink, None, debug)) from None
+        raise typer.Exit(fail(str(exc), sink, None, debug)) from None
 
     options = CheckOptions(
         batch_path=str(batch) if batch else None, batch_size=batch_size,
@@ -207,18 +209,18 @@ def check(
         except ValueError:
             message = (f"config {settings.path}: fail-on = {settings.fail_on!r}: expected one "
                        f"of {', '.join(f.value for f in FailOn)}")
-            raise typer.Exit(_fail(message, sink, options, debug)) from None
+            raise typer.Exit(fail(message, sink, options, debug)) from None
     try:
         from rnndiag.config import check_values
 
         check_values(options)
     except RnnDiagError as exc:
-        raise typer.Exit(_fail(str(exc), sink, options, debug)) from None
+        raise typer.Exit(fail(str(exc), sink, options, debug)) from None
     try:
         _refuse_inputs(sink, plot, [*paths, *_batches(options), *([settings.path] if
                                                                    settings.path else [])])
     except RnnDiagError as exc:  # and the document goes to stdout, not to the refused file
-        raise typer.Exit(_fail(str(exc), Sink(sink.fmt, None, None, None), options,
+        raise typer.Exit(fail(str(exc), Sink(sink.fmt, None, None, None), options,
                                debug)) from None
     raise typer.Exit(_run_check(paths, options, fail_on, sink, debug, plot))
 
@@ -285,7 +287,7 @@ def inspect(
     try:
         _refuse_inputs(sink, None, paths)
     except RnnDiagError as exc:  # and the document goes to stdout, not to the refused file
-        raise typer.Exit(_fail(str(exc), Sink(sink.fmt, None, None, None), None, debug,
+        raise typer.Exit(fail(str(exc), Sink(sink.fmt, None, None, None), None, debug,
                                command="inspect")) from None
     try:
         from rnndiag.api import inspect_files
@@ -300,8 +302,8 @@ def inspect(
             sink.renderable(render_inspect(result.files))
     except Exception as exc:  # RnnDiagError (bad --output) or a bug: one line, exit 2
         message = str(exc) if _is_ours(exc) else f"internal error: {type(exc).__name__}: {exc}"
-        raise typer.Exit(_fail(message, sink, None, debug, command="inspect")) from None
-    _file_errors(result.files)
+        raise typer.Exit(fail(message, sink, None, debug, command="inspect")) from None
+    file_errors(result.files)
     raise typer.Exit(result.exit_code)
 
 
@@ -341,80 +343,6 @@ def schema(
     sys.stdout.write(files("rnndiag").joinpath(name).read_text("utf-8"))
 
 
-class Sink:
-    """Where the report goes: stdout or --output, plus optional SVG/HTML exports."""
-
-    def __init__(self, fmt: Format, output: Path | None, svg: Path | None,
-                 html: Path | None) -> None:
-        self.fmt, self.output, self.svg, self.html = fmt, output, svg, html
-        self.done = False  # the report went out: an error after it (--plot) adds no document
-
-    def json(self, doc: dict[str, object]) -> None:
-        from rnndiag import jsonout
-
-        self.emit(jsonout.dumps(doc))
-
-    def renderable(self, renderable: RenderableType) -> None:
-        from rich.console import Console
-
-        if self.output is None:
-            with _stdout_errors():
-                Console(highlight=False).print(renderable)
-        if self.output is not None or self.svg or self.html:
-            from rnndiag.report import recorded
-
-            record = recorded(renderable)
-            if self.svg:
-                _write(self.svg, record.export_svg(title="rnndiag check", clear=False))
-            if self.html:
-                _write(self.html, record.export_html(clear=False))
-            if self.output is not None:
-                _write(self.output, record.export_text(clear=False, styles=False))
-
-    def emit(self, text: str) -> None:
-        if self.output is None:
-            _to_stdout(text)
-        else:
-            _write(self.output, text)
-        self.done = True
-
-
-def _to_stdout(text: str) -> None:
-    with _stdout_errors():
-        sys.stdout.write(text)
-
-
-@contextlib.contextmanager
-def _stdout_errors() -> Iterator[None]:
-    """Write to stdout inside; a full disk is an OutputError, a reader that left (| head) is
-    not an error. Either way nothing more can reach stdout: it is pointed at /dev/null."""
-    from rnndiag.errors import OutputError
-
-    try:
-        yield
-        sys.stdout.flush()
-    except OSError as exc:
-        _silence_stdout()
-        if not isinstance(exc, BrokenPipeError):
-            raise OutputError("cannot write the report to standard output "
-                              f"({exc.strerror or exc})") from None
-
-
-def _silence_stdout() -> None:
-    """Point stdout's descriptor at /dev/null, so that the flush at interpreter exit does not
-    fail again with a traceback."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
-def _write(path: Path, text: str) -> None:
-    from rnndiag.atomic import write_atomic
-
-    write_atomic(path, text)
-
-
 def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: Sink,
                debug: bool, plot: Path | None = None) -> int:
     from rnndiag.errors import RnnDiagError
@@ -422,7 +350,7 @@ def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: 
     try:
         from rnndiag.api import check_files
 
-        with _progress() as progress:
+        with Progress() as progress:
             result = check_files(paths, options=options, fail_on=fail_on, progress=progress)
         if sink.fmt is Format.JSON:
             sink.emit(result.to_json())
@@ -433,96 +361,14 @@ def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: 
         if plot is not None and any(f.modules for f in result.files):
             result.save_plot(plot)
     except RnnDiagError as exc:
-        return _fail(str(exc), sink, options, debug)
+        return fail(str(exc), sink, options, debug)
     except SystemExit as exc:  # sys.exit() in user code (--model, --loss) is not ours
-        return _fail(f"user code called sys.exit({exc.code!r}) during the run", sink, options,
+        return fail(f"user code called sys.exit({exc.code!r}) during the run", sink, options,
                      debug)
     except Exception as exc:  # a bug in rnndiag: still one line and exit 2
-        return _fail(f"internal error: {type(exc).__name__}: {exc}", sink, options, debug)
-    _file_errors(result.files)
+        return fail(f"internal error: {type(exc).__name__}: {exc}", sink, options, debug)
+    file_errors(result.files)
     return result.exit_code
-
-
-def _file_errors(files: Sequence[FileDiagnosis] | Sequence[InspectDiagnosis]) -> None:
-    for f in files:
-        if f.error:
-            _stderr(f.error if f.error.startswith(f.path) else f"{f.path}: {f.error}")
-
-
-def _fail(message: str, sink: Sink, options: CheckOptions | None, debug: bool,
-          command: str = "check") -> int:
-    """One line on stderr and exit code 2; in JSON and SARIF modes, still one document (on
-    stdout when the output file itself is the problem), listing the error."""
-    if debug:
-        traceback.print_exc()
-    if sink.fmt is not Format.TEXT and not sink.done:
-        text = error_document(message, sink.fmt, options, command)
-        try:
-            sink.emit(text)
-        except Exception:  # the output file itself is the problem: the document goes to stdout
-            with contextlib.suppress(Exception):  # unless stdout is the problem
-                _to_stdout(text)
-    _stderr(message)
-    return 2
-
-
-def error_document(message: str, fmt: Format, options: CheckOptions | None = None,
-                   command: str = "check") -> str:
-    """The JSON (or SARIF) document of a run that failed as a whole with `message`; the
-    options only when they are valid (the schema describes valid options)."""
-    from rnndiag import jsonout
-
-    if fmt is Format.SARIF:
-        from rnndiag import sarif
-
-        return jsonout.dumps(sarif.document([], errors=[message]))
-    if command == "inspect":
-        return jsonout.dumps(jsonout.inspect_document([], errors=[message]))
-    return jsonout.dumps(jsonout.document([], _valid(options), errors=[message]))
-
-
-def _valid(options: CheckOptions | None) -> CheckOptions | None:
-    from rnndiag.config import check_values
-    from rnndiag.errors import RnnDiagError
-
-    try:
-        if options is not None:
-            check_values(options)
-    except RnnDiagError:
-        return None
-    return options
-
-
-def _stderr(message: str) -> None:
-    from rnndiag.report import safe
-
-    sys.stderr.write(f"rnndiag: error: {safe(message)}\n")
-
-
-class _progress:
-    """A transient status line on stderr while replaying; off in pre-commit and pipes."""
-
-    def __enter__(self):  # type: ignore[no-untyped-def]
-        self.status = None
-        if sys.stderr.isatty() and not os.environ.get("PRE_COMMIT"):
-            from rich.console import Console
-
-            self.status = Console(stderr=True).status("rnndiag: starting")
-            self.status.start()
-        return self.update
-
-    def update(self, message: str) -> None:
-        if self.status is not None:
-            from rich.text import Text
-
-            from rnndiag.report import safe
-
-            # a Text, never a markup string: file and tensor names may hold '[...]'
-            self.status.update(Text(f"rnndiag: {safe(message)}"))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.status is not None:
-            self.status.stop()
 
 
 HOOK_COMMANDS = ("check", "inspect")
@@ -540,7 +386,7 @@ an existing file that starts with '-' is refused (exit 2)."""
                                                "ignore_unknown_options": True})
 def hook(ctx: typer.Context) -> None:
     """Reached only when `main` did not rewrite the arguments: a usage error."""
-    _stderr("usage: rnndiag hook check|inspect [OPTIONS... --] FILES... "
+    stderr_line("usage: rnndiag hook check|inspect [OPTIONS... --] FILES... "
             "(see rnndiag hook --help)")
     raise typer.Exit(2)
 
@@ -587,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             code = _usage_error(exc.format_message(), args,  # type: ignore[attr-defined]
                                 exc.exit_code)  # type: ignore[attr-defined]
     except typer.Abort:
-        _stderr("aborted")
+        stderr_line("aborted")
         code = 1
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
@@ -599,8 +445,8 @@ def _usage_error(message: str, args: Sequence[str], code: int) -> int:
     if fmt is not Format.TEXT:
         command = "inspect" if args and args[0] == "inspect" else "check"
         with contextlib.suppress(Exception):
-            _to_stdout(error_document(message, fmt, None, command))
-    _stderr(message)
+            to_stdout(error_document(message, fmt, None, command))
+    stderr_line(message)
     return code
 
 
@@ -630,9 +476,9 @@ def _flushed(code: int) -> int:
     from rnndiag.errors import OutputError
 
     try:
-        _to_stdout("")
+        to_stdout("")
     except OutputError as exc:
-        _stderr(str(exc))
+        stderr_line(str(exc))
         return 2
     return code
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rnndiag.cli import _progress, hook_argv, main
+from rnndiag.cli import hook_argv, main
+from rnndiag.sink import Progress
 from tests.conftest import SAMPLES
 
 EVIL_MODULE = """
@@ -124,7 +125,7 @@ def test_every_shipped_hook_uses_the_hook_entry() -> None:
 @pytest.mark.parametrize("name", ["[link=https://evil.example/]click[/link]", "[/x]",
                                   "[bold red]x", "\x1b]8;;https://evil.example/\x1b\\y"])
 def test_progress_line_renders_names_literally(name: str) -> None:
-    progress = _progress()
+    progress = Progress()
     console = Console(file=io.StringIO(), force_terminal=True, color_system="truecolor",
                       width=200)
     progress.status = console.status("rnndiag: starting")
