@@ -185,3 +185,21 @@ def test_per_example_passes_run_on_one_thread_and_restore_the_count() -> None:
     with pytest.raises(RuntimeError):
         clip.per_example_gram(failing, [w], 1)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7, 64, 100])
+def test_linear_scan_matches_the_sequential_recurrence(steps: int) -> None:
+    """The fused route's log-depth scan against the loop it replaces, in float64, with
+    factors that underflow (0) and exceed 1."""
+    from rnndiag.cells.fused import linear_scan
+
+    gen = torch.Generator().manual_seed(steps)
+    a = torch.rand(3, steps, 5, generator=gen, dtype=torch.float64) * 1.5
+    a[:, ::3, 0] = 0.0
+    b = torch.randn(3, steps, 5, generator=gen, dtype=torch.float64)
+    y, expected = torch.zeros(3, 5, dtype=torch.float64), []
+    for t in range(steps):
+        y = a[:, t] * y + b[:, t]
+        expected.append(y)
+    torch.testing.assert_close(linear_scan(a, b), torch.stack(expected, 1), rtol=1e-12,
+                               atol=1e-14)
