@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from rnndiag._version import __version__
-from rnndiag.outcome import FailOn  # torch-free, like every import at the top of this module
 from rnndiag.sink import (
     Format,
     Progress,
@@ -47,6 +46,16 @@ app = typer.Typer(
     help="Find where gradients vanish or explode through time in PyTorch RNN/LSTM/GRU "
     "checkpoints.\n\n" + EXIT_HELP,
 )
+
+
+class FailOn(StrEnum):
+    """`--fail-on`'s choices: the values of `rnndiag.outcome.FailOn`, which imports the rule
+    table (and numpy through it), too much for `--help` (a test keeps the two equal)."""
+
+    ANY = "any"
+    VANISHING = "vanishing"
+    EXPLODING = "exploding"
+    NEVER = "never"
 
 
 class InspectFormat(StrEnum):
@@ -351,7 +360,8 @@ def _run_check(paths: list[Path], options: CheckOptions, fail_on: FailOn, sink: 
         from rnndiag.api import check_files
 
         with Progress() as progress:
-            result = check_files(paths, options=options, fail_on=fail_on, progress=progress)
+            result = check_files(paths, options=options, fail_on=fail_on.value,
+                                 progress=progress)
         if sink.fmt is Format.JSON:
             sink.emit(result.to_json())
         elif sink.fmt is Format.SARIF:

@@ -121,11 +121,18 @@ def test_help(args: list[str]) -> None:
 
 
 def test_help_does_not_import_torch() -> None:
+    """Nor numpy (through the rule table): `--help` costs what typer costs (bench_startup)."""
     code = ("import sys\nfrom rnndiag.cli import main\nmain(['--help'])\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')")
+            "print([m for m in ('torch', 'numpy', 'rich') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.strip().endswith("NO-TORCH")
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_fail_on_choices_are_the_outcome_values() -> None:
+    from rnndiag import cli, outcome
+
+    assert [c.value for c in cli.FailOn] == [f.value for f in outcome.FailOn]
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
