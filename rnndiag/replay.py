@@ -288,12 +288,14 @@ def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
     return sum((h.pow(2).sum() for h in finals), finals[0].new_zeros(())) / (2 * batch)
 
 
+FUSED_CELLS = (CellType.RNN, CellType.LSTM, CellType.GRU)
+
+
 def fused_applies(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> bool:
     """Whether `replay` takes the fused route by default: on a GPU (where a per-step Python
-    loop costs 10-30x a cuDNN step), for RNN and LSTM cells, without per-example lengths. On
+    loop costs 10-30x a cuDNN step), for RNN, LSTM and GRU, without per-example lengths. On
     the CPU the step-by-step replay is faster (the zero block costs full GEMM work there)."""
-    return (inputs.device.type == "cuda" and lengths is None
-            and spec.cell_type in (CellType.RNN, CellType.LSTM))
+    return inputs.device.type == "cuda" and lengths is None and spec.cell_type in FUSED_CELLS
 
 
 DEEP_STACK = 512 * 2**20  # bytes of C stack for graph work (virtual: touched pages only)
@@ -371,8 +373,8 @@ def _replay_steps(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
 def replay_fused(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
                  ) -> ReplayResult:
     """`replay` through the fused kernels, layer by layer (rnndiag.cells.fused): the same
-    adjoints, the recurrence never unrolled in Python. RNN and LSTM, equal lengths only."""
-    if spec.cell_type not in (CellType.RNN, CellType.LSTM):
+    adjoints, the recurrence never unrolled in Python. RNN, LSTM and GRU, equal lengths only."""
+    if spec.cell_type not in FUSED_CELLS:
         raise ValueError(f"no fused route for {spec.cell_type}")
     runs: list[tuple[int, Direction, Tensor, Tensor, Tensor, LayerWeights]] = []
     layer_input = inputs
@@ -390,10 +392,13 @@ def replay_fused(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     grads = torch.autograd.grad(loss, [r[3] for r in runs] + [r[4] for r in runs],
                                 allow_unused=True)
     found, c_n = [], []
-    for k, (layer, direction, x, out, _, w) in enumerate(runs):
-        g, dz = grads[k], grads[len(runs) + k]
-        dh = fused.state_adjoints(torch.zeros_like(out) if g is None else g,
-                                  torch.zeros_like(out) if dz is None else dz)
+    for k, (layer, direction, x, out, z, w) in enumerate(runs):
+        g = torch.zeros_like(out) if grads[k] is None else grads[k]
+        dz = torch.zeros_like(z) if grads[len(runs) + k] is None else grads[len(runs) + k]
+        if spec.cell_type is CellType.GRU:
+            dh = fused.gru_state_adjoints(x.detach(), out.detach(), g, dz, w)
+        else:
+            dh = fused.state_adjoints(g, dz)
         dc = None
         if spec.cell_type is CellType.LSTM:
             dc, c_last = fused.lstm_cell_adjoints(x.detach(), out.detach(), dh, w)

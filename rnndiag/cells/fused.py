@@ -18,8 +18,16 @@ the outputs in one GEMM (h_{t-1} is the previous output):
     c_t  = f_t * c_{t-1} + i_t * g_t
     dc_t = dm_t * o_t * (1 - tanh(c_t)^2) + dc_{t+1} * f_{t+1},  dm_t = W_hr^T dh_t (or dh_t)
 
-Only the elementwise scans are Python loops (two or three ops per step); the recurrence with
-its GEMMs stays in the fused kernel. Shapes in run order, batch-first: x (B, T, I), outputs
+For the GRU (h_t = (1 - u_t) * n_t + u_t * h_{t-1}, n_t = tanh(W_in x_t + b_in + r_t *
+(W_hn h_{t-1} + b_hn))) two zero blocks: z1 with input weights [W_hr; W_hz; 0] and z2 with
+[0; 0; I], so dL/dz1_t = W_hr^T delta_r + W_hz^T delta_u and dL/dz2_t = delta_n (the n gate's
+pre-activation adjoint), and in run order
+
+    dh_t = g_t + dz1_{t+1} + W_hn^T (r_{t+1} * dz2_{t+1}) + u_{t+1} * dh_{t+1}
+
+with r and u recomputed from the outputs in one GEMM. The elementwise recurrences run as
+log-depth scans (`linear_scan`); the recurrence with its GEMMs stays in the fused kernel.
+Shapes in run order, batch-first: x (B, T, I), outputs
 (B, T, P); a reverse direction runs on x flipped in time.
 """
 
@@ -40,8 +48,15 @@ def augmented_run(cell: CellType, nonlinearity: str | None, x: Tensor, w: LayerW
     leaf whose gradient is the recurrent part of the adjoints."""
     batch, steps, _ = x.shape
     width = w.w_hh.shape[1]
-    z = x.new_zeros(batch, steps, width).requires_grad_()
-    params = [torch.cat([w.w_ih, w.w_hh], dim=1), w.w_hh]
+    if cell is CellType.GRU:  # two zero blocks (see the module docstring)
+        z = x.new_zeros(batch, steps, 2 * width).requires_grad_()
+        recurrent = torch.cat([w.w_hh[: 2 * width], torch.zeros_like(w.w_hh[2 * width:])])
+        inject = torch.cat([torch.zeros_like(w.w_hh[: 2 * width]),
+                            torch.eye(width, dtype=x.dtype, device=x.device)])
+        params = [torch.cat([w.w_ih, recurrent, inject], dim=1), w.w_hh]
+    else:
+        z = x.new_zeros(batch, steps, width).requires_grad_()
+        params = [torch.cat([w.w_ih, w.w_hh], dim=1), w.w_hh]
     if w.b_ih is not None and w.b_hh is not None:
         params += [w.b_ih, w.b_hh]
     if w.w_hr is not None:
@@ -59,6 +74,8 @@ def augmented_run(cell: CellType, nonlinearity: str | None, x: Tensor, w: LayerW
         if cell is CellType.LSTM:
             c0 = x.new_zeros(1, batch, w.w_hh.shape[0] // 4)
             out: Tensor = torch._VF.lstm(xz, (h0, c0), *args)[0]
+        elif cell is CellType.GRU:
+            out = torch._VF.gru(xz, h0, *args)[0]
         elif nonlinearity == "relu":
             out = torch._VF.rnn_relu(xz, h0, *args)[0]
         else:
@@ -91,6 +108,27 @@ def lstm_cell_adjoints(x: Tensor, out: Tensor, dh: Tensor, w: LayerWeights,
     ahead = torch.cat([torch.zeros_like(f[:, :1]), f.flip(1)[:, :-1]], dim=1)
     dc = linear_scan(ahead, local.flip(1)).flip(1)
     return dc, c[:, -1]
+
+
+@torch.no_grad()
+def gru_state_adjoints(x: Tensor, out: Tensor, g: Tensor, dz: Tensor, w: LayerWeights,
+                       ) -> Tensor:
+    """dh (B, T, H) in run order for a GRU from g = dL/d(outputs) and dz = dL/d[z1, z2] (see
+    the module docstring): dh_t = g_t + a_{t+1} + u_{t+1} * dh_{t+1}, where
+    a_t = dz1_t + W_hn^T (r_t * dz2_t) and the gates r_t, u_t (PyTorch's z) are recomputed from
+    the outputs in one GEMM."""
+    hidden = w.w_hh.shape[1]
+    prev = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+    gi = x @ w.w_ih[: 2 * hidden].t()
+    gh = prev @ w.w_hh[: 2 * hidden].t()
+    if w.b_ih is not None and w.b_hh is not None:
+        gi, gh = gi + w.b_ih[: 2 * hidden], gh + w.b_hh[: 2 * hidden]
+    r, u = (gi + gh).sigmoid().chunk(2, dim=2)
+    a = dz[..., :hidden] + (r * dz[..., hidden:]) @ w.w_hh[2 * hidden:]
+    b = g.clone()
+    b[:, :-1] += a[:, 1:]
+    ahead = torch.cat([torch.zeros_like(u[:, :1]), u.flip(1)[:, :-1]], dim=1)
+    return linear_scan(ahead, b.flip(1)).flip(1)
 
 
 def linear_scan(a: Tensor, b: Tensor) -> Tensor:
