@@ -289,13 +289,18 @@ def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
 
 
 FUSED_CELLS = (CellType.RNN, CellType.LSTM, CellType.GRU)
+# the default on a GPU where the route was checked on one (bench/gpu_check.sh on an H200); the
+# GRU's is tested against the step replay on the CPU only, so far
+FUSED_BY_DEFAULT = (CellType.RNN, CellType.LSTM)
 
 
 def fused_applies(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> bool:
     """Whether `replay` takes the fused route by default: on a GPU (where a per-step Python
-    loop costs 10-30x a cuDNN step), for RNN, LSTM and GRU, without per-example lengths. On
-    the CPU the step-by-step replay is faster (the zero block costs full GEMM work there)."""
-    return inputs.device.type == "cuda" and lengths is None and spec.cell_type in FUSED_CELLS
+    loop costs 10-30x a cuDNN step), for the cells in FUSED_BY_DEFAULT, without per-example
+    lengths. On the CPU the step-by-step replay is faster (the zero block costs full GEMM
+    work there)."""
+    return (inputs.device.type == "cuda" and lengths is None
+            and spec.cell_type in FUSED_BY_DEFAULT)
 
 
 DEEP_STACK = 512 * 2**20  # bytes of C stack for graph work (virtual: touched pages only)
