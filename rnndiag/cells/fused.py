@@ -94,8 +94,7 @@ def state_adjoints(g: Tensor, dz: Tensor) -> Tensor:
 def lstm_cell_adjoints(x: Tensor, out: Tensor, dh: Tensor, w: LayerWeights,
                        ) -> tuple[Tensor, Tensor]:
     """dc (B, T, H) in run order (see the module docstring), and the last c_t (B, H)."""
-    prev = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
-    a = x @ w.w_ih.t() + prev @ w.w_hh.t()
+    a = x @ w.w_ih.t() + _previous(out) @ w.w_hh.t()
     if w.b_ih is not None and w.b_hh is not None:
         a = a + (w.b_ih + w.b_hh)
     i, f, g, o = a.chunk(4, dim=2)
@@ -104,10 +103,7 @@ def lstm_cell_adjoints(x: Tensor, out: Tensor, dh: Tensor, w: LayerWeights,
     c = linear_scan(f, ig)  # c_t = f_t * c_{t-1} + i_t * g_t, c_{-1} = 0
     dm = dh if w.w_hr is None else dh @ w.w_hr
     local = dm * o * (1 - c.tanh().pow(2))  # dL/dc_t through h_t alone
-    # dc_t = f_{t+1} * dc_{t+1} + local_t, from dc_{T-1} = local_{T-1}: the same scan, reversed
-    ahead = torch.cat([torch.zeros_like(f[:, :1]), f.flip(1)[:, :-1]], dim=1)
-    dc = linear_scan(ahead, local.flip(1)).flip(1)
-    return dc, c[:, -1]
+    return reverse_scan(f, local), c[:, -1]  # dc_t = f_{t+1} * dc_{t+1} + local_t
 
 
 @torch.no_grad()
@@ -118,16 +114,24 @@ def gru_state_adjoints(x: Tensor, out: Tensor, g: Tensor, dz: Tensor, w: LayerWe
     a_t = dz1_t + W_hn^T (r_t * dz2_t) and the gates r_t, u_t (PyTorch's z) are recomputed from
     the outputs in one GEMM."""
     hidden = w.w_hh.shape[1]
-    prev = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
     gi = x @ w.w_ih[: 2 * hidden].t()
-    gh = prev @ w.w_hh[: 2 * hidden].t()
+    gh = _previous(out) @ w.w_hh[: 2 * hidden].t()
     if w.b_ih is not None and w.b_hh is not None:
         gi, gh = gi + w.b_ih[: 2 * hidden], gh + w.b_hh[: 2 * hidden]
     r, u = (gi + gh).sigmoid().chunk(2, dim=2)
     a = dz[..., :hidden] + (r * dz[..., hidden:]) @ w.w_hh[2 * hidden:]
-    b = g.clone()
-    b[:, :-1] += a[:, 1:]
-    ahead = torch.cat([torch.zeros_like(u[:, :1]), u.flip(1)[:, :-1]], dim=1)
+    return reverse_scan(u, state_adjoints(g, a))
+
+
+def _previous(out: Tensor) -> Tensor:
+    """h_{t-1} for every t, in run order: the outputs shifted by one, from the zero state."""
+    return torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+
+
+def reverse_scan(a: Tensor, b: Tensor) -> Tensor:
+    """y with y_t = a_{t+1} * y_{t+1} + b_t along dim 1, from y_{T-1} = b_{T-1}: an adjoint's
+    backward recurrence, as `linear_scan` over the sequence reversed in time."""
+    ahead = torch.cat([torch.zeros_like(a[:, :1]), a.flip(1)[:, :-1]], dim=1)
     return linear_scan(ahead, b.flip(1)).flip(1)
 
 
