@@ -12,10 +12,10 @@ one bad file never hides the others.
 Reading is bounded before it allocates: a file holds at most `MAX_TENSORS` tensors, and what
 its tensors take once read (`footprint`: declared element counts, floats counted at 8 bytes
 as inspect converts them to float64) must fit in the reading limit (`--max-memory` when given,
-else `default_limit`). Safetensors files are measured from their header, torch and .npz files
-from their zip directory (the sizes members decompress to) before anything is decompressed,
-and torch files again from the tensors' shapes before any is copied (a stride-0 view of a
-tiny storage can stand for gigabytes).
+else `resources.default_limit`). Safetensors files are measured from their header, torch and
+.npz files from their zip directory (the sizes members decompress to) before anything is
+decompressed, and torch files again from the tensors' shapes before any is copied (a stride-0
+view of a tiny storage can stand for gigabytes).
 """
 
 from __future__ import annotations
@@ -159,14 +159,6 @@ def check_archive(path: Path, limit: int) -> None:
                               "(raise it with --max-memory)")
 
 
-
-
-def default_limit() -> int:
-    """What reading may allocate when --max-memory is not given: `resources.default_limit`
-    (half the physical memory, and of what ulimit -v leaves)."""
-    return resources.default_limit()
-
-
 # The dtypes an .npz array may have: those torch.from_numpy takes (not float128, strings,
 # datetimes or structured records)
 NPZ_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
@@ -214,10 +206,10 @@ def read(path: Path, fmt: str | None = None, *, state_key: str | None = None,
          limit: int | None = None) -> RawFile:
     """The file's tensors (only those under `state_key`, renamed without it, when given);
     `fmt` is what `guard` already returned (it guards the file when not given); `limit` bounds
-    what reading allocates (bytes; `default_limit()` when None)."""
+    what reading allocates (bytes; `resources.default_limit()` when None)."""
     try:
         raw = READERS[fmt or guard(path)](path, state_key=state_key,
-                                          limit=limit or default_limit())
+                                          limit=limit or resources.default_limit())
     except OSError as exc:  # /proc/self/mem, a file removed or truncated meanwhile, EIO, ...
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or one_line(exc)})") from None
     return replace(raw, arrays=unwrap_names(raw.arrays, path),
