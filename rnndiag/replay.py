@@ -289,9 +289,8 @@ def objective(finals: Sequence[Tensor], batch: int) -> Tensor:
 
 
 FUSED_CELLS = (CellType.RNN, CellType.LSTM, CellType.GRU)
-# the default on a GPU where the route was checked on one (bench/gpu_check.sh on an H200); the
-# GRU's is tested against the step replay on the CPU only, so far
-FUSED_BY_DEFAULT = (CellType.RNN, CellType.LSTM)
+# the default on a GPU: every cell's route was checked on one (bench/gpu_check.sh on an H200)
+FUSED_BY_DEFAULT = (CellType.RNN, CellType.LSTM, CellType.GRU)
 
 
 def fused_applies(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> bool:

@@ -147,7 +147,7 @@ def test_fused_route_is_the_default_on_cuda_only() -> None:
     if torch.cuda.is_available():
         assert fused_applies(spec, x.cuda(), None)
         assert not fused_applies(spec, x.cuda(), torch.tensor([5, 3]))
-        assert not fused_applies(spec_of("", nn.GRU(4, 6)), x.cuda(), None)  # not yet
+        assert fused_applies(spec_of("", nn.GRU(4, 6)), x.cuda(), None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
