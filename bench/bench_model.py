@@ -6,7 +6,8 @@ batch_first) -> Linear(512, 50), scored by cross-entropy at every position (per-
   rnndiag:  diagnose_files() with --model on a safetensors checkpoint of that model and a batch
             file holding `inputs` and `targets`: loading, building the model, replay, the loss's
             backward pass, the temporal credit passes (rnndiag.temporal), every series, static
-            analysis, and the clip suggestion's per-example gradients (rnndiag.clip).
+            analysis, and the clip suggestion's per-example gradients (recorded in the same
+            backward pass, rnndiag.pergrad).
 Times are medians of --repeat interleaved runs (baseline, rnndiag, baseline, ...) after one
 warm-up each. The load average is printed with the table: on a shared machine it moves the
 numbers more than anything else.
@@ -118,11 +119,14 @@ def _row(steps: int, args: argparse.Namespace, folder: Path) -> None:
 
 
 def phases(target: tuple[Path, Any]) -> tuple[float, float, float]:
-    """Seconds spent in the credit passes, in the per-example gradients and in all, in one run."""
-    from rnndiag import clip, modelcheck
+    """Seconds spent in the credit passes, in the per-example gradients (the shares recorded
+    in the main pass, rnndiag.pergrad, checked against the loop on two examples; or the loop)
+    and in all, in one run."""
+    from rnndiag import modelcheck
 
-    spent = {"credit_rows": 0.0, "per_example_gram": 0.0}
-    saved = getattr(modelcheck, "credit_rows"), clip.per_example_gram  # noqa: B009
+    names = ("credit_rows", "_shares", "_gram")
+    spent = dict.fromkeys(names, 0.0)
+    saved = {name: getattr(modelcheck, name) for name in names}
 
     def timed(name: str, fn: Any) -> Any:
         def run(*a: Any, **k: Any) -> Any:
@@ -133,16 +137,16 @@ def phases(target: tuple[Path, Any]) -> tuple[float, float, float]:
                 spent[name] += time.perf_counter() - start
         return run
 
-    setattr(modelcheck, "credit_rows", timed("credit_rows", saved[0]))  # noqa: B010
-    clip.per_example_gram = timed("per_example_gram", saved[1])
+    for name in names:
+        setattr(modelcheck, name, timed(name, saved[name]))
     try:
         start = time.perf_counter()
         diagnosis(target)
         total = time.perf_counter() - start
     finally:
-        setattr(modelcheck, "credit_rows", saved[0])  # noqa: B010
-        clip.per_example_gram = saved[1]
-    return spent["credit_rows"], spent["per_example_gram"], total
+        for name in names:
+            setattr(modelcheck, name, saved[name])
+    return spent["credit_rows"], spent["_shares"] + spent["_gram"], total
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rnndiag import clip, static
+from rnndiag import clip, pergrad, static
 from rnndiag.errors import BatchError
 from rnndiag.losses import Loss, LossFn, choose, pick
 from rnndiag.records import (
@@ -158,7 +158,8 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                    progress: Callable[[str], None], state: TrainingState | None,
                    ) -> LiveDiagnosis:
     progress("replaying the model")
-    with capture(model) as rec:
+    recorder = pergrad.Recorder(model)
+    with capture(model, tap=recorder.tap) as rec, recorder.hooks():
         output = call_model(model, inputs.args, inputs.kwargs)
         seqs = rec.sequences()
         if not seqs:
@@ -168,12 +169,14 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
         loss_def = choose(output, inputs.targets, custom, custom_name, options.output_key,
                           options.ignore_index)
         loss = _loss(loss_def, output, inputs.targets, rec, batch)
-        measured = _measure(rec, seqs, loss, loss_def, output, batch, options)
+        params = _recorded(model, loss_def, recorder)
+        measured = _measure(rec, seqs, loss, loss_def, output, batch, options, recorder, params)
     modules = _modules(seqs, measured, loss_def.name, float(loss.detach()), options)
     progress("per-example gradient norms")
     exploding = any(m.verdict is Verdict.EXPLODING for m in modules)
-    suggestion = _clip(model, loss_def, inputs, Slicing(batch, measured.time_major), options,
-                       exploding, state)
+    slicing = Slicing(batch, measured.time_major)
+    shares = _shares(recorder, measured, loss_def, inputs, slicing, options.ignore_index)
+    suggestion = _clip(model, loss_def, inputs, slicing, options, exploding, state, shares)
     return LiveDiagnosis(modules, suggestion, _loss_name(loss_def), batch, measured.notes)
 
 
@@ -209,17 +212,25 @@ class Measured:
     credit: CreditRows | None
     time_major: bool
     notes: tuple[str, ...]
+    params: tuple[Tensor, ...] = ()  # recorded for per-example gradients (rnndiag.pergrad)
+    grads: tuple[Tensor | None, ...] = ()  # the batch loss's gradient of `params`
 
 
 def _measure(rec: Recording, seqs: Sequence[Sequence_], loss: Tensor, loss_def: Loss,
-             output: Any, batch: int, options: CheckOptions) -> Measured:
+             output: Any, batch: int, options: CheckOptions, recorder: pergrad.Recorder,
+             params: tuple[Tensor, ...]) -> Measured:
     states = [s for seq in seqs for s in seq.states]
     chains = [s.chain for s in states if s.chain is not None]
     roots = [r for seq in seqs for r in seq.roots if r.requires_grad]
     if not loss.requires_grad or not roots:
         raise BatchError("the loss does not depend on any recurrent state (do the recurrent "
                          "parameters or the inputs require grad?)")
-    found = rec.capture.backward(loss, roots, chains, retain_graph=loss_def.fn is not None)
+    recorder.start()
+    try:
+        found, grads = rec.capture.backward_with(loss, roots, chains,
+                                                 loss_def.fn is not None, params)
+    finally:
+        recorder.stop()
     conventions = _conventions(seqs)
     scored = None if loss_def.fn is None else scored_sequences(
         loss, pick(output, loss_def.key), batch, {**_cells(seqs), **conventions},
@@ -227,9 +238,49 @@ def _measure(rec: Recording, seqs: Sequence[Sequence_], loss: Tensor, loss_def: 
     if scored is None:
         major = options.time_axis == 0 if options.time_axis is not None else (
             bool(conventions) and not any(conventions.values()))
-        return Measured(found, None, major, ())
+        return Measured(found, None, major, (), params, grads)
     rows = credit_rows(scored, states, rec.capture, roots, batch)
-    return Measured(found, rows, scored.time_major, _credit_notes(rows, scored.steps))
+    return Measured(found, rows, scored.time_major, _credit_notes(rows, scored.steps), params,
+                    grads)
+
+
+def _recorded(model: nn.Module, loss_def: Loss, recorder: pergrad.Recorder,
+              ) -> tuple[Tensor, ...]:
+    """The parameters whose per-example gradients the backward pass records: all that
+    require grad, when the loss is a built-in mean over positions and the model's modules
+    allow it (rnndiag.pergrad); else none."""
+    if recorder.why is not None or loss_def.name not in BUILTIN_MEANS:
+        recorder.stop()
+        return ()
+    return tuple(p for p in model.parameters() if p.requires_grad)
+
+
+BUILTIN_MEANS = ("cross_entropy", "mse")  # losses that average over scored positions
+
+
+def _shares(recorder: pergrad.Recorder, measured: Measured, loss_def: Loss,
+            inputs: ModelInputs, slicing: Slicing, ignore_index: int,
+            ) -> tuple[list[Tensor], Tensor] | str:
+    """(each of the first n examples' share of the batch gradient, the factors N / N_i that
+    turn shares into the examples' own gradients), or why the loop must run instead."""
+    if not measured.params:
+        return recorder.why or f"loss {loss_def.name} is not a mean over positions"
+    assert inputs.targets is not None  # a built-in loss has targets
+    count = sum(p.numel() for p in measured.params)
+    n = clip.examples_for(slicing.batch, count)
+    counts = torch.tensor([_scored(slicing.target_rows(torch.tensor([i]), inputs.targets),
+                                   loss_def, ignore_index) for i in range(n)])
+    total = _scored(inputs.targets, loss_def, ignore_index)
+    found = recorder.shares(measured.params, measured.grads, n, slicing.batch,
+                           slicing.time_major)
+    if isinstance(found, str):
+        return found
+    return found, pergrad.scales(counts, total)
+
+
+def _scored(y: Tensor, loss_def: Loss, ignore_index: int) -> int:
+    """The positions a built-in loss averages over in `y` (targets not ignored; elements)."""
+    return int((y != ignore_index).sum()) if loss_def.classes_last else y.numel()
 
 
 def _conventions(seqs: Sequence[Sequence_]) -> dict[int, bool | None]:
@@ -288,7 +339,7 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
           options: CheckOptions, exploding: bool, state: TrainingState | None,
-          ) -> ClipSuggestion:
+          shares: tuple[list[Tensor], Tensor] | str) -> ClipSuggestion:
     """The clip rule (rnndiag.clip) on per-example gradients of the task loss."""
     params = [p for p in model.parameters() if p.requires_grad]
     count = sum(p.numel() for p in params)
@@ -296,10 +347,10 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
     gram, unavailable, curvature = None, None, None
     if loss_def.fn is not None:
         n = clip.examples_for(slicing.batch, count)
+        one = partial(_example_loss, model, loss_def, inputs, slicing, options.ignore_index)
         try:
             with _eval(model), eager():
-                gram = clip.per_example_gram(partial(_example_loss, model, loss_def, inputs,
-                                                     slicing, options.ignore_index), params, n)
+                gram = _gram(one, params, n, shares)
                 curvature = clip.measured_curvature(
                     partial(_rows_loss, model, loss_def, inputs, slicing, torch.arange(n)),
                     params, options, state, slicing.batch)
@@ -307,6 +358,29 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
             unavailable = f"the model does not run on one example alone ({exc})"
     return clip.recommend(gram, options, state, slicing.batch, norm, "model", count, exploding,
                           unavailable, curvature)
+
+
+def _gram(one: Callable[[int], Tensor | None], params: Sequence[Tensor], n: int,
+          shares: tuple[list[Tensor], Tensor] | str) -> Tensor:
+    """K of n per-example gradients: from the recorded shares (rnndiag.pergrad) when they
+    match the loop's own gradient on the first and the last scoring example (a model that mixes
+    examples, or reads a batch axis elsewhere, would not), else by the loop."""
+    if not isinstance(shares, str):
+        grads, scale = shares
+        kept = scale.nonzero().flatten().tolist()
+        if kept and all(_matches(one, params, grads, scale, i) for i in {kept[0], kept[-1]}):
+            return pergrad.gram(grads, scale)
+    return clip.per_example_gram(one, params, n)
+
+
+def _matches(one: Callable[[int], Tensor | None], params: Sequence[Tensor],
+             grads: Sequence[Tensor], scale: Tensor, i: int) -> bool:
+    loss = one(i)
+    if loss is None or not loss.requires_grad:
+        return False
+    with torch.enable_grad():
+        exact = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return pergrad.agrees([g[i] * float(scale[i]) for g in grads], exact)
 
 
 def _example_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,

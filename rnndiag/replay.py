@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -100,7 +100,7 @@ def alive_mask(lengths: Tensor, steps: int) -> Tensor:
 
 def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: Tensor,
            c0: Tensor | None, capture: Capture | None = None, top_output: bool = True,
-           alive: Tensor | None = None) -> Unrolled:
+           alive: Tensor | None = None, tap: list[Tapped] | None = None) -> Unrolled:
     """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state;
     with a `capture`, every state is watched by its hooks (one chain per layer and direction).
     Without `top_output` the top layer's outputs are not stacked (saving a copy while the
@@ -109,7 +109,10 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
     Variable lengths, as a PackedSequence runs: with `alive` (T, B), a step that does not exist
     for an example keeps its state unchanged (h_t = h_{t-1} forward; reverse, the state stays
     h0 until the example's last step), so each example runs exactly on its own length, h_n
-    holds its own final state, and the captured adjoints of such steps are zero."""
+    holds its own final state, and the captured adjoints of such steps are zero.
+
+    With a `tap`, each layer and direction appends what its per-example weight gradients are
+    computed from (`Tapped`; rnndiag.pergrad)."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -122,7 +125,7 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
             weights = LayerWeights.of(spec, params, layer, direction)
             stack = top_output or layer < spec.num_layers - 1
             s = _run_direction(spec, weights, layer_input, layer, direction, h0[index],
-                               None if c0 is None else c0[index], capture, stack, alive)
+                               None if c0 is None else c0[index], capture, stack, alive, tap)
             kept.append(s)
             last = final_step(direction, len(s.h))
             h_n.append(s.h[last])
@@ -139,12 +142,15 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
 def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                    direction: Direction, h: Tensor, c: Tensor | None,
                    capture: Capture | None, stack: bool = True, alive: Tensor | None = None,
-                   ) -> DirectionStates:
+                   tap: list[Tapped] | None = None) -> DirectionStates:
     """Unroll one layer and direction from (h, c); states kept by time index t."""
     seq_len = x.shape[1]
     # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
     # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
-    xs = input_terms(x, w, spec.cell_type).unbind(dim=1)
+    terms = input_terms(x, w, spec.cell_type)
+    if tap is not None:
+        tap.append(Tapped(spec.cell_type, direction, w, x, terms, h))
+    xs = terms.unbind(dim=1)
     chain = capture.chain(layer, direction, alive) if capture is not None else None
     keep = None if alive is None else alive.unsqueeze(2).unbind(0)  # T of (B, 1)
     step_fn, nonlinearity = unit(spec.cell_type).step, spec.nonlinearity  # once, not per step
@@ -169,7 +175,33 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                 assert own is not None  # a cell with a state returns one
                 chain.watch("dc", t, own)
     sequence = torch.stack(hs, dim=1) if stack else None
+    if tap is not None:
+        tap[-1].states = hs
     return DirectionStates(layer, direction, hs, cs, sequence, chain)
+
+
+@dataclass
+class Tapped:
+    """One layer and direction as `unroll` ran it with a tap: the input term's gradient, with
+    the layer input x and the states, gives each example's weight gradients (rnndiag.pergrad)."""
+
+    cell: CellType
+    direction: Direction
+    w: LayerWeights
+    x: Tensor  # (B, T, I) the layer input
+    terms: Tensor  # (B, T, G*H) input_terms(x, w): x W_ih^T + biases
+    h_init: Tensor  # (B, P) the state before the first step in run order
+    states: list[Tensor] = field(default_factory=list)  # T of (B, P), by time index t
+    grad: Tensor | None = None  # dL/d(terms), set by the hook `watch` registers
+
+    def watch(self, active: Callable[[], bool]) -> None:
+        """Keep dL/d(terms) from the backward passes that run while `active()`."""
+        if self.terms.requires_grad:
+            self.terms.register_hook(partial(self._keep, active))
+
+    def _keep(self, active: Callable[[], bool], grad: Tensor) -> None:
+        if active():
+            self.grad = grad if self.grad is None else self.grad + grad
 
 
 class Chain:
@@ -244,14 +276,20 @@ class Capture:
         Every watched state between the loss and a root fires its hook once with its total
         gradient dL/dh_t, summed over every path (a state passed as a root too).
         """
+        return self.backward_with(loss, roots, chains, retain_graph)[0]
+
+    def backward_with(self, loss: Tensor, roots: Sequence[Tensor], chains: Sequence[Chain],
+                      retain_graph: bool = False, extra: Sequence[Tensor] = (),
+                      ) -> tuple[tuple[StepAdjoints, ...], tuple[Tensor | None, ...]]:
+        """`backward`, also returning dL/d(extra) from the same pass (parameters)."""
         for c in chains:
             c.open()
         try:
-            torch.autograd.grad(loss, list(roots), allow_unused=True,
-                                retain_graph=retain_graph)
+            grads = torch.autograd.grad(loss, [*roots, *extra], allow_unused=True,
+                                        retain_graph=retain_graph)
         finally:
             found = tuple(c.close() for c in chains)
-        return found
+        return found, tuple(grads[len(roots):])
 
 
 def batched_sq(outputs: Sequence[Tensor], cotangents: Sequence[Tensor],

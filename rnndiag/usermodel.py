@@ -32,6 +32,7 @@ from rnndiag.replay import (
     Capture,
     Chain,
     DirectionStates,
+    Tapped,
     Unrolled,
     alive_mask,
     unroll,
@@ -168,11 +169,12 @@ class Recording:
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module) -> Iterator[Recording]:
+def capture(model: nn.Module, tap: list[Tapped] | None = None) -> Iterator[Recording]:
     """Replay stacked modules step by step and record cell calls while the block runs.
 
     Forwards, hooks and every module's train/eval flag are restored on exit; `call_model`
     puts back the tensors a model keeps as attributes (a stateful model's `self.hidden`).
+    With a `tap`, every replayed layer and direction is appended to it (rnndiag.pergrad).
     """
     recording = Recording(Capture(), [Record(name, spec_of(name, m), m)
                                       for name, m in recurrent_modules(model)])
@@ -188,7 +190,7 @@ def capture(model: nn.Module) -> Iterator[Recording]:
                 handles.append(rec.module.register_forward_hook(
                     _cell_hook(rec, recording.capture), with_kwargs=True))
             else:
-                rec.module.forward = _replay_forward(rec, recording.capture)
+                rec.module.forward = _replay_forward(rec, recording.capture, tap)
                 patched.append(rec.module)
         yield recording
     finally:
@@ -259,7 +261,8 @@ def _continues(h_in: Tensor | None, last: Tensor, depth: int = 6) -> bool:
     return any(node is target for node in frontier)
 
 
-def _replay_forward(rec: Record, cap: Capture) -> Callable[..., Any]:
+def _replay_forward(rec: Record, cap: Capture, tap: list[Tapped] | None = None,
+                    ) -> Callable[..., Any]:
     m: Any = rec.module
     spec = rec.spec
 
@@ -283,7 +286,8 @@ def _replay_forward(rec: Record, cap: Capture) -> Callable[..., Any]:
             h0 = h0 + (h_given.unsqueeze(1) if unbatched else h_given)
             if c_given is not None and c0 is not None:
                 c0 = c0 + (c_given.unsqueeze(1) if unbatched else c_given)
-        run = unroll(spec, dict(m.named_parameters()), x, h0, c0, capture=cap, alive=alive)
+        run = unroll(spec, dict(m.named_parameters()), x, h0, c0, capture=cap, alive=alive,
+                     tap=tap)
         rec.calls.append((run, roots))
         out: Any = run.output
         assert out is not None  # unrolled with top_output=True

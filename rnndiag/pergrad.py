@@ -1,0 +1,271 @@
+"""Per-example gradients of the task loss, recorded during the diagnosis's own backward pass.
+
+The clip rule (rnndiag.clip) needs the Gram matrix K_ij = <g_i, g_j> of n per-example
+gradients, g_i the gradient of example i's own loss (example i alone: its mean over its own
+scored positions). `rnndiag.clip.per_example_gram` runs the model once per example. Here the
+model mode's one backward pass of the batch loss gives them (BackPACK's approach, Dangel et
+al. 2020) for the parameters of modules whose per-example gradient has a closed form. With e
+the gradient of a module's output and k running over example i's rows (positions):
+
+- nn.Linear, y = a W^T + b:   g_i(W) = sum_k e_ik^T a_ik,   g_i(b) = sum_k e_ik;
+- nn.Embedding:               g_i(E)[v] = sum of e_ik over example i's positions holding token
+                              v (none for padding_idx, as in PyTorch);
+- nn.RNN / nn.LSTM / nn.GRU, replayed step by step with a tap (rnndiag.replay.Tapped): with
+  d = dL/d(input term) (B, T, G*H), x the layer input and P the state each step read:
+    RNN, LSTM (gates see x W_ih^T + h W_hh^T + b_ih + b_hh):
+        g_i(W_ih) = d_i^T x_i,  g_i(W_hh) = d_i^T P_i,  g_i(b_ih) = g_i(b_hh) = sum_t d_it;
+    GRU (n = tanh(x_n + r * (h W_hn^T + b_hn))): the hidden side is d_hid = [d_rz, r * d_n],
+        r recomputed in one GEMM:  g_i(W_hh) = d_hid_i^T P_i,  g_i(b_hh) = sum_t d_hid_it.
+  Sums over t are one batched GEMM each, never a (B, G*H, I) tensor per step.
+
+These are example i's share of the batch loss's gradient. The batch loss is the mean over the
+N = sum_i N_i scored positions (targets not ignored, or elements for MSE), so the share is
+(N_i / N) g_i, and g_i = (N / N_i) * share (`scales`).
+
+The route applies when every parameter that requires grad belongs to one of those modules (an
+LSTM without proj_size, an Embedding without max_norm; no cells) and each module's input has
+the batch axis where `rnndiag.modelcheck.Slicing` finds it. It checks itself: the same formulas
+summed over the whole batch must give the batch gradient of the pass (a weight also read
+outside its module, or a module the route does not know, breaks that); otherwise it says why,
+and the caller runs the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rnndiag.clip import inner_products
+from rnndiag.records import CellType, Direction
+from rnndiag.replay import Tapped
+
+KNOWN = (nn.Linear, nn.Embedding, nn.RNN, nn.LSTM, nn.GRU)
+AGREE = 1e-3  # formulas vs autograd: relative to the gradient's norm (float32 rounding)
+
+Terms = list[tuple[Tensor, Tensor, Tensor]]  # (parameter, (n, *shape) per example, batch sum)
+
+
+class Recorder:
+    """What per-example gradients need, recorded while the model runs: each call of a Linear
+    or Embedding module (its input, and its output's gradient) and each replayed recurrent
+    layer and direction (`tap`, given to rnndiag.usermodel.capture). Gradients are kept from
+    the first backward pass only: `stop` after it, and later passes over the same graph (the
+    credit passes) leave them alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.why = unsupported(model)
+        self.tap: list[Tapped] | None = None if self.why else []
+        self.calls: list[tuple[nn.Module, Tensor]] = []
+        self.grads: dict[int, Tensor] = {}  # index in calls -> dL/d(output)
+        self.active = self.why is None
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[Recorder]:
+        """Record Linear and Embedding calls while the block runs (hooks removed on exit)."""
+        handles = [] if self.why else [
+            m.register_forward_hook(self._call) for m in self.model.modules()
+            if isinstance(m, nn.Linear | nn.Embedding)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def start(self) -> None:
+        """Watch the recurrent input terms: call before the backward pass."""
+        for t in self.tap or ():
+            t.watch(self.is_active)
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def stop(self) -> None:
+        self.active = False
+
+    def _call(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.active and isinstance(output, Tensor) and output.requires_grad and args:
+            self.calls.append((module, args[0]))
+            output.register_hook(partial(self._keep, len(self.calls) - 1))
+
+    def _keep(self, index: int, grad: Tensor) -> None:
+        if self.active:
+            self.grads[index] = grad if index not in self.grads else self.grads[index] + grad
+
+    def shares(self, params: Sequence[Tensor], batch_grads: Sequence[Tensor | None], n: int,
+               batch: int, time_major: bool) -> list[Tensor] | str:
+        """The first n examples' shares of the batch gradient, (n, *p.shape) per parameter,
+        after checking that the formulas over the whole batch (`batch` examples) give
+        `batch_grads`; or why not."""
+        if self.why is not None:
+            return self.why
+        terms: Terms = []
+        for index, (module, a) in enumerate(self.calls):
+            e = self.grads.get(index)
+            if e is not None:
+                got = _module_terms(module, a, e, n, batch, time_major)
+                if isinstance(got, str):
+                    return got
+                terms += got
+        for t in self.tap or ():
+            if t.grad is not None:
+                if t.x.shape[0] != batch:
+                    return f"a recurrent module ran on {t.x.shape[0]} examples, not {batch}"
+                terms += _recurrent_terms(t, n)
+        per: dict[int, Tensor] = {}
+        total: dict[int, Tensor] = {}
+        for p, each, whole in terms:
+            per[id(p)] = each if id(p) not in per else per[id(p)] + each
+            total[id(p)] = whole if id(p) not in total else total[id(p)] + whole
+        bad = _disagreement([total.get(id(p)) for p in params], batch_grads, params)
+        if bad is not None:
+            return bad
+        return [per.get(id(p), p.new_zeros(n, *p.shape)) for p in params]
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why per-example gradients cannot come from one pass of `model`, or None."""
+    for name, m in model.named_modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        label = name or "the model"
+        if not isinstance(m, KNOWN):
+            return f"{label} ({type(m).__name__}) has parameters of its own"
+        if isinstance(m, nn.LSTM) and m.proj_size > 0:
+            return f"{label} has proj_size"
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
+            return f"{label} renormalises or is sparse"
+    return None
+
+
+def scales(counts: Tensor, total: int) -> Tensor:
+    """N / N_i (0 where N_i = 0), float64, from the examples' counts N_i and the batch's N:
+    example i's share of a mean-over-positions batch loss's gradient, times this, is the
+    gradient of its own loss."""
+    return torch.where(counts > 0, total / counts.clamp(min=1).double(), 0.0).double()
+
+
+def gram(shares: Sequence[Tensor], scale: Tensor) -> Tensor:
+    """K (m, m) float64 of the gradients of the m examples with scale > 0, from their shares
+    block by block (no (n, P) copy): K_ij = s_i s_j <share_i, share_j>."""
+    rows = (scale > 0).nonzero().flatten()
+    s = scale[rows]
+    k = torch.zeros(len(rows), len(rows), dtype=torch.float64)
+    everyone = len(rows) == len(scale)
+    for g in shares:
+        block = g.reshape(g.shape[0], -1)
+        k += inner_products(block if everyone else block[rows.to(g.device)])
+    return k * s.unsqueeze(0) * s.unsqueeze(1)
+
+
+def agrees(ours: Sequence[Tensor], exact: Sequence[Tensor | None]) -> bool:
+    """Whether one example's gradients (`ours`) match the loop's (`exact`), each within AGREE
+    of the whole gradient's norm."""
+    whole = math.sqrt(sum(0.0 if g is None else float(g.double().pow(2).sum()) for g in exact))
+    for a, g in zip(ours, exact, strict=True):
+        gap = float((a if g is None else a - g).double().norm())
+        if not math.isfinite(gap) or gap > AGREE * max(whole, 1e-30):
+            return False
+    return True
+
+
+def _rows(x: Tensor, batch: int, time_major: bool) -> Tensor | None:
+    """x (..., F) -> (B, K, F) with the batch axis where `Slicing` finds it; None: none fits."""
+    f = x.shape[-1]
+    if x.dim() >= 3 and x.shape[1] == batch and (time_major or x.shape[0] != batch):
+        return x.movedim(1, 0).reshape(batch, -1, f)
+    if x.dim() >= 2 and x.shape[0] == batch:
+        return x.reshape(batch, -1, f)
+    if x.dim() == 2 and x.shape[0] % batch == 0:  # flattened (T*B, F) or (B*T, F)
+        steps = x.shape[0] // batch
+        return (x.reshape(steps, batch, f).transpose(0, 1) if time_major
+                else x.reshape(batch, steps, f))
+    return None
+
+
+def _module_terms(module: nn.Module, a: Tensor, e: Tensor, n: int, batch: int,
+                  time_major: bool) -> Terms | str:
+    x = a.unsqueeze(-1) if isinstance(module, nn.Embedding) else a.detach()
+    aa, ee = _rows(x, batch, time_major), _rows(e, batch, time_major)
+    if aa is None or ee is None or aa.shape[1] != ee.shape[1]:
+        return (f"the input {tuple(a.shape)} of a {type(module).__name__} has no batch axis "
+                f"of size {batch}")
+    if isinstance(module, nn.Linear):
+        out = [(module.weight, torch.einsum("bko,bki->boi", ee[:n], aa[:n]),
+                ee.reshape(-1, ee.shape[2]).T @ aa.reshape(-1, aa.shape[2]))]
+        if module.bias is not None:
+            out.append((module.bias, ee[:n].sum(1), ee.sum((0, 1))))
+        return [t for t in out if t[0].requires_grad]
+    assert isinstance(module, nn.Embedding)
+    ids = aa.squeeze(-1)  # (B, K)
+    if module.padding_idx is not None:
+        ee = ee * (ids != module.padding_idx).unsqueeze(-1).to(ee.dtype)
+    size, width = module.num_embeddings, ee.shape[2]
+    offsets = size * torch.arange(n, device=ids.device).unsqueeze(1)
+    each = ee.new_zeros(n * size, width).index_add_(
+        0, (ids[:n] + offsets).flatten(), ee[:n].reshape(-1, width)).view(n, size, width)
+    whole = ee.new_zeros(size, width).index_add_(0, ids.flatten(), ee.reshape(-1, width))
+    return [(module.weight, each, whole)] if module.weight.requires_grad else []
+
+
+def _recurrent_terms(t: Tapped, n: int) -> Terms:
+    """Each example's and the batch's gradient of one layer and direction's weights."""
+    assert t.grad is not None
+    d, w, x = t.grad, t.w, t.x.detach()  # (B, T, G*H), weights, (B, T, I)
+    prev = _previous(t)  # (B, T, P)
+    hidden = d
+    if t.cell is CellType.GRU:
+        size = d.shape[2] // 3
+        hp = prev @ w.w_hh.detach().t()
+        if w.b_hh is not None:
+            hp = hp + w.b_hh.detach()
+        r = (t.terms.detach()[..., :size] + hp[..., :size]).sigmoid()
+        hidden = torch.cat([d[..., :2 * size], r * d[..., 2 * size:]], dim=2)
+    out: Terms = [(w.w_ih, _each(d, x, n), _whole(d, x)),
+                  (w.w_hh, _each(hidden, prev, n), _whole(hidden, prev))]
+    if w.b_ih is not None:
+        out.append((w.b_ih, d[:n].sum(1), d.sum((0, 1))))
+    if w.b_hh is not None:
+        out.append((w.b_hh, hidden[:n].sum(1), hidden.sum((0, 1))))
+    return [term for term in out if term[0].requires_grad]
+
+
+def _each(d: Tensor, x: Tensor, n: int) -> Tensor:
+    """(n, G, I): sum_t d[b, t]^T x[b, t] for the first n examples b, one batched GEMM."""
+    return d[:n].transpose(1, 2) @ x[:n]
+
+
+def _whole(d: Tensor, x: Tensor) -> Tensor:
+    return d.reshape(-1, d.shape[2]).T @ x.reshape(-1, x.shape[2])
+
+
+def _previous(t: Tapped) -> Tensor:
+    """(B, T, P): the state each step read, by time index (the step before it in run order)."""
+    states = [s.detach() for s in t.states]
+    first = t.h_init.detach()
+    if t.direction is Direction.FORWARD:
+        return torch.stack([first, *states[:-1]], dim=1)
+    return torch.stack([*states[1:], first], dim=1)
+
+
+def _disagreement(formulas: Sequence[Tensor | None], batch: Sequence[Tensor | None],
+                  params: Sequence[Tensor]) -> str | None:
+    """Why the formulas over the whole batch differ from the batch gradient, or None."""
+    norms = [0.0 if g is None else float(g.double().norm()) for g in batch]
+    floor = AGREE * 1e-2 * math.sqrt(sum(x * x for x in norms))
+    for ours, g, norm, p in zip(formulas, batch, norms, params, strict=True):
+        diff = ours if g is None else g if ours is None else ours - g
+        if diff is None:
+            continue
+        gap = float(diff.double().norm())
+        if not math.isfinite(gap) or gap > AGREE * norm + floor:
+            return (f"a parameter of shape {tuple(p.shape)} is used outside the modules this "
+                    f"route knows (their formulas miss {gap:.3g} of its gradient, {norm:.3g})")
+    return None
+

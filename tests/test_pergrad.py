@@ -1,0 +1,227 @@
+"""Per-example gradients recorded in the model mode's backward pass (rnndiag.pergrad) against
+the loop (one forward/backward per example, rnndiag.clip.per_example_gram), in float64.
+
+Every case runs `check_model` with targets; the Gram matrix the clip rule receives is compared
+with the loop's on the same examples, and the route taken is checked: the one-pass route where
+it applies, the loop where it must not (a model it cannot attribute per example)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnndiag
+from rnndiag import clip, modelcheck, pergrad
+
+B, T, V, D = 5, 7, 11, 6
+
+
+class Tagger(nn.Module):
+    def __init__(self, cell: type[nn.Module] = nn.LSTM, **kw: Any) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D, padding_idx=0)
+        self.rnn = cell(D, 8, num_layers=2, bidirectional=True, batch_first=True, **kw)
+        self.head = nn.Linear(2 * (kw.get("proj_size") or 8), 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out)  # type: ignore[no-any-return]
+
+
+class TimeMajorGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 9)
+        self.head = nn.Linear(9, 2)
+
+    def forward(self, x: Tensor) -> Tensor:  # (T, B, 3) -> (T, B, 2)
+        return self.head(self.rnn(x)[0])  # type: ignore[no-any-return]
+
+
+class FinalState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(3, 8, nonlinearity="relu", bidirectional=True, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 3) -> (B, 3)
+        _, h = self.rnn(x)
+        return self.head(torch.cat([h[0], h[1]], dim=1))  # type: ignore[no-any-return]
+
+
+class Packed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.rnn = nn.LSTM(D, 8, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
+                                      enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True,
+                                     total_length=tokens.shape[1])
+        return self.head(out)  # type: ignore[no-any-return]
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.rnn = nn.LSTM(D, D, batch_first=True)
+        self.head = nn.Linear(D, V)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.rnn(self.embed(tokens))[0])  # type: ignore[no-any-return]
+
+
+class Flattened(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 8, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B*T, 4)
+        out, _ = self.rnn(x)
+        return self.head(out.reshape(-1, 8))  # type: ignore[no-any-return]
+
+
+class OwnParameter(Tagger):  # a parameter outside any known module: the loop
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return super().forward(tokens) * self.scale
+
+
+class Mixing(Tagger):  # examples see each other: the two-example check sends it to the loop
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out - out.mean(0, keepdim=True))  # type: ignore[no-any-return]
+
+
+class ReadOutside(Tagger):  # the head's weight also read directly: the sum check fails
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(out) + F.linear(out, self.head.weight)
+
+
+def _tokens() -> Tensor:
+    torch.manual_seed(3)
+    tokens = torch.randint(1, V, (B, T))
+    tokens[1, 4:] = 0  # padding tokens (padding_idx 0: no gradient for that row)
+    return tokens
+
+
+def _labels(padded: bool = True) -> Tensor:
+    y = torch.randint(0, 4, (B, T))
+    if padded:
+        y[1, 4:] = -100  # padding labels
+        y[3] = -100  # an example that scores nothing: left out by both routes
+    return y
+
+
+def _case(name: str) -> tuple[nn.Module, Any, Tensor, bool]:
+    """(model, inputs, targets, whether the one-pass route must be taken)."""
+    tokens = _tokens()
+    if name == "lstm-tagger":
+        return Tagger(), tokens, _labels(), True
+    if name == "gru-tagger":
+        return Tagger(nn.GRU), tokens, _labels(), True
+    if name == "rnn-tagger-nobias":
+        return Tagger(nn.RNN, bias=False), tokens, _labels(), True
+    if name == "time-major-gru-mse":
+        return TimeMajorGRU(), torch.randn(T, B, 3), torch.randn(T, B, 2), True
+    if name == "final-state-relu":
+        return FinalState(), torch.randn(B, T, 3), torch.randint(0, 3, (B,)), True
+    if name == "packed":
+        lengths = torch.tensor([7, 3, 5, 7, 2])
+        y = _labels(padded=False)
+        y[torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)] = -100
+        return Packed(), (tokens, lengths), y, True
+    if name == "tied":
+        return Tied(), tokens, torch.randint(0, V, (B, T)), True
+    if name == "flattened":
+        return Flattened(), torch.randn(B, T, 3), torch.randint(0, 4, (B * T,)), True
+    if name == "own-parameter":
+        return OwnParameter(), tokens, _labels(), False
+    if name == "mixing":
+        return Mixing(), tokens, _labels(), False
+    if name == "read-outside":
+        return ReadOutside(), tokens, _labels(), False
+    if name == "lstm-proj":
+        return Tagger(proj_size=3), tokens, _labels(), False
+    raise AssertionError(name)
+
+
+def _double(x: Tensor) -> Tensor:
+    return x.double() if x.is_floating_point() else x
+
+
+CASES = ["lstm-tagger", "gru-tagger", "rnn-tagger-nobias", "time-major-gru-mse",
+         "final-state-relu", "packed", "tied", "flattened", "own-parameter", "mixing",
+         "read-outside", "lstm-proj"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_recorded_gram_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model, inputs, targets, one_pass = _case(name)
+    seen: dict[str, Any] = {"loop": 0}
+    loop = clip.per_example_gram
+    gram_of = modelcheck._gram
+
+    def counted(*a: Any, **k: Any) -> Tensor:
+        seen["loop"] += 1
+        return loop(*a, **k)
+
+    def spy(one: Callable[[int], Tensor | None], params: Any, n: int, shares: Any) -> Tensor:
+        seen["ours"] = gram_of(one, params, n, shares)
+        seen["route"] = "loop" if seen["loop"] else "one pass"
+        seen["reference"] = loop(one, params, n)
+        return seen["ours"]  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(clip, "per_example_gram", counted)
+    monkeypatch.setattr(modelcheck, "_gram", spy)
+    inputs = tuple(map(_double, inputs)) if isinstance(inputs, tuple) else _double(inputs)
+    rnndiag.check_model(model.double(), inputs, _double(targets), train_batch_size=4)
+    assert seen["route"] == ("one pass" if one_pass else "loop")
+    ours, reference = seen["ours"], seen["reference"]
+    assert ours.shape == reference.shape and ours.shape[0] >= 2
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-12 * float(
+        reference.abs().max()))
+    assert float(reference.abs().max()) > 0  # not vacuous
+
+
+def test_unsupported_says_why() -> None:
+    assert pergrad.unsupported(Tagger()) is None
+    assert "scale" not in (pergrad.unsupported(Tagger()) or "")
+    assert "the model (OwnParameter)" in (pergrad.unsupported(OwnParameter()) or "")
+    assert "proj_size" in (pergrad.unsupported(Tagger(proj_size=3)) or "")
+    cells = nn.Sequential(nn.LSTMCell(3, 4))
+    assert "LSTMCell" in (pergrad.unsupported(cells) or "")
+    frozen = Tagger()
+    frozen.requires_grad_(False)
+    frozen.head.requires_grad_(True)
+    assert pergrad.unsupported(frozen) is None
+
+
+def test_scales_turn_shares_into_each_examples_own_gradient() -> None:
+    counts = torch.tensor([3, 0, 1])
+    assert pergrad.scales(counts, 4).tolist() == [4 / 3, 0.0, 4.0]
+
+
+def test_float32_inner_products_match_float64() -> None:
+    torch.manual_seed(1)
+    rows = torch.randn(6, 3 * clip.CHUNK + 17)
+    exact = rows.double() @ rows.double().T
+    torch.testing.assert_close(clip.inner_products(rows), exact, rtol=1e-5, atol=1e-3)
+    assert clip.inner_products(rows.double()).dtype == torch.float64
