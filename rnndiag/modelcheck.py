@@ -169,13 +169,14 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
         loss_def = choose(output, inputs.targets, custom, custom_name, options.output_key,
                           options.ignore_index)
         loss = _loss(loss_def, output, inputs.targets, rec, batch)
-        params = _recorded(model, loss_def, recorder)
-        measured = _measure(rec, seqs, loss, loss_def, output, batch, options, recorder, params)
+        measured = _measure(rec, seqs, loss, loss_def, output, batch, options,
+                            _wanted(loss_def, recorder))
     modules = _modules(seqs, measured, loss_def.name, float(loss.detach()), options)
     progress("per-example gradient norms")
     exploding = any(m.verdict is Verdict.EXPLODING for m in modules)
     slicing = Slicing(batch, measured.time_major)
-    shares = _shares(recorder, measured, loss_def, inputs, slicing, options.ignore_index)
+    params = [p for p in model.parameters() if p.requires_grad]
+    shares = _shares(recorder, measured, loss_def, inputs, slicing, options.ignore_index, params)
     suggestion = _clip(model, loss_def, inputs, slicing, options, exploding, state, shares)
     return LiveDiagnosis(modules, suggestion, _loss_name(loss_def), batch, measured.notes)
 
@@ -212,25 +213,24 @@ class Measured:
     credit: CreditRows | None
     time_major: bool
     notes: tuple[str, ...]
-    params: tuple[Tensor, ...] = ()  # recorded for per-example gradients (rnndiag.pergrad)
-    grads: tuple[Tensor | None, ...] = ()  # the batch loss's gradient of `params`
+    recorded: tuple[Tensor | None, ...] | None = None  # gradients of the recorder's
+    #   `wanted()` tensors (rnndiag.pergrad); None when not recorded
 
 
 def _measure(rec: Recording, seqs: Sequence[Sequence_], loss: Tensor, loss_def: Loss,
-             output: Any, batch: int, options: CheckOptions, recorder: pergrad.Recorder,
-             params: tuple[Tensor, ...]) -> Measured:
+             output: Any, batch: int, options: CheckOptions,
+             wanted: tuple[Tensor, ...] | None) -> Measured:
     states = [s for seq in seqs for s in seq.states]
     chains = [s.chain for s in states if s.chain is not None]
     roots = [r for seq in seqs for r in seq.roots if r.requires_grad]
     if not loss.requires_grad or not roots:
         raise BatchError("the loss does not depend on any recurrent state (do the recurrent "
                          "parameters or the inputs require grad?)")
-    recorder.start()
-    try:
-        found, grads = rec.capture.backward_with(loss, roots, chains,
-                                                 loss_def.fn is not None, params)
-    finally:
-        recorder.stop()
+    extra = [t for t in wanted or () if t.requires_grad]
+    found, got = rec.capture.backward_with(loss, roots, chains, loss_def.fn is not None, extra)
+    given = iter(got)
+    recorded = None if wanted is None else tuple(
+        next(given) if t.requires_grad else None for t in wanted)
     conventions = _conventions(seqs)
     scored = None if loss_def.fn is None else scored_sequences(
         loss, pick(output, loss_def.key), batch, {**_cells(seqs), **conventions},
@@ -238,21 +238,19 @@ def _measure(rec: Recording, seqs: Sequence[Sequence_], loss: Tensor, loss_def: 
     if scored is None:
         major = options.time_axis == 0 if options.time_axis is not None else (
             bool(conventions) and not any(conventions.values()))
-        return Measured(found, None, major, (), params, grads)
+        return Measured(found, None, major, (), recorded)
     rows = credit_rows(scored, states, rec.capture, roots, batch)
-    return Measured(found, rows, scored.time_major, _credit_notes(rows, scored.steps), params,
-                    grads)
+    return Measured(found, rows, scored.time_major, _credit_notes(rows, scored.steps),
+                    recorded)
 
 
-def _recorded(model: nn.Module, loss_def: Loss, recorder: pergrad.Recorder,
-              ) -> tuple[Tensor, ...]:
-    """The parameters whose per-example gradients the backward pass records: all that
-    require grad, when the loss is a built-in mean over positions and the model's modules
-    allow it (rnndiag.pergrad); else none."""
+def _wanted(loss_def: Loss, recorder: pergrad.Recorder) -> tuple[Tensor, ...] | None:
+    """The tensors whose gradients the backward pass also takes for per-example gradients
+    (rnndiag.pergrad): when the loss is a built-in mean over positions and the model's modules
+    allow it; else None."""
     if recorder.why is not None or loss_def.name not in BUILTIN_MEANS:
-        recorder.stop()
-        return ()
-    return tuple(p for p in model.parameters() if p.requires_grad)
+        return None
+    return tuple(recorder.wanted())
 
 
 BUILTIN_MEANS = ("cross_entropy", "mse")  # losses that average over scored positions
@@ -260,19 +258,17 @@ BUILTIN_MEANS = ("cross_entropy", "mse")  # losses that average over scored posi
 
 def _shares(recorder: pergrad.Recorder, measured: Measured, loss_def: Loss,
             inputs: ModelInputs, slicing: Slicing, ignore_index: int,
-            ) -> tuple[list[Tensor], Tensor] | str:
+            params: Sequence[Tensor]) -> tuple[list[Tensor], Tensor] | str:
     """(each of the first n examples' share of the batch gradient, the factors N / N_i that
     turn shares into the examples' own gradients), or why the loop must run instead."""
-    if not measured.params:
+    if measured.recorded is None:
         return recorder.why or f"loss {loss_def.name} is not a mean over positions"
     assert inputs.targets is not None  # a built-in loss has targets
-    count = sum(p.numel() for p in measured.params)
-    n = clip.examples_for(slicing.batch, count)
+    n = clip.examples_for(slicing.batch, sum(p.numel() for p in params))
     counts = torch.tensor([_scored(slicing.target_rows(torch.tensor([i]), inputs.targets),
                                    loss_def, ignore_index) for i in range(n)])
     total = _scored(inputs.targets, loss_def, ignore_index)
-    found = recorder.shares(measured.params, measured.grads, n, slicing.batch,
-                           slicing.time_major)
+    found = recorder.shares(params, measured.recorded, n, slicing.batch, slicing.time_major)
     if isinstance(found, str):
         return found
     return found, pergrad.scales(counts, total)

@@ -24,10 +24,11 @@ N = sum_i N_i scored positions (targets not ignored, or elements for MSE), so th
 
 The route applies when every parameter that requires grad belongs to one of those modules (an
 LSTM without proj_size, an Embedding without max_norm; no cells) and each module's input has
-the batch axis where `rnndiag.modelcheck.Slicing` finds it. It checks itself: the same formulas
-summed over the whole batch must give the batch gradient of the pass (a weight also read
-outside its module, or a module the route does not know, breaks that); otherwise it says why,
-and the caller runs the loop.
+the batch axis where `rnndiag.modelcheck.Slicing` finds it. The backward pass asks autograd
+for the gradients of the recorded tensors (the input terms, the modules' outputs) alongside
+the states', so no weight gradient is computed. The caller checks the result against the loop
+on two examples (a weight also read outside its module, a model that mixes examples, an axis
+read wrongly would all show there) and runs the loop when they differ.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -48,23 +48,20 @@ from rnndiag.replay import Tapped
 KNOWN = (nn.Linear, nn.Embedding, nn.RNN, nn.LSTM, nn.GRU)
 AGREE = 1e-3  # formulas vs autograd: relative to the gradient's norm (float32 rounding)
 
-Terms = list[tuple[Tensor, Tensor, Tensor]]  # (parameter, (n, *shape) per example, batch sum)
+Terms = list[tuple[Tensor, Tensor]]  # (parameter, (n, *shape): each example's share)
 
 
 class Recorder:
     """What per-example gradients need, recorded while the model runs: each call of a Linear
-    or Embedding module (its input, and its output's gradient) and each replayed recurrent
-    layer and direction (`tap`, given to rnndiag.usermodel.capture). Gradients are kept from
-    the first backward pass only: `stop` after it, and later passes over the same graph (the
-    credit passes) leave them alone."""
+    or Embedding module (its input and output) and each replayed recurrent layer and direction
+    (`tap`, given to rnndiag.usermodel.capture). The backward pass asks autograd for the
+    gradients of `wanted()` alongside its own, so no weight gradient is computed."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.why = unsupported(model)
         self.tap: list[Tapped] | None = None if self.why else []
-        self.calls: list[tuple[nn.Module, Tensor]] = []
-        self.grads: dict[int, Tensor] = {}  # index in calls -> dL/d(output)
-        self.active = self.why is None
+        self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, output)
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[Recorder]:
@@ -78,55 +75,37 @@ class Recorder:
             for handle in handles:
                 handle.remove()
 
-    def start(self) -> None:
-        """Watch the recurrent input terms: call before the backward pass."""
-        for t in self.tap or ():
-            t.watch(self.is_active)
-
-    def is_active(self) -> bool:
-        return self.active
-
-    def stop(self) -> None:
-        self.active = False
-
     def _call(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self.active and isinstance(output, Tensor) and output.requires_grad and args:
-            self.calls.append((module, args[0]))
-            output.register_hook(partial(self._keep, len(self.calls) - 1))
+        if isinstance(output, Tensor) and output.requires_grad and args:
+            self.calls.append((module, args[0], output))
 
-    def _keep(self, index: int, grad: Tensor) -> None:
-        if self.active:
-            self.grads[index] = grad if index not in self.grads else self.grads[index] + grad
+    def wanted(self) -> list[Tensor]:
+        """The tensors whose gradients `shares` takes, in its order."""
+        return [t.terms for t in self.tap or ()] + [out for _, _, out in self.calls]
 
-    def shares(self, params: Sequence[Tensor], batch_grads: Sequence[Tensor | None], n: int,
+    def shares(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], n: int,
                batch: int, time_major: bool) -> list[Tensor] | str:
         """The first n examples' shares of the batch gradient, (n, *p.shape) per parameter,
-        after checking that the formulas over the whole batch (`batch` examples) give
-        `batch_grads`; or why not."""
+        from the gradients of `wanted()`; or why not."""
         if self.why is not None:
             return self.why
+        taps = self.tap or []
         terms: Terms = []
-        for index, (module, a) in enumerate(self.calls):
-            e = self.grads.get(index)
+        for t, d in zip(taps, grads[:len(taps)], strict=True):
+            if d is not None:
+                if t.x.shape[0] != batch:
+                    return f"a recurrent module ran on {t.x.shape[0]} examples, not {batch}"
+                terms += _recurrent_terms(t, d, n)
+        for (module, a, _), e in zip(self.calls, grads[len(taps):], strict=True):
             if e is not None:
                 got = _module_terms(module, a, e, n, batch, time_major)
                 if isinstance(got, str):
                     return got
                 terms += got
-        for t in self.tap or ():
-            if t.grad is not None:
-                if t.x.shape[0] != batch:
-                    return f"a recurrent module ran on {t.x.shape[0]} examples, not {batch}"
-                terms += _recurrent_terms(t, n)
         per: dict[int, Tensor] = {}
-        total: dict[int, Tensor] = {}
-        for p, each, whole in terms:
+        for p, each in terms:
             per[id(p)] = each if id(p) not in per else per[id(p)] + each
-            total[id(p)] = whole if id(p) not in total else total[id(p)] + whole
-        bad = _disagreement([total.get(id(p)) for p in params], batch_grads, params)
-        if bad is not None:
-            return bad
-        return [per.get(id(p), p.new_zeros(n, *p.shape)) for p in params]
+        return [per[id(p)] if id(p) in per else p.new_zeros(n, *p.shape) for p in params]
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -197,75 +176,48 @@ def _module_terms(module: nn.Module, a: Tensor, e: Tensor, n: int, batch: int,
         return (f"the input {tuple(a.shape)} of a {type(module).__name__} has no batch axis "
                 f"of size {batch}")
     if isinstance(module, nn.Linear):
-        out = [(module.weight, torch.einsum("bko,bki->boi", ee[:n], aa[:n]),
-                ee.reshape(-1, ee.shape[2]).T @ aa.reshape(-1, aa.shape[2]))]
+        out = [(module.weight, torch.einsum("bko,bki->boi", ee[:n], aa[:n]))]
         if module.bias is not None:
-            out.append((module.bias, ee[:n].sum(1), ee.sum((0, 1))))
+            out.append((module.bias, ee[:n].sum(1)))
         return [t for t in out if t[0].requires_grad]
     assert isinstance(module, nn.Embedding)
-    ids = aa.squeeze(-1)  # (B, K)
+    ids = aa[:n].squeeze(-1)  # (n, K)
+    ee = ee[:n]
     if module.padding_idx is not None:
         ee = ee * (ids != module.padding_idx).unsqueeze(-1).to(ee.dtype)
     size, width = module.num_embeddings, ee.shape[2]
     offsets = size * torch.arange(n, device=ids.device).unsqueeze(1)
     each = ee.new_zeros(n * size, width).index_add_(
-        0, (ids[:n] + offsets).flatten(), ee[:n].reshape(-1, width)).view(n, size, width)
-    whole = ee.new_zeros(size, width).index_add_(0, ids.flatten(), ee.reshape(-1, width))
-    return [(module.weight, each, whole)] if module.weight.requires_grad else []
+        0, (ids + offsets).flatten(), ee.reshape(-1, width)).view(n, size, width)
+    return [(module.weight, each)] if module.weight.requires_grad else []
 
 
-def _recurrent_terms(t: Tapped, n: int) -> Terms:
-    """Each example's and the batch's gradient of one layer and direction's weights."""
-    assert t.grad is not None
-    d, w, x = t.grad, t.w, t.x.detach()  # (B, T, G*H), weights, (B, T, I)
-    prev = _previous(t)  # (B, T, P)
+def _recurrent_terms(t: Tapped, d: Tensor, n: int) -> Terms:
+    """The first n examples' gradients of one layer and direction's weights, from
+    d = dL/d(input term) (B, T, G*H) (see the module doc)."""
+    w, x = t.w, t.x.detach()[:n]  # weights, (n, T, I)
+    d = d[:n]
+    prev = _previous(t, n)  # (n, T, P)
     hidden = d
     if t.cell is CellType.GRU:
         size = d.shape[2] // 3
         hp = prev @ w.w_hh.detach().t()
         if w.b_hh is not None:
             hp = hp + w.b_hh.detach()
-        r = (t.terms.detach()[..., :size] + hp[..., :size]).sigmoid()
+        r = (t.terms.detach()[:n, :, :size] + hp[..., :size]).sigmoid()
         hidden = torch.cat([d[..., :2 * size], r * d[..., 2 * size:]], dim=2)
-    out: Terms = [(w.w_ih, _each(d, x, n), _whole(d, x)),
-                  (w.w_hh, _each(hidden, prev, n), _whole(hidden, prev))]
+    out: Terms = [(w.w_ih, d.transpose(1, 2) @ x), (w.w_hh, hidden.transpose(1, 2) @ prev)]
     if w.b_ih is not None:
-        out.append((w.b_ih, d[:n].sum(1), d.sum((0, 1))))
+        out.append((w.b_ih, d.sum(1)))
     if w.b_hh is not None:
-        out.append((w.b_hh, hidden[:n].sum(1), hidden.sum((0, 1))))
+        out.append((w.b_hh, hidden.sum(1)))
     return [term for term in out if term[0].requires_grad]
 
 
-def _each(d: Tensor, x: Tensor, n: int) -> Tensor:
-    """(n, G, I): sum_t d[b, t]^T x[b, t] for the first n examples b, one batched GEMM."""
-    return d[:n].transpose(1, 2) @ x[:n]
-
-
-def _whole(d: Tensor, x: Tensor) -> Tensor:
-    return d.reshape(-1, d.shape[2]).T @ x.reshape(-1, x.shape[2])
-
-
-def _previous(t: Tapped) -> Tensor:
-    """(B, T, P): the state each step read, by time index (the step before it in run order)."""
-    states = [s.detach() for s in t.states]
-    first = t.h_init.detach()
+def _previous(t: Tapped, n: int) -> Tensor:
+    """(n, T, P): the state each step read, by time index (the step before it in run order)."""
+    states = [s.detach()[:n] for s in t.states]
+    first = t.h_init.detach()[:n]
     if t.direction is Direction.FORWARD:
         return torch.stack([first, *states[:-1]], dim=1)
     return torch.stack([*states[1:], first], dim=1)
-
-
-def _disagreement(formulas: Sequence[Tensor | None], batch: Sequence[Tensor | None],
-                  params: Sequence[Tensor]) -> str | None:
-    """Why the formulas over the whole batch differ from the batch gradient, or None."""
-    norms = [0.0 if g is None else float(g.double().norm()) for g in batch]
-    floor = AGREE * 1e-2 * math.sqrt(sum(x * x for x in norms))
-    for ours, g, norm, p in zip(formulas, batch, norms, params, strict=True):
-        diff = ours if g is None else g if ours is None else ours - g
-        if diff is None:
-            continue
-        gap = float(diff.double().norm())
-        if not math.isfinite(gap) or gap > AGREE * norm + floor:
-            return (f"a parameter of shape {tuple(p.shape)} is used outside the modules this "
-                    f"route knows (their formulas miss {gap:.3g} of its gradient, {norm:.3g})")
-    return None
-

@@ -182,8 +182,9 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
 
 @dataclass
 class Tapped:
-    """One layer and direction as `unroll` ran it with a tap: the input term's gradient, with
-    the layer input x and the states, gives each example's weight gradients (rnndiag.pergrad)."""
+    """One layer and direction as `unroll` ran it with a tap: the gradient of its input term,
+    with the layer input x and the states, gives each example's weight gradients
+    (rnndiag.pergrad)."""
 
     cell: CellType
     direction: Direction
@@ -192,16 +193,6 @@ class Tapped:
     terms: Tensor  # (B, T, G*H) input_terms(x, w): x W_ih^T + biases
     h_init: Tensor  # (B, P) the state before the first step in run order
     states: list[Tensor] = field(default_factory=list)  # T of (B, P), by time index t
-    grad: Tensor | None = None  # dL/d(terms), set by the hook `watch` registers
-
-    def watch(self, active: Callable[[], bool]) -> None:
-        """Keep dL/d(terms) from the backward passes that run while `active()`."""
-        if self.terms.requires_grad:
-            self.terms.register_hook(partial(self._keep, active))
-
-    def _keep(self, active: Callable[[], bool], grad: Tensor) -> None:
-        if active():
-            self.grad = grad if self.grad is None else self.grad + grad
 
 
 class Chain:
