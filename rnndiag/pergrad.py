@@ -10,6 +10,8 @@ the gradient of a module's output and k running over example i's rows (positions
 - nn.Linear, y = a W^T + b:   g_i(W) = sum_k e_ik^T a_ik,   g_i(b) = sum_k e_ik;
 - nn.Embedding:               g_i(E)[v] = sum of e_ik over example i's positions holding token
                               v (none for padding_idx, as in PyTorch);
+- nn.LayerNorm, y = x_hat w + b (x_hat recomputed from the input):
+                              g_i(w) = sum_k e_ik * x_hat_ik,   g_i(b) = sum_k e_ik;
 - nn.RNN / nn.LSTM / nn.GRU, replayed step by step with a tap (rnndiag.replay.Tapped): with
   d = dL/d(input term) (B, T, G*H), x the layer input and P the state each step read:
     RNN, LSTM (gates see x W_ih^T + h W_hh^T + b_ih + b_hh):
@@ -39,23 +41,25 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnndiag.clip import inner_products
 from rnndiag.records import CellType, Direction
 from rnndiag.replay import Tapped
 
-KNOWN = (nn.Linear, nn.Embedding, nn.RNN, nn.LSTM, nn.GRU)
+KNOWN = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RNN, nn.LSTM, nn.GRU)
+LEAVES = (nn.Linear, nn.Embedding, nn.LayerNorm)  # recorded by forward hooks
 AGREE = 1e-3  # formulas vs autograd: relative to the gradient's norm (float32 rounding)
 
 Terms = list[tuple[Tensor, Tensor]]  # (parameter, (n, *shape): each example's share)
 
 
 class Recorder:
-    """What per-example gradients need, recorded while the model runs: each call of a Linear
-    or Embedding module (its input and output) and each replayed recurrent layer and direction
-    (`tap`, given to rnndiag.usermodel.capture). The backward pass asks autograd for the
-    gradients of `wanted()` alongside its own, so no weight gradient is computed."""
+    """What per-example gradients need, recorded while the model runs: each call of a Linear,
+    Embedding or LayerNorm module (its input and output) and each replayed recurrent layer and
+    direction (`tap`, given to rnndiag.usermodel.capture). The backward pass asks autograd for
+    the gradients of `wanted()` alongside its own, so no weight gradient is computed."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -65,10 +69,11 @@ class Recorder:
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[Recorder]:
-        """Record Linear and Embedding calls while the block runs (hooks removed on exit)."""
+        """Record Linear, Embedding and LayerNorm calls while the block runs (hooks removed
+        on exit)."""
         handles = [] if self.why else [
             m.register_forward_hook(self._call) for m in self.model.modules()
-            if isinstance(m, nn.Linear | nn.Embedding)]
+            if isinstance(m, LEAVES)]
         try:
             yield self
         finally:
@@ -76,7 +81,8 @@ class Recorder:
                 handle.remove()
 
     def _call(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, Tensor) and output.requires_grad and args:
+        if isinstance(output, Tensor) and output.requires_grad and args and any(
+                p.requires_grad for p in module.parameters(recurse=False)):
             self.calls.append((module, args[0], output))
 
     def wanted(self) -> list[Tensor]:
@@ -170,11 +176,21 @@ def _rows(x: Tensor, batch: int, time_major: bool) -> Tensor | None:
 
 def _module_terms(module: nn.Module, a: Tensor, e: Tensor, n: int, batch: int,
                   time_major: bool) -> Terms | str:
+    if isinstance(module, nn.LayerNorm):  # the affine part: features over normalized_shape
+        dims = len(module.normalized_shape)
+        a = F.layer_norm(a.detach(), module.normalized_shape, None, None, module.eps)
+        a, e = a.flatten(-dims), e.flatten(-dims)
     x = a.unsqueeze(-1) if isinstance(module, nn.Embedding) else a.detach()
     aa, ee = _rows(x, batch, time_major), _rows(e, batch, time_major)
     if aa is None or ee is None or aa.shape[1] != ee.shape[1]:
         return (f"the input {tuple(a.shape)} of a {type(module).__name__} has no batch axis "
                 f"of size {batch}")
+    if isinstance(module, nn.LayerNorm):  # y = x_hat * w + b
+        shape = module.normalized_shape
+        out: Terms = [(module.weight, (ee[:n] * aa[:n]).sum(1).view(n, *shape))]
+        if module.bias is not None:
+            out.append((module.bias, ee[:n].sum(1).view(n, *shape)))
+        return [t for t in out if t[0] is not None and t[0].requires_grad]
     if isinstance(module, nn.Linear):
         out = [(module.weight, torch.einsum("bko,bki->boi", ee[:n], aa[:n]))]
         if module.bias is not None:

@@ -3,7 +3,8 @@ the loop (one forward/backward per example, rnndiag.clip.per_example_gram), in f
 
 Every case runs `check_model` with targets; the Gram matrix the clip rule receives is compared
 with the loop's on the same examples, and the route taken is checked: the one-pass route where
-it applies, the loop where it must not (a model it cannot attribute per example)."""
+it applies, the loop where it must not (a model it cannot attribute per example): each
+formula's mistake shows as a case sent to the loop."""
 
 from __future__ import annotations
 
@@ -93,6 +94,35 @@ class Flattened(nn.Module):
         return self.head(out.reshape(-1, 8))  # type: ignore[no-any-return]
 
 
+class Normed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.embed.requires_grad_(False)  # frozen: no per-example gradient, no record
+        self.rnn = nn.LSTM(D, 8, batch_first=True)
+        self.norm = nn.LayerNorm(8)
+        self.plain = nn.LayerNorm(8, elementwise_affine=False)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.rnn(self.embed(tokens))
+        return self.head(self.plain(self.norm(out)))  # type: ignore[no-any-return]
+
+
+class Seq2Seq(nn.Module):  # forward(src, tgt), a dict output, two recurrent modules
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.encoder = nn.LSTM(D, 8, batch_first=True)
+        self.decoder = nn.GRU(D, 8, batch_first=True)
+        self.head = nn.Linear(8, V)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> dict[str, Tensor]:
+        _, (h, _) = self.encoder(self.embed(src))
+        out, _ = self.decoder(self.embed(tgt), h)
+        return {"logits": self.head(out), "state": h}
+
+
 class OwnParameter(Tagger):  # a parameter outside any known module: the loop
     def __init__(self) -> None:
         super().__init__()
@@ -108,10 +138,10 @@ class Mixing(Tagger):  # examples see each other: the two-example check sends it
         return self.head(out - out.mean(0, keepdim=True))  # type: ignore[no-any-return]
 
 
-class ReadOutside(Tagger):  # the head's weight also read directly: the sum check fails
+class ReadOutside(Tagger):  # the head's weight also read directly: the check sends it to the loop
     def forward(self, tokens: Tensor) -> Tensor:
         out, _ = self.rnn(self.embed(tokens))
-        return self.head(out) + F.linear(out, self.head.weight)
+        return self.head(out) + F.linear(out, self.head.weight)  # type: ignore[no-any-return]
 
 
 def _tokens() -> Tensor:
@@ -151,6 +181,11 @@ def _case(name: str) -> tuple[nn.Module, Any, Tensor, bool]:
         return Tied(), tokens, torch.randint(0, V, (B, T)), True
     if name == "flattened":
         return Flattened(), torch.randn(B, T, 3), torch.randint(0, 4, (B * T,)), True
+    if name == "layernorm-frozen-embedding":
+        return Normed(), tokens, _labels(), True
+    if name == "seq2seq-dict":
+        src = torch.randint(0, V, (B, T + 2))
+        return Seq2Seq(), (src, tokens), torch.randint(0, V, (B, T)), True
     if name == "own-parameter":
         return OwnParameter(), tokens, _labels(), False
     if name == "mixing":
@@ -167,7 +202,8 @@ def _double(x: Tensor) -> Tensor:
 
 
 CASES = ["lstm-tagger", "gru-tagger", "rnn-tagger-nobias", "time-major-gru-mse",
-         "final-state-relu", "packed", "tied", "flattened", "own-parameter", "mixing",
+         "final-state-relu", "packed", "tied", "flattened", "layernorm-frozen-embedding",
+         "seq2seq-dict", "own-parameter", "mixing",
          "read-outside", "lstm-proj"]
 
 
