@@ -13,6 +13,7 @@ warm-up each. The load average is printed with the table: on a shared machine it
 numbers more than anything else.
 
 Run: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_model.py [--repeat N] [--steps T ...]
+         [--device cuda]
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def make(hidden: int = HIDDEN) -> Tagger:
     return Tagger(hidden)
 
 
-def setup(batch: int, steps: int, hidden: int, folder: Path) -> tuple[Any, ...]:
+def setup(batch: int, steps: int, hidden: int, folder: Path,
+          device: str = "cpu") -> tuple[Any, ...]:
     from rnndiag.records import CheckOptions
 
     torch.manual_seed(0)
@@ -67,9 +69,10 @@ def setup(batch: int, steps: int, hidden: int, folder: Path) -> tuple[Any, ...]:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
     save_file({"inputs": tokens, "targets": targets}, data)
     options = CheckOptions(batch_path=str(data), model="bench_model:make",
-                           model_kwargs=f'{{"hidden": {hidden}}}')
+                           model_kwargs=f'{{"hidden": {hidden}}}', device=device)
+    model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    return model, optimizer, tokens, targets, (ckpt, options)
+    return model, optimizer, tokens.to(device), targets.to(device), (ckpt, options)
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor,
@@ -79,6 +82,8 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Te
     loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     loss.backward()
     optimizer.step()
+    if tokens.is_cuda:
+        torch.cuda.synchronize()
 
 
 def diagnosis(target: tuple[Path, Any]) -> None:
@@ -94,9 +99,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 400])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     os.chdir(Path(__file__).parent)  # `--model bench_model:make` imports from here
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tagger: embedding "
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
+          f"tagger: embedding "
           f"{VOCAB}x{WIDTH}, 2-layer bidirectional LSTM H={args.hidden}, head {LABELS}, "
           f"per-step cross-entropy; B={args.batch}")
     print(f"{'T':>5} {'train s':>8} {'rnndiag s':>9} {'time x':>7} {'load':>5}   of which "
@@ -107,7 +114,8 @@ def main() -> None:
 
 
 def _row(steps: int, args: argparse.Namespace, folder: Path) -> None:
-    model, opt, tokens, targets, target = setup(args.batch, steps, args.hidden, folder)
+    model, opt, tokens, targets, target = setup(args.batch, steps, args.hidden, folder,
+                                                args.device)
     base, ours = median_times([lambda: training_step(model, opt, tokens, targets),
                                lambda: diagnosis(target)], args.repeat)
     flag = "ok" if ours / base <= GOAL else "over"

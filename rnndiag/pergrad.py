@@ -44,11 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rnndiag import cellgrad
+from rnndiag.cellgrad import CELLS, CellCall
 from rnndiag.clip import inner_products
 from rnndiag.records import CellType, Direction
 from rnndiag.replay import Tapped
 
-KNOWN = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RNN, nn.LSTM, nn.GRU)
+KNOWN = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RNN, nn.LSTM, nn.GRU, *CELLS)
 LEAVES = (nn.Linear, nn.Embedding, nn.LayerNorm)  # recorded by forward hooks
 AGREE = 1e-3  # formulas vs autograd: relative to the gradient's norm (float32 rounding)
 
@@ -66,6 +68,7 @@ class Recorder:
         self.why = unsupported(model)
         self.tap: list[Tapped] | None = None if self.why else []
         self.calls: list[tuple[nn.Module, Tensor, Tensor]] = []  # (module, input, output)
+        self.cells: list[tuple[nn.Module, CellCall]] = []  # cells called in the model's loop
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[Recorder]:
@@ -73,7 +76,9 @@ class Recorder:
         on exit)."""
         handles = [] if self.why else [
             m.register_forward_hook(self._call) for m in self.model.modules()
-            if isinstance(m, LEAVES)]
+            if isinstance(m, LEAVES)] + [
+            m.register_forward_hook(self._cell_call, with_kwargs=True)
+            for m in self.model.modules() if isinstance(m, CELLS)]
         try:
             yield self
         finally:
@@ -85,9 +90,20 @@ class Recorder:
                 p.requires_grad for p in module.parameters(recurse=False)):
             self.calls.append((module, args[0], output))
 
+    def _cell_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   output: Any) -> None:
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            return
+        call = cellgrad.call_of(module, args, kwargs, output)
+        if call is None:
+            self.why = f"{type(module).__name__} called on an unbatched input"
+        else:
+            self.cells.append((module, call))
+
     def wanted(self) -> list[Tensor]:
         """The tensors whose gradients `shares` takes, in its order."""
-        return [t.terms for t in self.tap or ()] + [out for _, _, out in self.calls]
+        return [t.terms for t in self.tap or ()] + [out for _, _, out in self.calls] + [
+            o for _, call in self.cells for o in call.outputs]
 
     def shares(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], n: int,
                batch: int, time_major: bool) -> list[Tensor] | str:
@@ -102,16 +118,38 @@ class Recorder:
                 if t.x.shape[0] != batch:
                     return f"a recurrent module ran on {t.x.shape[0]} examples, not {batch}"
                 terms += _recurrent_terms(t, d, n)
-        for (module, a, _), e in zip(self.calls, grads[len(taps):], strict=True):
+        leaves = grads[len(taps):len(taps) + len(self.calls)]
+        for (module, a, _), e in zip(self.calls, leaves, strict=True):
             if e is not None:
                 got = _module_terms(module, a, e, n, batch, time_major)
                 if isinstance(got, str):
                     return got
                 terms += got
+        found = _cell_terms(self.cells, grads[len(taps) + len(self.calls):], n, batch)
+        if isinstance(found, str):
+            return found
+        terms += found
         per: dict[int, Tensor] = {}
         for p, each in terms:
             per[id(p)] = each if id(p) not in per else per[id(p)] + each
         return [per[id(p)] if id(p) in per else p.new_zeros(n, *p.shape) for p in params]
+
+
+def _cell_terms(cells: Sequence[tuple[nn.Module, CellCall]], grads: Sequence[Tensor | None],
+                n: int, batch: int) -> Terms | str:
+    """Every cell's terms (rnndiag.cellgrad), its calls grouped by module."""
+    given = iter(grads)
+    by_module: dict[nn.Module, tuple[list[CellCall], list[list[Tensor | None]]]] = {}
+    for module, call in cells:
+        if call.x.shape[0] != batch:
+            return f"a {type(module).__name__} ran on {call.x.shape[0]} examples, not {batch}"
+        calls, got = by_module.setdefault(module, ([], []))
+        calls.append(call)
+        got.append([next(given) for _ in call.outputs])
+    out: Terms = []
+    for module, (calls, got) in by_module.items():
+        out += cellgrad.terms(module, calls, got, n)
+    return out
 
 
 def unsupported(model: nn.Module) -> str | None:

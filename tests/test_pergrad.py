@@ -123,6 +123,28 @@ class Seq2Seq(nn.Module):  # forward(src, tgt), a dict output, two recurrent mod
         return {"logits": self.head(out), "state": h}
 
 
+class CellLoop(nn.Module):
+    """A cell stepped in the model's own loop, an attention-style read of the states so far."""
+
+    def __init__(self, kind: type[nn.Module], **kw: Any) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.cell = kind(D, 8, **kw)
+        self.head = nn.Linear(16, 4)
+        self.lstm = kind is nn.LSTMCell
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.head.weight.new_zeros(tokens.shape[0], 8)
+        state: Any = (h, torch.zeros_like(h)) if self.lstm else None  # None: the cell's zeros
+        outs, seen = [], []
+        for t in range(tokens.shape[1]):
+            state = self.cell(self.embed(tokens[:, t]), state)
+            h = state[0] if self.lstm else state
+            seen.append(h)
+            outs.append(self.head(torch.cat([h, torch.stack(seen[-3:]).mean(0)], 1)))
+        return torch.stack(outs, dim=1)
+
+
 class OwnParameter(Tagger):  # a parameter outside any known module: the loop
     def __init__(self) -> None:
         super().__init__()
@@ -186,6 +208,12 @@ def _case(name: str) -> tuple[nn.Module, Any, Tensor, bool]:
     if name == "seq2seq-dict":
         src = torch.randint(0, V, (B, T + 2))
         return Seq2Seq(), (src, tokens), torch.randint(0, V, (B, T)), True
+    if name == "lstm-cell-loop":
+        return CellLoop(nn.LSTMCell), tokens, _labels(), True
+    if name == "gru-cell-loop":
+        return CellLoop(nn.GRUCell), tokens, _labels(), True
+    if name == "relu-cell-loop-nobias":
+        return CellLoop(nn.RNNCell, nonlinearity="relu", bias=False), tokens, _labels(), True
     if name == "own-parameter":
         return OwnParameter(), tokens, _labels(), False
     if name == "mixing":
@@ -203,14 +231,14 @@ def _double(x: Tensor) -> Tensor:
 
 CASES = ["lstm-tagger", "gru-tagger", "rnn-tagger-nobias", "time-major-gru-mse",
          "final-state-relu", "packed", "tied", "flattened", "layernorm-frozen-embedding",
-         "seq2seq-dict", "own-parameter", "mixing",
+         "seq2seq-dict", "lstm-cell-loop", "gru-cell-loop", "relu-cell-loop-nobias",
+         "own-parameter", "mixing",
          "read-outside", "lstm-proj"]
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_recorded_gram_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    model, inputs, targets, one_pass = _case(name)
+def _spied(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Record the Gram matrix the clip rule receives, the route that made it, and the loop's
+    on the same examples."""
     seen: dict[str, Any] = {"loop": 0}
     loop = clip.per_example_gram
     gram_of = modelcheck._gram
@@ -227,6 +255,14 @@ def test_recorded_gram_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(clip, "per_example_gram", counted)
     monkeypatch.setattr(modelcheck, "_gram", spy)
+    return seen
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_recorded_gram_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model, inputs, targets, one_pass = _case(name)
+    seen = _spied(monkeypatch)
     inputs = tuple(map(_double, inputs)) if isinstance(inputs, tuple) else _double(inputs)
     rnndiag.check_model(model.double(), inputs, _double(targets), train_batch_size=4)
     assert seen["route"] == ("one pass" if one_pass else "loop")
@@ -237,13 +273,27 @@ def test_recorded_gram_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatc
     assert float(reference.abs().max()) > 0  # not vacuous
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", ["lstm-tagger", "gru-tagger", "lstm-cell-loop", "gru-cell-loop"])
+def test_recorded_gram_on_cuda_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatch,
+                                               ) -> None:
+    """On a GPU the cells are fused kernels (an LSTMCell's c' -> h' path is inside them)."""
+    torch.manual_seed(0)
+    model, inputs, targets, _ = _case(name)
+    seen = _spied(monkeypatch)
+    rnndiag.check_model(model.double().cuda(), inputs.cuda(), targets.cuda(),
+                        train_batch_size=4)
+    assert seen["route"] == "one pass"
+    torch.testing.assert_close(seen["ours"], seen["reference"], rtol=1e-7, atol=1e-10)
+
+
 def test_unsupported_says_why() -> None:
     assert pergrad.unsupported(Tagger()) is None
     assert "scale" not in (pergrad.unsupported(Tagger()) or "")
     assert "the model (OwnParameter)" in (pergrad.unsupported(OwnParameter()) or "")
     assert "proj_size" in (pergrad.unsupported(Tagger(proj_size=3)) or "")
-    cells = nn.Sequential(nn.LSTMCell(3, 4))
-    assert "LSTMCell" in (pergrad.unsupported(cells) or "")
+    assert pergrad.unsupported(nn.Sequential(nn.LSTMCell(3, 4), nn.Linear(4, 2))) is None
+    assert "Conv1d" in (pergrad.unsupported(nn.Sequential(nn.Conv1d(3, 4, 2))) or "")
     frozen = Tagger()
     frozen.requires_grad_(False)
     frozen.head.requires_grad_(True)
