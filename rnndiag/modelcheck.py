@@ -345,7 +345,8 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
         n = clip.examples_for(slicing.batch, count)
         one = partial(_example_loss, model, loss_def, inputs, slicing, options.ignore_index)
         try:
-            with _eval(model), eager():
+            # cuDNN's RNN backward refuses eval mode: the per-example passes run without it
+            with _eval(model), eager(), torch.backends.cudnn.flags(enabled=False):
                 gram = _gram(one, params, n, shares)
                 curvature = clip.measured_curvature(
                     partial(_rows_loss, model, loss_def, inputs, slicing, torch.arange(n)),

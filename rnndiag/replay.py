@@ -222,9 +222,9 @@ class Chain:
                 # states' gradients directly (the retained graph holds them anyway)
                 self.watched.setdefault(slot, {})[t] = tensor
 
-    def _write(self, slot: str, t: int, grad: Tensor) -> None:
+    def _write(self, slot: str, t: int, grad: Tensor | None) -> None:
         buffer = self._buffers.get(slot)
-        if buffer is not None:
+        if buffer is not None and grad is not None:  # None: no gradient reached it (zero)
             buffer[t].copy_(grad)
             self._written[slot][t] = True
 
