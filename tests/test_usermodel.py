@@ -293,3 +293,20 @@ def test_custom_loss_that_fails_is_one_line(tmp_path: Path, capsys: pytest.Captu
     err = capsys.readouterr().err
     assert code == 2 and "failed: ValueError: shapes disagree" in err
     assert err.count("\n") == 1
+
+
+def test_a_state_hook_given_no_gradient_counts_it_as_zero() -> None:
+    """Autograd may hand a tensor hook None (no gradient reached the state, as seen on a GPU):
+    the row is zero, not a crash."""
+    from rnndiag.records import Direction
+    from rnndiag.replay import Chain
+
+    chain = Chain(0, Direction.FORWARD)
+    states = [torch.ones(2, 3, requires_grad=True) * k for k in (1.0, 2.0)]
+    for t, h in enumerate(states):
+        chain.watch("dh", t, h)
+    chain.open()
+    chain._write("dh", 0, None)
+    chain._write("dh", 1, torch.full((2, 3), 5.0))
+    found = chain.close()
+    assert found.dh[0].abs().sum() == 0 and bool((found.dh[1] == 5.0).all())
