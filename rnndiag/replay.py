@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from rnndiag.cells import LayerWeights, fused, input_terms, unit
+from rnndiag.cells import LayerWeights, fused, input_terms, manual, unit
 from rnndiag.records import CellType, Direction, ModuleSpec
 
 
@@ -368,8 +368,22 @@ def with_deep_stack(fn: Callable[[], R]) -> R:
     return found["value"]  # type: ignore[no-any-return]
 
 
+ROUTES = ("steps", "fused", "manual")
+
+
+def default_route(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> str:
+    """`fused` where `fused_applies` (a GPU), `manual` for an LSTM without per-example lengths
+    on the CPU (its step replay is bound by per-kernel costs: `replay_manual` measured 0.6x of
+    it), else `steps`."""
+    if fused_applies(spec, inputs, lengths):
+        return "fused"
+    if inputs.device.type == "cpu" and lengths is None and spec.cell_type is CellType.LSTM:
+        return "manual"
+    return "steps"
+
+
 def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
-           lengths: Tensor | None = None, fused: bool | None = None) -> ReplayResult:
+           lengths: Tensor | None = None, route: str | None = None) -> ReplayResult:
     """Run `spec` on `inputs` (B, T, I) with `params` (local names) and backpropagate the objective.
 
     With `lengths` (B,), example b runs on its first lengths[b] steps only (see `unroll`).
@@ -377,11 +391,20 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     layer and direction is the leaf that puts every state on the autograd graph, and the one
     backward pass runs to those leaves, firing the capture hooks on the way.
 
-    `fused` (default: `fused_applies`) takes the fused-kernel route (`replay_fused`) instead.
-    Runs with a deep C stack (`with_deep_stack`), gradient enabled.
+    `route` (default: `default_route`): `steps`, the step replay just described; `fused`, the
+    fused-kernel route (`replay_fused`); `manual`, the LSTM's hand-written backward
+    (`replay_manual`). All give the same adjoints (tests/test_speed_paths.py). Runs with a deep
+    C stack (`with_deep_stack`), gradient enabled.
     """
-    if fused if fused is not None else fused_applies(spec, inputs, lengths):
+    chosen = route or default_route(spec, inputs, lengths)
+    if chosen not in ROUTES:
+        raise ValueError(f"unknown replay route {chosen!r}")
+    if chosen != "steps" and lengths is not None:
+        raise ValueError(f"the {chosen} route takes equal lengths only")
+    if chosen == "fused":
         return replay_fused(spec, params, inputs)
+    if chosen == "manual":
+        return replay_manual(spec, params, inputs)
     return with_deep_stack(partial(_replay_steps, spec, params, inputs, lengths))
 
 
@@ -441,6 +464,51 @@ def replay_fused(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     h_n = torch.stack([out[:, -1].detach() for _, _, _, out, _, _ in runs])
     return ReplayResult(layer_input.detach(), h_n, torch.stack(c_n) if c_n else None,
                         float(loss.item()), tuple(found))
+
+
+def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
+                  ) -> ReplayResult:
+    """`replay` of an LSTM without a step-by-step autograd graph (rnndiag.cells.manual): each
+    layer's forward and, top layer first, its adjoints by hand-written loops; the same
+    adjoints. Equal lengths only; the CPU route."""
+    if spec.cell_type is not CellType.LSTM:
+        raise ValueError(f"no manual route for {spec.cell_type}")
+    runs: list[tuple[int, Direction, manual.Forward, LayerWeights]] = []
+    layer_input = inputs.detach().transpose(0, 1).contiguous()  # time-major (T, B, I)
+    for layer in range(spec.num_layers):
+        seqs = []
+        for direction in spec.directions:
+            w = LayerWeights.of(spec, params, layer, direction)
+            run = manual.forward(layer_input if direction is Direction.FORWARD
+                                 else layer_input.flip(0), w)
+            runs.append((layer, direction, run, w))
+            seqs.append(run.out if direction is Direction.FORWARD else run.out.flip(0))
+        layer_input = torch.cat(seqs, dim=2) if len(seqs) > 1 else seqs[0]
+    batch = inputs.shape[0]
+    top = runs[-len(spec.directions):]
+    loss = objective([run.out[-1] for _, _, run, _ in top], batch)
+    h_n = torch.stack([run.out[-1] for _, _, run, _ in runs])
+    c_n = torch.stack([run.c[-1] for _, _, run, _ in runs])
+    found: dict[tuple[int, Direction], StepAdjoints] = {}
+    below: Tensor | None = None  # dL/d(layer input), time order, summed over directions
+    for layer in range(spec.num_layers - 1, -1, -1):
+        received, below = below, None
+        for k, (_, direction, run, w) in enumerate(r for r in runs if r[0] == layer):
+            width = run.out.shape[2]
+            if received is None:  # the top layer: the objective's gradient, h_final / B
+                g = torch.zeros_like(run.out)
+                g[-1] = run.out[-1] / batch
+            else:
+                part = received[..., k * width:(k + 1) * width]
+                g = part if direction is Direction.FORWARD else part.flip(0)
+            dh, dc, dx = manual.adjoints(run, g, w)
+            if direction is Direction.REVERSE:  # run order -> time index
+                dh, dc, dx = dh.flip(0), dc.flip(0), dx.flip(0)
+            found[(layer, direction)] = StepAdjoints(layer, direction, dh, dc)
+            below = dx if below is None else below + dx
+    order = [(layer, direction) for layer, direction, *_ in runs]
+    return ReplayResult(layer_input.transpose(0, 1), h_n, c_n, float(loss.item()),
+                        tuple(found[k] for k in order))
 
 
 def _by_time(v: Tensor, direction: Direction) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from rnndiag import clip, credit, temporal
 from rnndiag.losses import Loss, choose
-from rnndiag.replay import DirectionStates, fused_applies, replay
+from rnndiag.replay import DirectionStates, default_route, fused_applies, replay
 from rnndiag.temporal import Scored, scored_sequences
 from rnndiag.usermodel import call_model, capture, spec_of
 from tests.realistic_models import PackedTagger
@@ -122,8 +122,8 @@ def test_fused_route_equals_the_step_replay(kind: Any, kwargs: dict[str, Any],
     spec = spec_of("", module)
     params = {k: v.detach() for k, v in module.named_parameters()}
     x = torch.randn(3, 11, 4, dtype=torch.float64)
-    slow = replay(spec, params, x, fused=False)
-    fast = replay(spec, params, x, fused=True)
+    slow = replay(spec, params, x, route="steps")
+    fast = replay(spec, params, x, route="fused")
     torch.testing.assert_close(fast.output, slow.output, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(fast.h_n, slow.h_n, rtol=1e-12, atol=1e-14)
     if slow.c_n is not None:
@@ -137,6 +137,49 @@ def test_fused_route_equals_the_step_replay(kind: Any, kwargs: dict[str, Any],
         if f.dc is not None and s.dc is not None:
             torch.testing.assert_close(f.dc, s.dc, rtol=1e-10, atol=1e-14)
     assert all(float(a.dh.abs().sum()) > 0 for a in fast.adjoints)  # not vacuous
+
+
+# --- the LSTM's hand-written backward (rnndiag.replay.replay_manual), the CPU default --------
+
+MANUAL_CASES = [
+    ("lstm", {}),
+    ("lstm-bidir-3", {"bidirectional": True, "num_layers": 3}),
+    ("lstm-proj", {"proj_size": 3, "num_layers": 2}),
+    ("lstm-proj-bidir-nobias", {"proj_size": 4, "bidirectional": True, "bias": False}),
+    ("lstm-nobias", {"bias": False, "num_layers": 2}),
+]
+
+
+@pytest.mark.parametrize("kwargs", [c[1] for c in MANUAL_CASES], ids=[c[0] for c in MANUAL_CASES])
+@pytest.mark.parametrize("steps", [1, 2, 13])
+def test_manual_route_equals_the_step_replay(kwargs: dict[str, Any], steps: int) -> None:
+    module = nn.LSTM(4, 6, batch_first=True, **kwargs).double()
+    spec = spec_of("", module)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    x = torch.randn(3, steps, 4, dtype=torch.float64)
+    slow = replay(spec, params, x, route="steps")
+    fast = replay(spec, params, x, route="manual")
+    torch.testing.assert_close(fast.output, slow.output, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fast.h_n, slow.h_n, rtol=1e-12, atol=1e-14)
+    assert fast.c_n is not None and slow.c_n is not None
+    torch.testing.assert_close(fast.c_n, slow.c_n, rtol=1e-12, atol=1e-14)
+    assert fast.loss == pytest.approx(slow.loss, rel=1e-12)
+    for f, s in zip(fast.adjoints, slow.adjoints, strict=True):
+        assert (f.layer, f.direction) == (s.layer, s.direction)
+        torch.testing.assert_close(f.dh, s.dh, rtol=1e-10, atol=1e-14)
+        assert f.dc is not None and s.dc is not None
+        torch.testing.assert_close(f.dc, s.dc, rtol=1e-10, atol=1e-14)
+    assert all(float(a.dh.abs().sum()) > 0 for a in fast.adjoints)  # not vacuous
+
+
+def test_manual_route_is_the_cpu_default_for_lstms_of_equal_lengths() -> None:
+    x = torch.randn(2, 5, 4)
+    assert default_route(spec_of("", nn.LSTM(4, 6)), x, None) == "manual"
+    assert default_route(spec_of("", nn.LSTM(4, 6)), x, torch.tensor([5, 3])) == "steps"
+    assert default_route(spec_of("", nn.GRU(4, 6)), x, None) == "steps"
+    assert default_route(spec_of("", nn.RNN(4, 6)), x, None) == "steps"
+    with pytest.raises(ValueError, match="equal lengths"):
+        replay(spec_of("", nn.LSTM(4, 6)), {}, x, torch.tensor([5, 3]), route="manual")
 
 
 def test_fused_route_is_the_default_on_cuda_only() -> None:
@@ -158,7 +201,7 @@ def test_fused_route_on_cuda_matches_the_cpu_replay(kind: Any) -> None:
     params = {k: v.detach() for k, v in module.named_parameters()}
     x = torch.randn(3, 9, 4, dtype=torch.float64)
     cpu = replay(spec, params, x)
-    gpu = replay(spec, {k: v.cuda() for k, v in params.items()}, x.cuda(), fused=True)
+    gpu = replay(spec, {k: v.cuda() for k, v in params.items()}, x.cuda(), route="fused")
     for a, b in zip(gpu.adjoints, cpu.adjoints, strict=True):
         torch.testing.assert_close(a.dh.cpu(), b.dh, rtol=1e-9, atol=1e-12)
         assert (a.dc is None) == (b.dc is None)

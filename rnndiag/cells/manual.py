@@ -1,0 +1,115 @@
+"""An LSTM layer's per-step adjoints on the CPU without a step-by-step autograd graph.
+
+The step replay (rnndiag.replay.unroll) records some 25 autograd nodes per step, and on the
+CPU their per-kernel costs, not the arithmetic, set its pace. Here, for one layer and direction
+(time-major (T, B, .), in run order: a reverse direction runs on x flipped in time):
+
+Forward, without a graph: the input terms x_t W_ih^T + b_ih + b_hh of every step in one GEMM,
+then per step a_t = (that) + h_{t-1} W_hh^T, split (i, f, g, o) and squashed in place,
+c_t = f_t c_{t-1} + i_t g_t and h_t = o_t tanh(c_t) (times W_hr^T with a projection), from
+zero states; the gates, c_t and tanh(c_t) are kept for the backward pass (the fused kernel
+returns only h_t, and recomputing the gates from it cost as much as the run).
+
+Backward, from the last step, with g_t = dL/d(h_t) from outside the recurrence (the layer
+above, the objective):
+
+    dh_t    = g_t + delta_{t+1} W_hh              the total dL/dh_t  (delta_T = 0)
+    dm_t    = dh_t W_hr (proj_size > 0), else dh_t
+    dc_t    = dm_t o_t (1 - tanh(c_t)^2) + dc_{t+1} f_{t+1}          the total dL/dc_t
+    delta_t = [dc_t g_t i_t (1 - i_t), dc_t c_{t-1} f_t (1 - f_t), dc_t i_t (1 - g_t^2),
+               dm_t tanh(c_t) o_t (1 - o_t)]       dL/da_t, gate order (i, f, g, o)
+
+and the layer below gets dL/dx_t = delta_t W_ih, one GEMM. A backward step costs one GEMM and
+four elementwise kernels. Every factor that does not depend on the adjoints is computed for all
+steps at once, in the gates' own buffer, which then holds delta. Exact: float64 tests against
+the step replay (tests/test_speed_paths.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rnndiag.cells.tensors import LayerWeights
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One layer's forward run, time-major in run order: what its backward reads."""
+
+    out: Tensor  # (T, B, P) h_t
+    gates: Tensor  # (T, B, 4H) (i, f, g, o) after their squashing functions
+    c: Tensor  # (T, B, H)
+    tc: Tensor  # (T, B, H) tanh(c_t)
+
+
+@torch.no_grad()
+def forward(x: Tensor, w: LayerWeights) -> Forward:
+    """The layer on x (T, B, I) from zero states, step by step without a graph, keeping the
+    gates: the input terms x W_ih^T + b of every step in one GEMM, then per step one GEMM and
+    six elementwise kernels, in place (time-major: each step's rows are contiguous)."""
+    steps, batch, _ = x.shape
+    hidden, width = w.w_hh.shape[0] // 4, w.w_hh.shape[1]
+    gates = (x.reshape(-1, x.shape[2]) @ w.w_ih.t()).view(steps, batch, 4 * hidden)
+    if w.b_ih is not None and w.b_hh is not None:
+        gates += w.b_ih + w.b_hh
+    out = x.new_empty(steps, batch, width)
+    c, tc = x.new_empty(steps, batch, hidden), x.new_empty(steps, batch, hidden)
+    w_hh = w.w_hh.t()
+    for t in range(steps):
+        a = gates[t]
+        if t:
+            a.addmm_(out[t - 1], w_hh)
+        a[:, : 2 * hidden].sigmoid_()
+        a[:, 2 * hidden : 3 * hidden].tanh_()
+        a[:, 3 * hidden :].sigmoid_()
+        i, f, g, o = a.chunk(4, dim=1)
+        if t:
+            torch.addcmul(i * g, f, c[t - 1], out=c[t])
+        else:
+            torch.mul(i, g, out=c[t])
+        torch.tanh(c[t], out=tc[t])
+        if w.w_hr is None:
+            torch.mul(o, tc[t], out=out[t])
+        else:
+            torch.mm(o * tc[t], w.w_hr.t(), out=out[t])
+    return Forward(out, gates, c, tc)
+
+
+@torch.no_grad()
+def adjoints(run: Forward, g: Tensor, w: LayerWeights) -> tuple[Tensor, Tensor, Tensor]:
+    """(dh (T, B, P), dc (T, B, H), dL/dx (T, B, I)), time-major in run order, from the
+    layer's forward run (whose gate buffer this consumes) and g = dL/d(outputs) from outside
+    the recurrence."""
+    steps, batch, _ = run.out.shape
+    hidden = w.w_hh.shape[0] // 4
+    a, c, tc = run.gates, run.c, run.tc
+    i, f, gate, o = a.chunk(4, dim=2)
+    keep = o * (1 - tc * tc)  # dc_t = dm_t * keep_t + dc_{t+1} * f_{t+1}
+    ahead = torch.cat([f[1:], f.new_zeros(1, batch, hidden)])  # f_{t+1}
+    # the factors of delta, in the gates' buffer (i, g and o read before they are replaced)
+    o.mul_(tc * (1 - o))  # o -> tanh(c) o (1 - o)
+    cprev = torch.cat([c.new_zeros(1, batch, hidden), c[:-1]])
+    factor_g = i * (1 - gate * gate)
+    i.mul_(gate * (1 - i))  # i -> g i (1 - i)
+    gate.copy_(factor_g)  # g -> i (1 - g^2)
+    f.mul_(cprev * (1 - f))  # f -> c_{t-1} f (1 - f); f_{t+1} kept in `ahead`
+    del cprev, factor_g
+    three = a.view(steps, batch, 4, hidden)[:, :, :3]  # (T, B, 3, H): i, f, g factors
+    dh = g.clone()
+    dc = torch.empty_like(keep)
+    dm = dh if w.w_hr is None else torch.empty_like(keep)
+    dc_next = keep.new_zeros(batch, hidden)
+    for t in range(steps - 1, -1, -1):
+        if t < steps - 1:
+            dh[t].addmm_(a[t + 1], w.w_hh)
+        if w.w_hr is not None:
+            torch.mm(dh[t], w.w_hr, out=dm[t])
+        dct = torch.addcmul(dm[t] * keep[t], dc_next, ahead[t], out=dc[t])
+        three[t].mul_(dct.unsqueeze(1))  # a[t] becomes delta_t
+        o[t].mul_(dm[t])
+        dc_next = dct
+    dx = (a.reshape(-1, 4 * hidden) @ w.w_ih).view(steps, batch, -1)
+    return dh, dc, dx
