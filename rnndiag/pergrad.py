@@ -162,8 +162,9 @@ def unsupported(model: nn.Module) -> str | None:
             return f"{label} ({type(m).__name__}) has parameters of its own"
         if isinstance(m, nn.LSTM) and m.proj_size > 0:
             return f"{label} has proj_size"
-        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse):
-            return f"{label} renormalises or is sparse"
+        if isinstance(m, nn.Embedding) and (m.max_norm is not None or m.sparse
+                                            or m.scale_grad_by_freq):
+            return f"{label} renormalises, is sparse or scales by frequency"
     return None
 
 

@@ -292,6 +292,9 @@ def test_unsupported_says_why() -> None:
     assert "scale" not in (pergrad.unsupported(Tagger()) or "")
     assert "the model (OwnParameter)" in (pergrad.unsupported(OwnParameter()) or "")
     assert "proj_size" in (pergrad.unsupported(Tagger(proj_size=3)) or "")
+    by_frequency = Tagger()
+    by_frequency.embed.scale_grad_by_freq = True  # batch-wide counts: not per example
+    assert "frequency" in (pergrad.unsupported(by_frequency) or "")
     assert pergrad.unsupported(nn.Sequential(nn.LSTMCell(3, 4), nn.Linear(4, 2))) is None
     assert "Conv1d" in (pergrad.unsupported(nn.Sequential(nn.Conv1d(3, 4, 2))) or "")
     frozen = Tagger()
