@@ -372,12 +372,11 @@ ROUTES = ("steps", "fused", "manual")
 
 
 def default_route(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> str:
-    """`fused` where `fused_applies` (a GPU), `manual` for an LSTM without per-example lengths
-    on the CPU (its step replay is bound by per-kernel costs: `replay_manual` measured 0.6x of
-    it), else `steps`."""
+    """`fused` where `fused_applies` (a GPU), `manual` for an LSTM on the CPU (its step replay
+    is bound by per-kernel costs: `replay_manual` measured 0.6x of it), else `steps`."""
     if fused_applies(spec, inputs, lengths):
         return "fused"
-    if inputs.device.type == "cpu" and lengths is None and spec.cell_type is CellType.LSTM:
+    if inputs.device.type == "cpu" and spec.cell_type is CellType.LSTM:
         return "manual"
     return "steps"
 
@@ -399,12 +398,12 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     chosen = route or default_route(spec, inputs, lengths)
     if chosen not in ROUTES:
         raise ValueError(f"unknown replay route {chosen!r}")
-    if chosen != "steps" and lengths is not None:
-        raise ValueError(f"the {chosen} route takes equal lengths only")
+    if chosen == "fused" and lengths is not None:
+        raise ValueError("the fused route takes equal lengths only")
     if chosen == "fused":
         return replay_fused(spec, params, inputs)
     if chosen == "manual":
-        return replay_manual(spec, params, inputs)
+        return replay_manual(spec, params, inputs, lengths)
     return with_deep_stack(partial(_replay_steps, spec, params, inputs, lengths))
 
 
@@ -467,20 +466,23 @@ def replay_fused(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
 
 
 def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
-                  ) -> ReplayResult:
+                  lengths: Tensor | None = None) -> ReplayResult:
     """`replay` of an LSTM without a step-by-step autograd graph (rnndiag.cells.manual): each
     layer's forward and, top layer first, its adjoints by hand-written loops; the same
-    adjoints. Equal lengths only; the CPU route."""
+    adjoints, `lengths` run as `unroll` runs them. The CPU route."""
     if spec.cell_type is not CellType.LSTM:
         raise ValueError(f"no manual route for {spec.cell_type}")
     runs: list[tuple[int, Direction, manual.Forward, LayerWeights]] = []
     layer_input = inputs.detach().transpose(0, 1).contiguous()  # time-major (T, B, I)
+    alive = None if lengths is None else alive_mask(lengths.to(inputs.device), inputs.shape[1])
+    by_run = {Direction.FORWARD: alive, Direction.REVERSE: None if alive is None
+              else alive.flip(0)}  # (T, B) in each direction's run order
     for layer in range(spec.num_layers):
         seqs = []
         for direction in spec.directions:
             w = LayerWeights.of(spec, params, layer, direction)
             run = manual.forward(layer_input if direction is Direction.FORWARD
-                                 else layer_input.flip(0), w)
+                                 else layer_input.flip(0), w, by_run[direction])
             runs.append((layer, direction, run, w))
             seqs.append(run.out if direction is Direction.FORWARD else run.out.flip(0))
         layer_input = torch.cat(seqs, dim=2) if len(seqs) > 1 else seqs[0]
@@ -501,10 +503,10 @@ def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
             else:
                 part = received[..., k * width:(k + 1) * width]
                 g = part if direction is Direction.FORWARD else part.flip(0)
-            dh, dc, dx = manual.adjoints(run, g, w)
+            dh, dc, dx = manual.adjoints(run, g, w, by_run[direction])
             if direction is Direction.REVERSE:  # run order -> time index
                 dh, dc, dx = dh.flip(0), dc.flip(0), dx.flip(0)
-            found[(layer, direction)] = StepAdjoints(layer, direction, dh, dc)
+            found[(layer, direction)] = StepAdjoints(layer, direction, dh, dc, alive)
             below = dx if below is None else below + dx
     order = [(layer, direction) for layer, direction, *_ in runs]
     return ReplayResult(layer_input.transpose(0, 1), h_n, c_n, float(loss.item()),

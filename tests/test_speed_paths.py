@@ -172,14 +172,37 @@ def test_manual_route_equals_the_step_replay(kwargs: dict[str, Any], steps: int)
     assert all(float(a.dh.abs().sum()) > 0 for a in fast.adjoints)  # not vacuous
 
 
-def test_manual_route_is_the_cpu_default_for_lstms_of_equal_lengths() -> None:
+@pytest.mark.parametrize("kwargs", [c[1] for c in MANUAL_CASES], ids=[c[0] for c in MANUAL_CASES])
+def test_manual_route_with_lengths_equals_the_step_replay(kwargs: dict[str, Any]) -> None:
+    module = nn.LSTM(4, 6, batch_first=True, **kwargs).double()
+    spec = spec_of("", module)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    x = torch.randn(5, 9, 4, dtype=torch.float64)
+    lengths = torch.tensor([9, 1, 4, 9, 6])
+    slow = replay(spec, params, x, lengths, route="steps")
+    fast = replay(spec, params, x, lengths, route="manual")
+    torch.testing.assert_close(fast.output, slow.output, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fast.h_n, slow.h_n, rtol=1e-12, atol=1e-14)
+    assert fast.c_n is not None and slow.c_n is not None
+    torch.testing.assert_close(fast.c_n, slow.c_n, rtol=1e-12, atol=1e-14)
+    assert fast.loss == pytest.approx(slow.loss, rel=1e-12)
+    for f, s in zip(fast.adjoints, slow.adjoints, strict=True):
+        torch.testing.assert_close(f.dh, s.dh, rtol=1e-10, atol=1e-14)
+        assert f.dc is not None and s.dc is not None
+        torch.testing.assert_close(f.dc, s.dc, rtol=1e-10, atol=1e-14)
+        assert f.alive is not None and bool((f.alive == s.alive).all())
+        assert float(f.dh[:, 1].abs().sum()) > 0  # example 1 (one step) has its gradient
+        assert float(f.dh[1:, 1].abs().sum()) == 0  # and none past its length
+
+
+def test_manual_route_is_the_cpu_default_for_lstms() -> None:
     x = torch.randn(2, 5, 4)
     assert default_route(spec_of("", nn.LSTM(4, 6)), x, None) == "manual"
-    assert default_route(spec_of("", nn.LSTM(4, 6)), x, torch.tensor([5, 3])) == "steps"
+    assert default_route(spec_of("", nn.LSTM(4, 6)), x, torch.tensor([5, 3])) == "manual"
     assert default_route(spec_of("", nn.GRU(4, 6)), x, None) == "steps"
     assert default_route(spec_of("", nn.RNN(4, 6)), x, None) == "steps"
     with pytest.raises(ValueError, match="equal lengths"):
-        replay(spec_of("", nn.LSTM(4, 6)), {}, x, torch.tensor([5, 3]), route="manual")
+        replay(spec_of("", nn.LSTM(4, 6)), {}, x, torch.tensor([5, 3]), route="fused")
 
 
 def test_fused_route_is_the_default_on_cuda_only() -> None:

@@ -46,17 +46,24 @@ class Forward:
 
 
 @torch.no_grad()
-def forward(x: Tensor, w: LayerWeights) -> Forward:
+def forward(x: Tensor, w: LayerWeights, alive: Tensor | None = None) -> Forward:
     """The layer on x (T, B, I) from zero states, step by step without a graph, keeping the
     gates: the input terms x W_ih^T + b of every step in one GEMM, then per step one GEMM and
-    six elementwise kernels, in place (time-major: each step's rows are contiguous)."""
+    six elementwise kernels, in place (time-major: each step's rows are contiguous).
+
+    With `alive` (T, B) bool in run order, a step an example does not have keeps its state
+    (h_t = h_{t-1}, c_t = c_{t-1}), as rnndiag.replay.unroll runs it; `c` holds the states and
+    `tc` the tanh of each step's own new c."""
     steps, batch, _ = x.shape
     hidden, width = w.w_hh.shape[0] // 4, w.w_hh.shape[1]
     gates = (x.reshape(-1, x.shape[2]) @ w.w_ih.t()).view(steps, batch, 4 * hidden)
     if w.b_ih is not None and w.b_hh is not None:
         gates += w.b_ih + w.b_hh
-    out = x.new_empty(steps, batch, width)
-    c, tc = x.new_empty(steps, batch, hidden), x.new_empty(steps, batch, hidden)
+    out = x.new_zeros(steps, batch, width)
+    c, tc = x.new_zeros(steps, batch, hidden), x.new_empty(steps, batch, hidden)
+    live = None if alive is None else alive.unsqueeze(2)  # (T, B, 1)
+    own = None if live is None else x.new_empty(batch, hidden)
+    h_new = None if live is None else x.new_empty(batch, width)
     w_hh = w.w_hh.t()
     for t in range(steps):
         a = gates[t]
@@ -66,28 +73,36 @@ def forward(x: Tensor, w: LayerWeights) -> Forward:
         a[:, 2 * hidden : 3 * hidden].tanh_()
         a[:, 3 * hidden :].sigmoid_()
         i, f, g, o = a.chunk(4, dim=1)
+        cell = c[t] if own is None else own
         if t:
-            torch.addcmul(i * g, f, c[t - 1], out=c[t])
+            torch.addcmul(i * g, f, c[t - 1], out=cell)
         else:
-            torch.mul(i, g, out=c[t])
-        torch.tanh(c[t], out=tc[t])
+            torch.mul(i, g, out=cell)
+        torch.tanh(cell, out=tc[t])
+        h = out[t] if h_new is None else h_new
         if w.w_hr is None:
-            torch.mul(o, tc[t], out=out[t])
+            torch.mul(o, tc[t], out=h)
         else:
-            torch.mm(o * tc[t], w.w_hr.t(), out=out[t])
+            torch.mm(o * tc[t], w.w_hr.t(), out=h)
+        if live is not None:  # a missing step keeps the state it read (zero before the first)
+            torch.where(live[t], cell, c[t - 1] if t else c[t], out=c[t])
+            torch.where(live[t], h, out[t - 1] if t else out[t], out=out[t])
     return Forward(out, gates, c, tc)
 
 
 @torch.no_grad()
-def adjoints(run: Forward, g: Tensor, w: LayerWeights) -> tuple[Tensor, Tensor, Tensor]:
+def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = None,
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """(dh (T, B, P), dc (T, B, H), dL/dx (T, B, I)), time-major in run order, from the
     layer's forward run (whose gate buffer this consumes) and g = dL/d(outputs) from outside
-    the recurrence."""
+    the recurrence. With `alive` (as `forward` ran), a missing step passes its state's
+    gradient to the step before unchanged, gets no gate gradient, and its dh and dc are
+    zero (as rnndiag.replay.Chain.close leaves them)."""
     steps, batch, _ = run.out.shape
     hidden = w.w_hh.shape[0] // 4
     a, c, tc = run.gates, run.c, run.tc
     i, f, gate, o = a.chunk(4, dim=2)
-    keep = o * (1 - tc * tc)  # dc_t = dm_t * keep_t + dc_{t+1} * f_{t+1}
+    keep = o * (1 - tc * tc)  # dc_t = dm_t * keep_t + (dL/dc_t from step t+1)
     ahead = torch.cat([f[1:], f.new_zeros(1, batch, hidden)])  # f_{t+1}
     # the factors of delta, in the gates' buffer (i, g and o read before they are replaced)
     o.mul_(tc * (1 - o))  # o -> tanh(c) o (1 - o)
@@ -97,19 +112,51 @@ def adjoints(run: Forward, g: Tensor, w: LayerWeights) -> tuple[Tensor, Tensor, 
     gate.copy_(factor_g)  # g -> i (1 - g^2)
     f.mul_(cprev * (1 - f))  # f -> c_{t-1} f (1 - f); f_{t+1} kept in `ahead`
     del cprev, factor_g
+    if alive is not None:  # no gate gradient at a missing step
+        a.mul_(alive.unsqueeze(2).to(a.dtype))
     three = a.view(steps, batch, 4, hidden)[:, :, :3]  # (T, B, 3, H): i, f, g factors
     dh = g.clone()
     dc = torch.empty_like(keep)
     dm = dh if w.w_hr is None else torch.empty_like(keep)
-    dc_next = keep.new_zeros(batch, hidden)
-    for t in range(steps - 1, -1, -1):
-        if t < steps - 1:
+    if alive is None:
+        _backward_loop(a, three, o, dh, dm, dc, keep, ahead, w)
+    else:
+        _masked_backward_loop(a, three, o, dh, dm, dc, keep, ahead, w, alive.unsqueeze(2))
+        dh.mul_(alive.unsqueeze(2).to(dh.dtype))
+        dc.mul_(alive.unsqueeze(2).to(dc.dtype))
+    dx = (a.reshape(-1, 4 * hidden) @ w.w_ih).view(steps, batch, -1)
+    return dh, dc, dx
+
+
+def _backward_loop(a: Tensor, three: Tensor, o: Tensor, dh: Tensor, dm: Tensor, dc: Tensor,
+                   keep: Tensor, ahead: Tensor, w: LayerWeights) -> None:
+    """The loop of `adjoints`, every step present: a[t] becomes delta_t."""
+    dc_next = keep.new_zeros(keep.shape[1:])
+    for t in range(a.shape[0] - 1, -1, -1):
+        if t < a.shape[0] - 1:
             dh[t].addmm_(a[t + 1], w.w_hh)
         if w.w_hr is not None:
             torch.mm(dh[t], w.w_hr, out=dm[t])
         dct = torch.addcmul(dm[t] * keep[t], dc_next, ahead[t], out=dc[t])
-        three[t].mul_(dct.unsqueeze(1))  # a[t] becomes delta_t
+        three[t].mul_(dct.unsqueeze(1))
         o[t].mul_(dm[t])
         dc_next = dct
-    dx = (a.reshape(-1, 4 * hidden) @ w.w_ih).view(steps, batch, -1)
-    return dh, dc, dx
+
+
+def _masked_backward_loop(a: Tensor, three: Tensor, o: Tensor, dh: Tensor, dm: Tensor,
+                          dc: Tensor, keep: Tensor, ahead: Tensor, w: LayerWeights,
+                          live: Tensor) -> None:
+    """The loop of `adjoints` with missing steps (`live` (T, B, 1)): the gradient of a kept
+    state reaches the step before unchanged. a[t] becomes delta_t (zero where missing:
+    `adjoints` zeroed those factors)."""
+    carried = keep.new_zeros(keep.shape[1:])  # dL/dc_t of the state, from step t+1
+    for t in range(a.shape[0] - 1, -1, -1):
+        if t < a.shape[0] - 1:
+            dh[t] += torch.where(live[t + 1], a[t + 1] @ w.w_hh, dh[t + 1])
+        if w.w_hr is not None:
+            torch.mm(dh[t], w.w_hr, out=dm[t])
+        dct = torch.addcmul(carried, dm[t], keep[t], out=dc[t])
+        three[t].mul_(dct.unsqueeze(1))
+        o[t].mul_(dm[t])
+        if t:
+            carried = torch.where(live[t], dct * ahead[t - 1], carried)
