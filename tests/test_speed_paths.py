@@ -151,14 +151,18 @@ MANUAL_CASES = [
 
 
 @pytest.mark.parametrize("kwargs", [c[1] for c in MANUAL_CASES], ids=[c[0] for c in MANUAL_CASES])
-@pytest.mark.parametrize("steps", [1, 2, 13])
-def test_manual_route_equals_the_step_replay(kwargs: dict[str, Any], steps: int) -> None:
+@pytest.mark.parametrize(("steps", "lengths"), [(1, None), (2, None), (13, None),
+                                                (9, [9, 1, 4, 9, 6])],
+                         ids=["T=1", "T=2", "T=13", "lengths"])
+def test_manual_route_equals_the_step_replay(kwargs: dict[str, Any], steps: int,
+                                             lengths: list[int] | None) -> None:
     module = nn.LSTM(4, 6, batch_first=True, **kwargs).double()
     spec = spec_of("", module)
     params = {k: v.detach() for k, v in module.named_parameters()}
-    x = torch.randn(3, steps, 4, dtype=torch.float64)
-    slow = replay(spec, params, x, route="steps")
-    fast = replay(spec, params, x, route="manual")
+    x = torch.randn(5, steps, 4, dtype=torch.float64)
+    given = None if lengths is None else torch.tensor(lengths)
+    slow = replay(spec, params, x, given, route="steps")
+    fast = replay(spec, params, x, given, route="manual")
     torch.testing.assert_close(fast.output, slow.output, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(fast.h_n, slow.h_n, rtol=1e-12, atol=1e-14)
     assert fast.c_n is not None and slow.c_n is not None
@@ -169,30 +173,12 @@ def test_manual_route_equals_the_step_replay(kwargs: dict[str, Any], steps: int)
         torch.testing.assert_close(f.dh, s.dh, rtol=1e-10, atol=1e-14)
         assert f.dc is not None and s.dc is not None
         torch.testing.assert_close(f.dc, s.dc, rtol=1e-10, atol=1e-14)
-    assert all(float(a.dh.abs().sum()) > 0 for a in fast.adjoints)  # not vacuous
-
-
-@pytest.mark.parametrize("kwargs", [c[1] for c in MANUAL_CASES], ids=[c[0] for c in MANUAL_CASES])
-def test_manual_route_with_lengths_equals_the_step_replay(kwargs: dict[str, Any]) -> None:
-    module = nn.LSTM(4, 6, batch_first=True, **kwargs).double()
-    spec = spec_of("", module)
-    params = {k: v.detach() for k, v in module.named_parameters()}
-    x = torch.randn(5, 9, 4, dtype=torch.float64)
-    lengths = torch.tensor([9, 1, 4, 9, 6])
-    slow = replay(spec, params, x, lengths, route="steps")
-    fast = replay(spec, params, x, lengths, route="manual")
-    torch.testing.assert_close(fast.output, slow.output, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(fast.h_n, slow.h_n, rtol=1e-12, atol=1e-14)
-    assert fast.c_n is not None and slow.c_n is not None
-    torch.testing.assert_close(fast.c_n, slow.c_n, rtol=1e-12, atol=1e-14)
-    assert fast.loss == pytest.approx(slow.loss, rel=1e-12)
-    for f, s in zip(fast.adjoints, slow.adjoints, strict=True):
-        torch.testing.assert_close(f.dh, s.dh, rtol=1e-10, atol=1e-14)
-        assert f.dc is not None and s.dc is not None
-        torch.testing.assert_close(f.dc, s.dc, rtol=1e-10, atol=1e-14)
-        assert f.alive is not None and bool((f.alive == s.alive).all())
-        assert float(f.dh[:, 1].abs().sum()) > 0  # example 1 (one step) has its gradient
-        assert float(f.dh[1:, 1].abs().sum()) == 0  # and none past its length
+        assert float(f.dh.abs().sum()) > 0  # not vacuous
+        if lengths is not None:
+            assert f.alive is not None and s.alive is not None
+            assert bool((f.alive == s.alive).all())
+            assert float(f.dh[:, 1].abs().sum()) > 0  # example 1 (one step) has its gradient
+            assert float(f.dh[1:, 1].abs().sum()) == 0  # and none past its length
 
 
 def test_manual_route_is_the_cpu_default_for_lstms() -> None:
