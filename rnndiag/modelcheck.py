@@ -7,7 +7,9 @@ every recurrent submodule replayed step by step (rnndiag.usermodel); one backwar
 loss through the shared capture hooks yields every dL/dh_t and dL/dc_t. When the scored output
 has a time axis, the credit passes (rnndiag.temporal) measure how far each position's own loss
 term reaches back; ratios and verdicts come from them (rnndiag.credit). The clip suggestion
-uses all model parameters that require grad.
+uses all model parameters that require grad; their per-example gradients are recorded in the
+same backward pass where the model's modules allow (rnndiag.pergrad), else taken by the loop
+(rnndiag.clip.per_example_gram).
 """
 
 from __future__ import annotations
