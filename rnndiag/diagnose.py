@@ -35,7 +35,7 @@ from rnndiag.records import (
     TrainingState,
     Verdict,
 )
-from rnndiag.replay import replay
+from rnndiag.routes import replay
 from rnndiag.series import layer_diagnosis
 from rnndiag.sources import RawFile, guarded
 from rnndiag.statedict import load_strict

@@ -25,7 +25,8 @@ from rnndiag.cells import CellUnit, LayerWeights, StaticReading, StepOut
 from rnndiag.discover import discover
 from rnndiag.errors import ArchitectureError
 from rnndiag.records import CellType, Direction, ForgetBias, ModuleKind, ModuleSpec, PascanuReading
-from rnndiag.replay import replay, unroll, zero_states
+from rnndiag.replay import unroll, zero_states
+from rnndiag.routes import replay
 
 IN, H, PROJ, T, B = 3, 5, 2, 6, 4
 STACKED: dict[CellType, type[nn.Module]] = {CellType.RNN: nn.RNN, CellType.LSTM: nn.LSTM,

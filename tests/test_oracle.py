@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from rnndiag.records import Direction, ModuleKind, ModuleSpec
-from rnndiag.replay import replay
+from rnndiag.routes import replay
 
 IN, H, PROJ, T, B = 3, 5, 2, 7, 4
 

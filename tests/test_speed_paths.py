@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from rnndiag import clip, credit, temporal
 from rnndiag.losses import Loss, choose
-from rnndiag.replay import DirectionStates, default_route, fused_applies, replay
+from rnndiag.replay import DirectionStates
+from rnndiag.routes import default_route, fused_applies, replay
 from rnndiag.temporal import Scored, scored_sequences
 from rnndiag.usermodel import call_model, capture, spec_of
 from tests.realistic_models import PackedTagger
@@ -98,7 +99,7 @@ def test_group_size_respects_the_budget(monkeypatch: pytest.MonkeyPatch) -> None
         assert temporal._group_size(scored, chains) > 17
 
 
-# --- the fused-kernel route (rnndiag.replay.replay_fused), run here on the CPU -------------
+# --- the fused-kernel route (rnndiag.routes.replay_fused), run here on the CPU -------------
 
 FUSED_CASES = [
     ("rnn-tanh", nn.RNN, {}, None),
@@ -139,7 +140,7 @@ def test_fused_route_equals_the_step_replay(kind: Any, kwargs: dict[str, Any],
     assert all(float(a.dh.abs().sum()) > 0 for a in fast.adjoints)  # not vacuous
 
 
-# --- the LSTM's hand-written backward (rnndiag.replay.replay_manual), the CPU default --------
+# --- the LSTM's hand-written backward (rnndiag.routes.replay_manual), the CPU default --------
 
 MANUAL_CASES = [
     ("lstm", {}),

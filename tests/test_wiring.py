@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rnndiag.cli import main
-from rnndiag.replay import replay
+from rnndiag.routes import replay
 from rnndiag.usermodel import spec_of
 
 
