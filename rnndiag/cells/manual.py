@@ -103,14 +103,14 @@ def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = No
     a, c, tc = run.gates, run.c, run.tc
     i, f, gate, o = a.chunk(4, dim=2)
     keep = o * (1 - tc * tc)  # dc_t = dm_t * keep_t + (dL/dc_t from step t+1)
-    ahead = torch.cat([f[1:], f.new_zeros(1, batch, hidden)])  # f_{t+1}
+    forget = f.clone()  # f_t, for dL/dc_{t-1}: f's own slot becomes a factor of delta
     # the factors of delta, in the gates' buffer (i, g and o read before they are replaced)
     o.mul_(tc * (1 - o))  # o -> tanh(c) o (1 - o)
     cprev = torch.cat([c.new_zeros(1, batch, hidden), c[:-1]])
     factor_g = i * (1 - gate * gate)
     i.mul_(gate * (1 - i))  # i -> g i (1 - i)
     gate.copy_(factor_g)  # g -> i (1 - g^2)
-    f.mul_(cprev * (1 - f))  # f -> c_{t-1} f (1 - f); f_{t+1} kept in `ahead`
+    f.mul_(cprev * (1 - f))  # f -> c_{t-1} f (1 - f); f_t kept in `forget`
     del cprev, factor_g
     if alive is not None:  # no gate gradient at a missing step
         a.mul_(alive.unsqueeze(2).to(a.dtype))
@@ -118,45 +118,32 @@ def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = No
     dh = g.clone()
     dc = torch.empty_like(keep)
     dm = dh if w.w_hr is None else torch.empty_like(keep)
-    if alive is None:
-        _backward_loop(a, three, o, dh, dm, dc, keep, ahead, w)
-    else:
-        _masked_backward_loop(a, three, o, dh, dm, dc, keep, ahead, w, alive.unsqueeze(2))
-        dh.mul_(alive.unsqueeze(2).to(dh.dtype))
-        dc.mul_(alive.unsqueeze(2).to(dc.dtype))
+    live = None if alive is None else alive.unsqueeze(2)  # (T, B, 1)
+    _backward_loop(a, three, o, dh, dm, dc, keep, forget, w, live)
+    if live is not None:
+        dh.mul_(live.to(dh.dtype))
+        dc.mul_(live.to(dc.dtype))
     dx = (a.reshape(-1, 4 * hidden) @ w.w_ih).view(steps, batch, -1)
     return dh, dc, dx
 
 
 def _backward_loop(a: Tensor, three: Tensor, o: Tensor, dh: Tensor, dm: Tensor, dc: Tensor,
-                   keep: Tensor, ahead: Tensor, w: LayerWeights) -> None:
-    """The loop of `adjoints`, every step present: a[t] becomes delta_t."""
-    dc_next = keep.new_zeros(keep.shape[1:])
-    for t in range(a.shape[0] - 1, -1, -1):
-        if t < a.shape[0] - 1:
-            dh[t].addmm_(a[t + 1], w.w_hh)
-        if w.w_hr is not None:
-            torch.mm(dh[t], w.w_hr, out=dm[t])
-        dct = torch.addcmul(dm[t] * keep[t], dc_next, ahead[t], out=dc[t])
-        three[t].mul_(dct.unsqueeze(1))
-        o[t].mul_(dm[t])
-        dc_next = dct
-
-
-def _masked_backward_loop(a: Tensor, three: Tensor, o: Tensor, dh: Tensor, dm: Tensor,
-                          dc: Tensor, keep: Tensor, ahead: Tensor, w: LayerWeights,
-                          live: Tensor) -> None:
-    """The loop of `adjoints` with missing steps (`live` (T, B, 1)): the gradient of a kept
-    state reaches the step before unchanged. a[t] becomes delta_t (zero where missing:
+                   keep: Tensor, forget: Tensor, w: LayerWeights, live: Tensor | None) -> None:
+    """The loop of `adjoints`: a[t] becomes delta_t. With `live` (T, B, 1), a missing step
+    passes the gradient of the state it kept to the step before unchanged (its delta is zero:
     `adjoints` zeroed those factors)."""
     carried = keep.new_zeros(keep.shape[1:])  # dL/dc_t of the state, from step t+1
     for t in range(a.shape[0] - 1, -1, -1):
         if t < a.shape[0] - 1:
-            dh[t] += torch.where(live[t + 1], a[t + 1] @ w.w_hh, dh[t + 1])
+            if live is None:
+                dh[t].addmm_(a[t + 1], w.w_hh)
+            else:
+                dh[t] += torch.where(live[t + 1], a[t + 1] @ w.w_hh, dh[t + 1])
         if w.w_hr is not None:
             torch.mm(dh[t], w.w_hr, out=dm[t])
         dct = torch.addcmul(carried, dm[t], keep[t], out=dc[t])
         three[t].mul_(dct.unsqueeze(1))
         o[t].mul_(dm[t])
         if t:
-            carried = torch.where(live[t], dct * ahead[t - 1], carried)
+            into = dct * forget[t]  # dL/dc_{t-1} through c_t = f_t c_{t-1} + ...
+            carried = into if live is None else torch.where(live[t], into, carried)
