@@ -24,9 +24,10 @@ These are example i's share of the batch loss's gradient. The batch loss is the 
 N = sum_i N_i scored positions (targets not ignored, or elements for MSE), so the share is
 (N_i / N) g_i, and g_i = (N / N_i) * share (`scales`).
 
-The route applies when every parameter that requires grad belongs to one of those modules (an
-LSTM without proj_size, an Embedding without max_norm; no cells) and each module's input has
-the batch axis where `rnndiag.modelcheck.Slicing` finds it. The backward pass asks autograd
+The route applies when every parameter that requires grad belongs to one of those modules or
+to a cell called in the model's loop (rnndiag.cellgrad): an LSTM without proj_size, an
+Embedding without max_norm, sparse gradients or scale_grad_by_freq; and each module's input
+has the batch axis where `rnndiag.modelcheck.Slicing` finds it. The backward pass asks autograd
 for the gradients of the recorded tensors (the input terms, the modules' outputs) alongside
 the states', so no weight gradient is computed. The caller checks the result against the loop
 on two examples (a weight also read outside its module, a model that mixes examples, an axis

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
@@ -151,8 +151,7 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     # (B, T, G*H): every step's input term in one matmul. unbind, not xp[:, t]: the backward
     # of a slice materialises a full (B, T, G*H) gradient per step (quadratic in T).
     terms = input_terms(x, w, spec.cell_type)
-    if tap is not None:
-        tap.append(Tapped(spec.cell_type, direction, w, x, terms, h))
+    h_init = h
     xs = terms.unbind(dim=1)
     chain = capture.chain(layer, direction, alive) if capture is not None else None
     keep = None if alive is None else alive.unsqueeze(2).unbind(0)  # T of (B, 1)
@@ -179,11 +178,11 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                 chain.watch("dc", t, own)
     sequence = torch.stack(hs, dim=1) if stack else None
     if tap is not None:
-        tap[-1].states = hs
+        tap.append(Tapped(spec.cell_type, direction, w, x, terms, h_init, hs))
     return DirectionStates(layer, direction, hs, cs, sequence, chain)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tapped:
     """One layer and direction as `unroll` ran it with a tap: the gradient of its input term,
     with the layer input x and the states, gives each example's weight gradients
@@ -195,7 +194,7 @@ class Tapped:
     x: Tensor  # (B, T, I) the layer input
     terms: Tensor  # (B, T, G*H) input_terms(x, w): x W_ih^T + biases
     h_init: Tensor  # (B, P) the state before the first step in run order
-    states: list[Tensor] = field(default_factory=list)  # T of (B, P), by time index t
+    states: list[Tensor]  # T of (B, P), by time index t
 
 
 class Chain:
