@@ -178,8 +178,11 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
     exploding = any(m.verdict is Verdict.EXPLODING for m in modules)
     slicing = Slicing(batch, measured.time_major)
     params = [p for p in model.parameters() if p.requires_grad]
-    shares = _shares(recorder, measured, loss_def, inputs, slicing, options.ignore_index, params)
-    suggestion = _clip(model, loss_def, inputs, slicing, options, exploding, state, shares)
+    n = clip.examples_for(batch, sum(p.numel() for p in params))
+    shares = _shares(recorder, measured, loss_def, inputs, slicing, options.ignore_index,
+                     params, n)
+    suggestion = _clip(model, loss_def, inputs, slicing, options, exploding, state, params, n,
+                       shares)
     return LiveDiagnosis(modules, suggestion, _loss_name(loss_def), batch, measured.notes)
 
 
@@ -260,13 +263,12 @@ BUILTIN_MEANS = ("cross_entropy", "mse")  # losses that average over scored posi
 
 def _shares(recorder: pergrad.Recorder, measured: Measured, loss_def: Loss,
             inputs: ModelInputs, slicing: Slicing, ignore_index: int,
-            params: Sequence[Tensor]) -> tuple[list[Tensor], Tensor] | str:
+            params: Sequence[Tensor], n: int) -> tuple[list[Tensor], Tensor] | str:
     """(each of the first n examples' share of the batch gradient, the factors N / N_i that
     turn shares into the examples' own gradients), or why the loop must run instead."""
     if measured.recorded is None:
         return recorder.why or f"loss {loss_def.name} is not a mean over positions"
     assert inputs.targets is not None  # a built-in loss has targets
-    n = clip.examples_for(slicing.batch, sum(p.numel() for p in params))
     counts = torch.tensor([_scored(slicing.target_rows(torch.tensor([i]), inputs.targets),
                                    loss_def, ignore_index) for i in range(n)])
     total = _scored(inputs.targets, loss_def, ignore_index)
@@ -337,14 +339,14 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
           options: CheckOptions, exploding: bool, state: TrainingState | None,
-          shares: tuple[list[Tensor], Tensor] | str) -> ClipSuggestion:
-    """The clip rule (rnndiag.clip) on per-example gradients of the task loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
+          params: Sequence[Tensor], n: int, shares: tuple[list[Tensor], Tensor] | str,
+          ) -> ClipSuggestion:
+    """The clip rule (rnndiag.clip) on per-example gradients of the task loss: the first n
+    examples' (`clip.examples_for`), of `params` (every parameter that requires grad)."""
     count = sum(p.numel() for p in params)
     norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
     gram, unavailable, curvature = None, None, None
     if loss_def.fn is not None:
-        n = clip.examples_for(slicing.batch, count)
         one = partial(_example_loss, model, loss_def, inputs, slicing, options.ignore_index)
         try:
             # cuDNN's RNN backward refuses eval mode: the per-example passes run without it
