@@ -20,9 +20,9 @@ Passes and their references (rnndiag.modelcheck decides which apply):
   reaches, among the steps it is alive;
 - credit (basis `credit`, a layer whose steps are the scored output's positions): with g the
   cotangent dL/d(output), L_s = <g restricted to position s, output> is the loss's term at s,
-  and dL_s/dh_t its credit to h_t. One pass restricts g to each example's last scored position
-  (first, reverse); each sampled position s is one more pass, references (b, s) for the
-  examples that score s.
+  and dL_s/dh_t its credit to h_t. References (b, s_b): each example at one of the sampled
+  positions per pass (rnndiag.temporal.assignments), all of them in one backward pass of
+  sum_b L_{s_b}[b] (examples do not mix, so example b's gradients are its own term's).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from rnndiag.records import (
     Verdict,
 )
 
-SCHEMA_VERSION = "0.3.0"
+SCHEMA_VERSION = "0.4.0"
 OBJECTIVE = "final_state_energy"  # L = 1/(2B) sum_b sum_d ||h_final^{top,d}_b||^2
 
 
@@ -240,6 +240,7 @@ def _layer(d: LayerDiagnosis) -> dict[str, Any]:
         "skipped_references": d.skipped_references,
         "credit": None if d.credit is None else {
             "positions": list(d.credit.positions),
+            "examples": list(d.credit.examples),
             "norms": [_series(row) for row in d.credit.norms],
             "skipped_positions": list(d.credit.skipped)},
     }

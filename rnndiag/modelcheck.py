@@ -244,7 +244,7 @@ def _measure(rec: Recording, seqs: Sequence[Sequence_], loss: Tensor, loss_def: 
         major = options.time_axis == 0 if options.time_axis is not None else (
             bool(conventions) and not any(conventions.values()))
         return Measured(found, None, major, (), recorded)
-    rows = credit_rows(scored, states, rec.capture, roots, batch)
+    rows = credit_rows(scored, states, batch)
     return Measured(found, rows, scored.time_major, _credit_notes(rows, scored.steps),
                     recorded)
 

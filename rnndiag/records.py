@@ -153,15 +153,17 @@ class ForgetBias:
 class Credit:
     """The temporal credit matrix of one layer and direction (rnndiag.credit).
 
-    For each sampled output position s (a time index of the scored output), `norms[i][t]` is
-    ||dL_s/dh_t||_2 over the batch, L_s being the loss's linearisation restricted to position
-    s (its cotangent zero at every other position); the LSTM cell state is included as in
-    `state_grad_norm`. `skipped` lists sampled positions that no example scores.
+    For each referenced output position s (a time index of the scored output), `norms[i][t]`
+    is ||dL_s/dh_t||_2 over the `examples[i]` examples referenced at s, L_s being the loss's
+    linearisation restricted to position s (its cotangent zero at every other position); the
+    LSTM cell state is included as in `state_grad_norm`. `skipped` lists sampled positions
+    that no example scores.
     """
 
     positions: tuple[int, ...]
     norms: tuple[tuple[float, ...], ...]
     skipped: tuple[int, ...] = ()
+    examples: tuple[int, ...] = ()
 
 
 class RatioBasis(StrEnum):

@@ -298,8 +298,13 @@ def batched_sq(outputs: Sequence[Tensor], cotangents: Sequence[Tensor],
     passes = cotangents[0].shape[0]
     wanted = [(i, slot, t, x) for i, c in enumerate(chains)
               for slot, by_t in c.watched.items() for t, x in by_t.items()]
-    grads = torch.autograd.grad(list(outputs), [x for *_, x in wanted], list(cotangents),
-                                retain_graph=True, allow_unused=True, is_grads_batched=True)
+    if passes == 1:  # a plain backward: vmap's batching costs without a batch to share
+        grads = tuple(g if g is None else g.unsqueeze(0) for g in torch.autograd.grad(
+            list(outputs), [x for *_, x in wanted], [c[0] for c in cotangents],
+            retain_graph=True, allow_unused=True))
+    else:
+        grads = torch.autograd.grad(list(outputs), [x for *_, x in wanted], list(cotangents),
+                                    retain_graph=True, allow_unused=True, is_grads_batched=True)
     found = []
     for c in chains:
         like, shape = c._like["dh"]

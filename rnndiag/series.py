@@ -41,15 +41,14 @@ def norms(adj: StepAdjoints) -> tuple[tuple[float, ...], tuple[float, ...] | Non
 
 @dataclass(frozen=True)
 class Row:
-    """One credit pass of one layer and direction, reduced at once to sq[t, b]
-    (rnndiag.credit.state_sq), with each example's reference step (-1: none); `position` is
-    the sampled output position, None for the pass at each example's last (reverse: first)
-    scored position."""
+    """The references at one output position `position` of one layer and direction: sq[t, b]
+    (rnndiag.credit.state_sq) of the examples referenced there (refs[b] == position; every
+    other example's refs -1 and column zero)."""
 
     sq: Tensor
     refs: Tensor
     alive: Tensor | None
-    position: int | None = None
+    position: int
 
 
 def layer_diagnosis(adj: StepAdjoints, st: StaticLayer, th: Thresholds,
@@ -66,10 +65,9 @@ def layer_diagnosis(adj: StepAdjoints, st: StaticLayer, th: Thresholds,
     else:
         pooled = credit.merge([credit.pool(row.sq, row.refs, direction, row.alive)
                                for row in rows], direction)
-        sampled = [row for row in rows if row.position is not None]
-        found_credit = Credit(tuple(row.position for row in sampled if row.position is not None),
-                              tuple(credit.norms_over_batch(row.sq) for row in sampled),
-                              tuple(skipped))
+        found_credit = Credit(tuple(row.position for row in rows),
+                              tuple(credit.norms_over_batch(row.sq) for row in rows),
+                              tuple(skipped), tuple(int((row.refs >= 0).sum()) for row in rows))
     r, final = credit.ratio_series(pooled, direction)
     found = analysis.spans(analysis.within(r, final, th.context), th)
     return LayerDiagnosis(

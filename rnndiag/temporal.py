@@ -8,12 +8,14 @@ Linear head makes, is unflattened following the recurrent module's `batch_first`
 the sizes cannot tell: `--time-axis` must. Under cross-entropy the last axis holds classes and
 is never the time axis.
 
-The credit passes (definitions in rnndiag.credit): with g = dL/d(output), one backward pass of
-<g restricted to each example's last scored position, output> (first scored position, for
-reverse directions), and one of <g restricted to s, output> for each of up to `SAMPLES`
-positions s spread over the sequence. A position is scored by an example when g is non-zero
-there and the example has that step (a PackedSequence's padding is scored by nobody);
-positions scored by no example are skipped and listed.
+The credit passes (definitions in rnndiag.credit): with g = dL/d(output), up to `SAMPLES`
+positions s spread over the sequence, and each example b referenced at one of them, s_b, per
+pass: a pass is one backward pass of <g restricted to (b, s_b) for every b, output>. The
+recurrence never mixes examples, so one pass measures B references, each example's own credit
+dL_{s_b}[b]/dh_t[b]; enough passes run for PER_POSITION references per position
+(`assignments`: one pass from B = 2 * SAMPLES examples up). A position is scored by an example
+when g is non-zero there and the example has that step (a PackedSequence's padding is scored by
+nobody); positions scored by no example are skipped and listed.
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ import torch
 from torch import Tensor
 
 from rnndiag.errors import BatchError
-from rnndiag.records import Direction
-from rnndiag.replay import Capture, Chain, DirectionStates, batched_sq
+from rnndiag.replay import Chain, DirectionStates, batched_sq
 from rnndiag.series import Row
 
-SAMPLES = 16  # sampled positions per credit matrix, besides each example's last scored one
+SAMPLES = 16  # sampled positions per credit matrix
 
 View = Callable[[Tensor], Tensor]  # a scored tensor (or its gradient) -> (B, T, ...)
 
@@ -157,16 +158,55 @@ def positions(steps: int, count: int = SAMPLES) -> list[int]:
 
 @dataclass
 class CreditRows:
-    """The credit rows of every aligned state (by index into the flat list of states)."""
+    """The credit rows of every aligned state (by index into the flat list of states), one per
+    referenced position, in order of position."""
 
     rows: dict[int, list[Row]] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)  # sampled positions no example scores
     unscored: int = 0  # examples that score no position at all
 
 
-def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capture,
-                roots: Sequence[Tensor], batch: int) -> CreditRows:
-    """Run the credit passes for every state whose steps are the scored positions."""
+PER_POSITION = 2  # references per sampled position that the passes aim for
+
+
+def assignments(hit: Tensor, sampled: Sequence[int]) -> list[list[int]]:
+    """The credit passes' references: per pass, each example's position (-1: none).
+
+    ceil(n * PER_POSITION / B) passes (n sampled positions, B examples; at most n), each
+    example at a different sampled position in each pass, chosen greedily in example order: of
+    the positions it scores and has not had yet, the one with the fewest references so far
+    (the earliest on a tie). An example that scores none of the sampled positions is
+    referenced once, at its last scored position (so every scoring example counts)."""
+    batch, n = hit.shape[0], len(sampled)
+    count = dict.fromkeys(sampled, 0)
+    scores = hit[:, list(sampled)].tolist()
+    had: list[set[int]] = [set() for _ in range(batch)]
+    out = []
+    for j in range(min(n, -(-n * PER_POSITION // batch))):
+        refs = []
+        for b in range(batch):
+            free = [s for s, ok in zip(sampled, scores[b], strict=True) if ok and s not in had[b]]
+            if not free:
+                last = -1 if j or any(scores[b]) else _last(hit[b])
+                refs.append(last)
+                continue
+            s = min(free, key=lambda s: (count[s], s))
+            count[s] += 1
+            had[b].add(s)
+            refs.append(s)
+        out.append(refs)
+    return out
+
+
+def _last(row: Tensor) -> int:
+    found = row.nonzero()
+    return -1 if found.numel() == 0 else int(found[-1])
+
+
+def credit_rows(scored: Scored, states: Sequence[DirectionStates], batch: int) -> CreditRows:
+    """Run the credit passes (`assignments`) for every state whose steps are the scored
+    positions; one row per referenced position (its examples' sq, every other example's
+    column zero)."""
     aligned = [i for i, s in enumerate(states) if s.chain is not None
                and s.chain.steps == scored.steps and s.h[0].shape[0] == batch]
     out = CreditRows({i: [] for i in aligned})
@@ -178,62 +218,46 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capt
     if alive is not None:  # a padded position is no example's to score (packed sequences)
         hit = hit & alive.t().to(hit.device)
     out.unscored = int((~hit.any(1)).sum())
+    sampled = positions(scored.steps)
+    out.skipped = [s for s in sampled if not bool(hit[:, s].any())]
+    plans = [torch.tensor(refs, device=hit.device) for refs in assignments(hit, sampled)]
+    plans = [refs for refs in plans if bool((refs >= 0).any())]
     steps = torch.arange(scored.steps, device=hit.device)
-    plans: list[tuple[Tensor, Tensor, int | None, list[int]]] = []  # mask, refs, s, states
-    for direction in (Direction.FORWARD, Direction.REVERSE):
-        picked = [i for i in aligned if states[i].direction is direction]
-        if not picked:
-            continue
-        if direction is Direction.FORWARD:
-            refs = torch.where(hit, steps, -1).amax(1)
-        else:
-            first = torch.where(hit, steps, scored.steps).amin(1)
-            refs = torch.where(first == scored.steps, -1, first)
-        mask = (steps.unsqueeze(0) == refs.unsqueeze(1)) & (refs.unsqueeze(1) >= 0)
-        plans.append((mask, refs, None, picked))
-    for s in positions(scored.steps):
-        column = hit[:, s]
-        if not bool(column.any()):
-            out.skipped.append(s)
-            continue
-        mask = torch.zeros_like(hit)
-        mask[:, s] = column
-        plans.append((mask, torch.where(column, s, -1), s, aligned))
-    found = _passes(scored, [(mask, picked) for mask, _, _, picked in plans], states, capture,
-                    roots)
-    for (_, refs, position, picked), got in zip(plans, found, strict=True):
-        for i in picked:
-            sq, alive_i = got[i]
-            out.rows[i].append(Row(sq, refs, alive_i, position))
+    masks = [steps.unsqueeze(0) == refs.unsqueeze(1) for refs in plans]  # refs -1: no column
+    found = _passes(scored, masks, [states[i] for i in aligned])
+    referenced = sorted({int(s) for refs in plans for s in refs.tolist() if s >= 0})
+    for k, i in enumerate(aligned):
+        watched = states[i].chain
+        assert watched is not None  # aligned states are watched
+        for s in referenced:
+            sq, refs = None, torch.full((batch,), -1, device=hit.device)
+            for plan, got in zip(plans, found, strict=True):
+                mine = plan == s
+                if bool(mine.any()):
+                    part = got[k] * mine.to(got[k].device, got[k].dtype).unsqueeze(0)
+                    sq = part if sq is None else sq + part
+                    refs = torch.where(mine, s, refs)
+            assert sq is not None
+            out.rows[i].append(Row(sq, refs, watched.alive, s))
     return out
 
 
-def _passes(scored: Scored, wanted: Sequence[tuple[Tensor, Sequence[int]]],
-            states: Sequence[DirectionStates], capture: Capture, roots: Sequence[Tensor],
-            ) -> list[dict[int, tuple[Tensor, Tensor | None]]]:
-    """One backward pass per distinct mask (each example's last scored position is often a
-    sampled position too: T-1 forward, 0 reverse), watching every state any plan with that
-    mask needs; per plan, sq (rnndiag.credit.state_sq) and `alive` of each state.
+def _passes(scored: Scored, masks: Sequence[Tensor], states: Sequence[DirectionStates],
+            ) -> list[list[Tensor]]:
+    """One backward pass per mask of <g restricted to the mask, output>; per pass, sq
+    (rnndiag.credit.state_sq) of each state, in order.
 
     The passes run batched (`rnndiag.replay.batched_sq`), as many at once as BATCH_BYTES of
     cotangents and state gradients allow."""
-    keys = [mask.cpu().numpy().tobytes() for mask, _ in wanted]
-    need: dict[bytes, tuple[Tensor, set[int]]] = {}
-    for key, (mask, picked) in zip(keys, wanted, strict=True):
-        need.setdefault(key, (mask, set()))[1].update(picked)
-    order = sorted(set().union(*(indices for _, indices in need.values())))
-    chains = [c for i in order if (c := states[i].chain) is not None]
-    assert len(chains) == len(order)  # aligned states are watched
-    done: dict[bytes, dict[int, tuple[Tensor, Tensor | None]]] = {}
-    items = list(need.items())
+    chains = [s.chain for s in states if s.chain is not None]
+    assert len(chains) == len(states)  # aligned states are watched
+    done: list[list[Tensor]] = []
     group = _group_size(scored, chains)
-    for start in range(0, len(items), group):
-        part = items[start:start + group]
-        found = batched_sq(scored.views, scored.cotangents([m for _, (m, _) in part]), chains)
-        for k, (key, (_, indices)) in enumerate(part):
-            done[key] = {i: (sq[k], c.alive) for i, c, sq in zip(order, chains, found,
-                                                                  strict=True) if i in indices}
-    return [done[key] for key in keys]
+    for start in range(0, len(masks), group):
+        part = masks[start:start + group]
+        found = batched_sq(scored.views, scored.cotangents(part), chains)
+        done.extend([sq[k] for sq in found] for k in range(len(part)))
+    return done
 
 
 BATCH_BYTES = 256 * 2**20  # cotangents and state gradients of the batched passes, at most

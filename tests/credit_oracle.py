@@ -80,3 +80,44 @@ def norms(dh: Sequence[Tensor], dc: Sequence[Tensor] | None = None) -> list[floa
 
 def zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True)]
+
+
+PER_POSITION = 2  # references per sampled position the credit passes aim for
+
+
+def assignments(hit: Sequence[Sequence[bool]], sampled: Sequence[int]) -> list[list[int]]:
+    """The credit passes (README, "What is measured"): hit[b][t] says example b scores
+    position t. ceil(n * 2 / B) passes (n sampled positions, B examples), at most n; in each,
+    example after example takes, of the sampled positions it scores and has not had, the one
+    with the fewest references so far (the earliest on a tie). An example that scores none
+    of the sampled positions is referenced once, at its last scored position. Per pass, each
+    example's reference position (-1: none)."""
+    batch, n = len(hit), len(sampled)
+    count = dict.fromkeys(sampled, 0)
+    had: list[list[int]] = [[] for _ in range(batch)]
+    out = []
+    for j in range(min(n, math.ceil(n * PER_POSITION / batch))):
+        refs = []
+        for b in range(batch):
+            options = [s for s in sampled if hit[b][s] and s not in had[b]]
+            if options:
+                best = options[0]
+                for s in options[1:]:
+                    if count[s] < count[best]:
+                        best = s
+                count[best] += 1
+                had[b].append(best)
+                refs.append(best)
+            elif j == 0 and not any(hit[b][s] for s in sampled) and any(hit[b]):
+                refs.append(max(t for t, x in enumerate(hit[b]) if x))
+            else:
+                refs.append(-1)
+        out.append(refs)
+    return out
+
+
+def position_norms(rows: Sequence[Row], s: int) -> list[float]:
+    """||dL_s/ds_t|| over the examples referenced at s (in whichever row), at each t."""
+    steps = len(rows[0][1])
+    return [math.sqrt(sum(_sq(dh, dc, t, b) for refs, dh, dc in rows
+                          for b, x in enumerate(refs) if x == s)) for t in range(steps)]

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rnndiag import credit
+from rnndiag import credit, temporal
 from rnndiag.errors import BatchError
 from rnndiag.losses import choose, pick
 from rnndiag.modelcheck import ModelInputs, Slicing
 from rnndiag.records import Direction
 from rnndiag.temporal import positions, sequence_view
+from tests import credit_oracle
 
 FWD, REV = Direction.FORWARD, Direction.REVERSE
 
@@ -175,3 +176,30 @@ def test_time_major_and_flattened_slicing() -> None:
     flat_bf = torch.arange(B * T)
     got = Slicing(B, time_major=False).target_rows(torch.tensor([1]), flat_bf)
     assert torch.equal(got, flat_bf.reshape(B, T)[1])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5, 16, 32, 40])
+def test_assignments_follow_the_definition(batch: int) -> None:
+    """rnndiag's credit passes against the oracle's plain loop, on batches where examples score
+    random subsets (some none of the sampled positions, some nothing at all)."""
+    gen = torch.Generator().manual_seed(batch)
+    hit = torch.rand(batch, 40, generator=gen) < 0.7
+    hit[0] = True
+    if batch > 2:
+        hit[1] = False  # scores nothing: never referenced
+        hit[2] = False
+        hit[2, 3] = True  # scores one unsampled position: referenced there, once
+    sampled = positions(40)
+    got = temporal.assignments(hit, sampled)
+    assert got == credit_oracle.assignments(hit.tolist(), sampled)
+    assert len(got) == min(len(sampled), math.ceil(2 * len(sampled) / batch))
+    for b in range(batch):
+        mine = [refs[b] for refs in got if refs[b] >= 0]
+        assert len(mine) == len(set(mine))  # a position at most once per example
+        assert all(bool(hit[b, s]) for s in mine)
+    if batch > 2:
+        assert all(refs[1] == -1 for refs in got)
+        assert [refs[2] for refs in got] == [3] + [-1] * (len(got) - 1)
+    counts = [sum(refs.count(s) for refs in got) for s in sampled]
+    if batch >= 32:  # one pass over a full batch: every position twice or so
+        assert len(got) == 1 and min(counts) >= 1 and max(counts) - min(counts) <= 1

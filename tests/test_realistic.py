@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from tests.realistic_models import (
 
 REL, TINY = 1e-10, 1e-300  # relative tolerance; absolute only where the value is zero
 VANISH, EXPLODE = 1e-3, 1e3
+BORDER = 2.0  # an exhaustive ratio this close to a threshold leaves the verdict to sampling
 
 
 class CellStateMismatch(AssertionError):
@@ -167,6 +168,19 @@ class Want:
     positions: list[int] | None = None
     credit_norms: list[list[float]] = field(default_factory=list)
     skipped_positions: list[int] = field(default_factory=list)
+    full_ratio: list[float | None] | None = None  # the exhaustive credit measure's
+
+    @property
+    def full_verdict(self) -> str | None:
+        """The exhaustive measure's verdict; None when it is borderline (its extreme ratio
+        within BORDER of a threshold: there the examples sampled decide) or not measured."""
+        if self.full_ratio is None:
+            return None
+        found = [r for r in self.full_ratio if r is not None and not math.isnan(r)]
+        if found and (VANISH / BORDER <= min(found) <= VANISH * BORDER
+                      or EXPLODE / BORDER <= max(found) <= EXPLODE * BORDER):
+            return None
+        return replace(self, full_ratio=None, ratio=self.full_ratio).verdict
 
     @property
     def verdict(self) -> str:
@@ -194,8 +208,8 @@ def _reached(dh: list[Tensor], dc: list[Tensor] | None, ch: Chain, batch: int) -
 @dataclass
 class CreditRows:
     rows: dict[str, list[credit_oracle.Row]]
-    norms: dict[str, list[list[float]]]  # per aligned chain, per sampled position: norms by t
-    sampled: list[int]
+    norms: dict[str, list[list[float]]]  # per aligned chain, per referenced position, by t
+    positions: list[int]  # the referenced positions
     skipped: list[int]  # sampled positions no example scores
 
 
@@ -208,19 +222,48 @@ def _edge_refs(hit: Tensor, forward: bool) -> list[int]:
     return refs
 
 
-def _credit_rows(loss: Tensor, chains: Mapping[str, Chain], batch: int, scored: Scored,
-                 ) -> CreditRows:
-    """The per-direction edge row and one row per sampled position, for `chains` (all
-    aligned with the scored output)."""
+def _term(loss: Tensor, scored: Scored) -> Callable[[Tensor], Tensor]:
     g = torch.autograd.grad(loss, scored.outputs, retain_graph=True)
 
     def term(mask: Tensor) -> Tensor:  # <g restricted to mask (B, T), output>
         m = mask.to(torch.float64)
         return sum(((x * gx * lay(m)).sum() for x, gx, lay in
                     zip(scored.outputs, g, scored.layouts, strict=True)), loss.new_zeros(()))
+    return term
 
-    out = CreditRows({k: [] for k in chains}, {k: [] for k in chains},
-                     credit_oracle.positions(scored.steps), [])
+
+def _credit_rows(loss: Tensor, chains: Mapping[str, Chain], batch: int, scored: Scored,
+                 ) -> CreditRows:
+    """One row per credit pass (credit_oracle.assignments), for `chains` (all aligned with
+    the scored output)."""
+    term = _term(loss, scored)
+    sampled = credit_oracle.positions(scored.steps)
+    hit = scored.hit.tolist()
+    out = CreditRows({k: [] for k in chains}, {k: [] for k in chains}, [],
+                     [s for s in sampled if not any(row[s] for row in hit)])
+    for refs in credit_oracle.assignments(hit, sampled):
+        if all(s < 0 for s in refs):
+            continue
+        mask = torch.zeros(batch, scored.steps)
+        for b, s in enumerate(refs):
+            if s >= 0:
+                mask[b, s] = 1.0
+        found = grads(term(mask), chains, batch)
+        for k in chains:
+            out.rows[k].append((refs, *found[k]))
+    out.positions = sorted({s for refs, *_ in next(iter(out.rows.values())) for s in refs
+                            if s >= 0})
+    for k in chains:
+        out.norms[k] = [credit_oracle.position_norms(out.rows[k], s) for s in out.positions]
+    return out
+
+
+def _full_credit_rows(loss: Tensor, chains: Mapping[str, Chain], batch: int, scored: Scored,
+                      ) -> dict[str, list[credit_oracle.Row]]:
+    """The exhaustive measure the passes sample: every example at its last (reverse: first)
+    scored position, and every example scoring s at each sampled position s, one pass each."""
+    term = _term(loss, scored)
+    rows: dict[str, list[credit_oracle.Row]] = {k: [] for k in chains}
     for forward in (True, False):
         keys = [k for k, ch in chains.items() if ch.forward is forward]
         if keys:
@@ -231,31 +274,32 @@ def _credit_rows(loss: Tensor, chains: Mapping[str, Chain], batch: int, scored: 
                     mask[b, s] = 1.0
             found = grads(term(mask), {k: chains[k] for k in keys}, batch)
             for k in keys:
-                out.rows[k].append((refs, *found[k]))
-    for s in out.sampled:
+                rows[k].append((refs, *found[k]))
+    for s in credit_oracle.positions(scored.steps):
         column = scored.hit[:, s]
         if not bool(column.any()):
-            out.skipped.append(s)
             continue
         mask = torch.zeros(batch, scored.steps)
         mask[:, s] = column.to(mask.dtype)
         refs = [s if x else -1 for x in column.tolist()]
         found = grads(term(mask), chains, batch)
         for k in chains:
-            out.rows[k].append((refs, *found[k]))
-            out.norms[k].append(credit_oracle.norms(*found[k]))
-    return out
+            rows[k].append((refs, *found[k]))
+    return rows
 
 
 def oracle(loss: Tensor, chains: Mapping[str, Chain], batch: int,
            scored: Scored | None = None) -> dict[str, Want]:
     """Every chain's expected numbers under `loss`: basis credit for chains as long as the
-    scored output's time axis, basis loss for the others."""
+    scored output's time axis, basis loss for the others. A credit chain also gets the verdict
+    of the exhaustive measure (`_full_credit_rows`), which the sampled one must agree with."""
     total = grads(loss, chains, batch)
     aligned = {k: ch for k, ch in chains.items()
                if scored is not None and ch.steps == scored.steps}
-    credit = None if scored is None or not aligned else _credit_rows(loss, aligned, batch,
-                                                                      scored)
+    credit, full = None, None
+    if scored is not None and aligned:
+        credit = _credit_rows(loss, aligned, batch, scored)
+        full = _full_credit_rows(loss, aligned, batch, scored)
     wants = {}
     for k, ch in chains.items():
         dh, dc = total[k]
@@ -266,9 +310,10 @@ def oracle(loss: Tensor, chains: Mapping[str, Chain], batch: int,
         r, final, used, left = credit_oracle.ratio(rows, ch.forward, ch.steps, ch.alive)
         want = Want(credit_oracle.norms(dh), None if dc is None else credit_oracle.norms(dc),
                     r, final, used, left, "loss")
-        if credit is not None and k in aligned:
-            want.basis, want.positions = "credit", credit.sampled
+        if credit is not None and full is not None and k in aligned:
+            want.basis, want.positions = "credit", credit.positions
             want.credit_norms, want.skipped_positions = credit.norms[k], credit.skipped
+            want.full_ratio = credit_oracle.ratio(full[k], ch.forward, ch.steps, ch.alive)[0]
         wants[k] = want
     return wants
 
@@ -430,14 +475,16 @@ def check_layer(got: Mapping[str, Any], want: Want, what: str) -> None:
         assert got["credit"] is None, what
     else:
         credit = got["credit"]
-        assert credit["positions"] == [s for s in want.positions
-                                       if s not in want.skipped_positions], what
+        assert credit["positions"] == want.positions, what
         assert credit["skipped_positions"] == want.skipped_positions, what
         assert len(credit["norms"]) == len(want.credit_norms), what
         for s, row, norms in zip(credit["positions"], credit["norms"], want.credit_norms,
                                  strict=True):
             close(row, norms, f"{what} credit s={s}")
     assert got["verdict"] == want.verdict, f"{what}: verdict {got['verdict']}, ratio {got['ratio']}"
+    if want.full_verdict is not None:  # the sampled references agree with all of them
+        assert want.verdict == want.full_verdict, f"{what}: the passes' verdict {want.verdict}, " \
+            f"the exhaustive measure's {want.full_verdict}"
 
 
 def check_modules(modules: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],

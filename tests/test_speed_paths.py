@@ -30,17 +30,12 @@ def _float64() -> Iterator[None]:
     yield
 
 
-def _one_by_one(scored: Scored, wanted: Any, states: list[DirectionStates], cap: Any,
-                roots: list[Tensor]) -> list[dict[int, tuple[Tensor, Tensor | None]]]:
-    """The slow path: one hooked backward pass per plan."""
-    out = []
-    for mask, picked in wanted:
-        order = sorted(picked)
-        chains = [states[i].chain for i in order]
-        adjoints = cap.backward(scored.term(mask), roots, chains, retain_graph=True)
-        out.append({i: (credit.state_sq(a), a.alive) for i, a in zip(order, adjoints,
-                                                                     strict=True)})
-    return out
+def _one_by_one(scored: Scored, masks: list[Tensor], states: list[DirectionStates], cap: Any,
+                roots: list[Tensor]) -> list[list[Tensor]]:
+    """The slow path: one hooked backward pass per mask."""
+    chains = [s.chain for s in states]
+    return [[credit.state_sq(a) for a in cap.backward(scored.term(mask), roots, chains,
+                                                      retain_graph=True)] for mask in masks]
 
 
 def _tagger_run(packed: bool) -> tuple[Any, ...]:
@@ -67,20 +62,21 @@ def test_batched_credit_passes_equal_one_by_one(packed: bool, budget: int,
         scored = scored_sequences(loss, output, 5, {9: True}, None, True)
         assert scored is not None
         hit = scored.scored()
-        wanted = []
+        masks = []
         for s in (0, 4, 8):
             mask = torch.zeros_like(hit)
             mask[:, s] = hit[:, s]
-            wanted.append((mask, list(range(len(states)))))
-        fast = temporal._passes(scored, wanted, states, rec.capture, roots)
-        slow = _one_by_one(scored, wanted, states, rec.capture, roots)
-    assert len(fast) == len(slow) == 3
+            masks.append(mask)
+        for refs in temporal.assignments(hit, [0, 4, 8]):  # one position per example
+            masks.append(torch.arange(9).unsqueeze(0) == torch.tensor(refs).unsqueeze(1))
+        fast = temporal._passes(scored, masks, states)
+        slow = _one_by_one(scored, masks, states, rec.capture, roots)
+    assert len(fast) == len(slow) == 3 + 2
     for f, one in zip(fast, slow, strict=True):
-        assert f.keys() == one.keys()
-        for i in f:
-            torch.testing.assert_close(f[i][0], one[i][0], rtol=1e-12, atol=1e-300)
-            assert (f[i][1] is None) == (one[i][1] is None)
-    nonzero = [float(f[i][0].sum()) for f in fast for i in f]
+        assert len(f) == len(one) == len(states)
+        for a, b in zip(f, one, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-300)
+    nonzero = [float(sq.sum()) for f in fast for sq in f]
     assert all(v > 0 for v in nonzero)  # every pass reaches every layer: not vacuous
 
 

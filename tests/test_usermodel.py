@@ -92,35 +92,37 @@ def test_tagger_per_step_cross_entropy(tmp_path: Path) -> None:
         want = _norms([h.grad for h in states[(d.layer, d.direction.value)]])
         assert d.grad_norm == pytest.approx(want, rel=1e-9)
         assert d.basis.value == "credit"
-    # oracle 2: temporal credit. g = dL/dlogits; row "last": each example's last (reverse:
-    # first) position; one row per sampled position s (all 9 here), from <g at s, logits>
+    # oracle 2: temporal credit. g = dL/dlogits; one row per credit pass, each example at
+    # its assigned position (credit_oracle.assignments: 3 passes of 6 examples over the 9
+    # positions), from <g at (b, s_b) for every b, logits>
     g = torch.autograd.grad(F.cross_entropy(logits.reshape(-1, 3), labels.reshape(-1)),
                             logits, retain_graph=True)[0]
     everyone = [h for hs in states.values() for h in hs]
 
-    def row(mask: Tensor) -> dict[tuple[int, str], list[Tensor]]:
+    def row(refs: list[int]) -> dict[tuple[int, str], list[Tensor]]:
+        mask = torch.zeros(B, T, 1, dtype=torch.float64)
+        for b, s in enumerate(refs):
+            mask[b, s] = 1
         grads = torch.autograd.grad((logits * g * mask).sum(), everyone, retain_graph=True,
                                     allow_unused=True)
         flat = credit_oracle.zeros_for_none(grads, everyone)
         return {key: flat[i * T:(i + 1) * T] for i, key in enumerate(states)}
 
+    passes = credit_oracle.assignments([[True] * T] * B, credit_oracle.positions(T))
+    assert len(passes) == 3 and all(-1 not in refs for refs in passes)
+    found = [(refs, row(refs)) for refs in passes]
     for d in module.layers:
         forward = d.direction.value == "forward"
-        last = T - 1 if forward else 0
-        mask = torch.zeros(B, T, 1, dtype=torch.float64)
-        mask[:, last] = 1
-        rows = [([last] * B, row(mask)[(d.layer, d.direction.value)], None)]
-        for s in credit_oracle.positions(T):
-            mask = torch.zeros(B, T, 1, dtype=torch.float64)
-            mask[:, s] = 1
-            rows.append(([s] * B, row(mask)[(d.layer, d.direction.value)], None))
+        rows = [(refs, by_key[(d.layer, d.direction.value)], None) for refs, by_key in found]
         want, final, used, skipped = credit_oracle.ratio(rows, forward, T)
         assert d.final_step == final and (d.references, d.skipped_references) == (used, skipped)
+        assert (used, skipped) == (3 * B, 0)
         assert d.ratio == pytest.approx(want, rel=1e-9)
         assert d.credit is not None and list(d.credit.positions) == credit_oracle.positions(T)
-        for s, got_norms, (_, dh, _) in zip(d.credit.positions, d.credit.norms, rows[1:],
-                                             strict=True):
-            assert got_norms == pytest.approx(credit_oracle.norms(dh), rel=1e-9, abs=1e-300), s
+        assert sum(d.credit.examples) == 3 * B
+        for s, got_norms in zip(d.credit.positions, d.credit.norms, strict=True):
+            want_norms = credit_oracle.position_norms(rows, s)
+            assert got_norms == pytest.approx(want_norms, rel=1e-9, abs=1e-300), s
 
 
 def test_lstmcell_loop_with_mse(tmp_path: Path) -> None:
