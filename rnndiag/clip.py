@@ -72,7 +72,7 @@ def per_example_gram(loss_of: Callable[[int], Tensor | None], params: Sequence[T
     On the CPU the passes run on one thread: a single example's operations are too small to
     share (2.4x faster per example than two threads on a busy 2-core machine)."""
     flat: list[Tensor] = []
-    with _one_thread(any(p.device.type == "cpu" for p in params)):
+    with one_thread(any(p.device.type == "cpu" for p in params)):
         for i in range(count):
             with torch.enable_grad():
                 loss = loss_of(i)
@@ -102,7 +102,7 @@ def inner_products(rows: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def _one_thread(cpu: bool) -> Iterator[None]:
+def one_thread(cpu: bool) -> Iterator[None]:
     """torch's intra-op threads set to one while the block runs (when `cpu`), then restored."""
     before = torch.get_num_threads()
     if cpu:

@@ -369,7 +369,10 @@ def _gram(one: Callable[[int], Tensor | None], params: Sequence[Tensor], n: int,
     if not isinstance(shares, str):
         grads, scale = shares
         kept = scale.nonzero().flatten().tolist()
-        if kept and all(_matches(one, params, grads, scale, i) for i in {kept[0], kept[-1]}):
+        with clip.one_thread(any(p.device.type == "cpu" for p in params)):
+            agree = bool(kept) and all(_matches(one, params, grads, scale, i)
+                                       for i in {kept[0], kept[-1]})
+        if agree:
             return pergrad.gram(grads, scale)
     return clip.per_example_gram(one, params, n)
 
