@@ -145,6 +145,10 @@ class LiveDiagnosis:
     notes: tuple[str, ...] = ()
 
 
+GRAPHED = True  # an nn.LSTM on the CPU replays as one autograd node per layer and direction
+#                (rnndiag.cells.graphed); False: the step replay (the tests' reference)
+
+
 def diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                   custom_name: str | None, options: CheckOptions,
                   progress: Callable[[str], None] = lambda _: None,
@@ -161,7 +165,7 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                    ) -> LiveDiagnosis:
     progress("replaying the model")
     recorder = pergrad.Recorder(model)
-    with capture(model, tap=recorder.tap) as rec, recorder.hooks():
+    with capture(model, tap=recorder.tap, graphed=GRAPHED) as rec, recorder.hooks():
         output = call_model(model, inputs.args, inputs.kwargs)
         seqs = rec.sequences()
         if not seqs:
@@ -244,7 +248,7 @@ def _measure(rec: Recording, seqs: Sequence[Sequence_], loss: Tensor, loss_def: 
         major = options.time_axis == 0 if options.time_axis is not None else (
             bool(conventions) and not any(conventions.values()))
         return Measured(found, None, major, (), recorded)
-    rows = credit_rows(scored, states, batch)
+    rows = credit_rows(scored, states, rec.capture, roots, batch)
     return Measured(found, rows, scored.time_major, _credit_notes(rows, scored.steps),
                     recorded)
 

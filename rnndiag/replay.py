@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from rnndiag.cells import LayerWeights, input_terms, unit
+from rnndiag.cells import LayerWeights, graphed, input_terms, unit
 from rnndiag.records import CellType, Direction, ModuleSpec
 
 
@@ -103,7 +103,8 @@ def alive_mask(lengths: Tensor, steps: int) -> Tensor:
 
 def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: Tensor,
            c0: Tensor | None, capture: Capture | None = None, top_output: bool = True,
-           alive: Tensor | None = None, tap: list[Tapped] | None = None) -> Unrolled:
+           alive: Tensor | None = None, tap: list[Tapped] | None = None,
+           graphed: bool = False) -> Unrolled:
     """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state;
     with a `capture`, every state is watched by its hooks (one chain per layer and direction).
     Without `top_output` the top layer's outputs are not stacked (saving a copy while the
@@ -115,7 +116,11 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
     holds its own final state, and the captured adjoints of such steps are zero.
 
     With a `tap`, each layer and direction appends what its per-example weight gradients are
-    computed from (`Tapped`; rnndiag.pergrad)."""
+    computed from (`Tapped`; rnndiag.pergrad).
+
+    `graphed` (LSTM only): each layer and direction is one autograd node running the
+    hand-written loops (`run_graphed`), not a step-by-step graph; same states and adjoints,
+    but no gradient for W_hh / W_hr and no double backward."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -127,8 +132,9 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
             index = layer * len(spec.directions) + k
             weights = LayerWeights.of(spec, params, layer, direction)
             stack = top_output or layer < spec.num_layers - 1
-            s = _run_direction(spec, weights, layer_input, layer, direction, h0[index],
-                               None if c0 is None else c0[index], capture, stack, alive, tap)
+            run = run_graphed if graphed and spec.cell_type is CellType.LSTM else _run_direction
+            s = run(spec, weights, layer_input, layer, direction, h0[index],
+                    None if c0 is None else c0[index], capture, stack, alive, tap)
             kept.append(s)
             last = final_step(direction, len(s.h))
             h_n.append(s.h[last])
@@ -182,6 +188,40 @@ def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     return DirectionStates(layer, direction, hs, cs, sequence, chain)
 
 
+def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
+                direction: Direction, h: Tensor, c: Tensor | None,
+                capture: Capture | None, stack: bool = True, alive: Tensor | None = None,
+                tap: list[Tapped] | None = None) -> DirectionStates:
+    """`_run_direction` for an LSTM as one autograd node (rnndiag.cells.graphed): its chain is
+    fed the adjoints by the node's backward instead of hooks."""
+    assert c is not None  # an LSTM has a cell state
+    terms = input_terms(x, w, spec.cell_type)  # (B, T, 4H), biases included
+    chain = capture.chain(layer, direction, alive) if capture is not None else None
+    reverse = direction is Direction.REVERSE
+    run_terms, run_alive = terms.transpose(0, 1), alive  # time-major, in run order
+    if reverse:
+        run_terms = run_terms.flip(0)
+        run_alive = None if alive is None else alive.flip(0)
+
+    def receive(dh: Tensor, dc: Tensor) -> None:
+        assert chain is not None
+        chain.receive("dh", dh.flip(0) if reverse else dh)
+        chain.receive("dc", dc.flip(0) if reverse else dc)
+
+    out, cs = graphed.layer(run_terms.contiguous(), h, c, w, run_alive,
+                            receive if chain is not None else None)
+    if reverse:
+        out, cs = out.flip(0), cs.flip(0)
+    hs, states = list(out.unbind(0)), list(cs.unbind(0))
+    if chain is not None:
+        chain.expect("dh", hs[0], len(hs))
+        chain.expect("dc", states[0], len(hs))
+    if tap is not None:
+        tap.append(Tapped(spec.cell_type, direction, w, x, terms, h, hs))
+    return DirectionStates(layer, direction, hs, states, out.transpose(0, 1) if stack else None,
+                           chain)
+
+
 @dataclass(frozen=True)
 class Tapped:
     """One layer and direction as `unroll` ran it with a tap: the gradient of its input term,
@@ -213,6 +253,7 @@ class Chain:
         self._buffers: dict[str, Tensor] = {}  # slot -> (T, B, W), while a pass is open
         self._written: dict[str, list[bool]] = {}
         self.watched: dict[str, dict[int, Tensor]] = {}  # slot -> t -> the state itself
+        self.fed = False  # fed by `receive`: no states watched, `batched_sq` cannot serve it
 
     def watch(self, slot: str, t: int, tensor: Tensor) -> None:
         self.steps = max(self.steps, t + 1)
@@ -223,6 +264,19 @@ class Chain:
             if self.keep:  # for batched passes (`batched_sq`), which ask autograd for these
                 # states' gradients directly (the retained graph holds them anyway)
                 self.watched.setdefault(slot, {})[t] = tensor
+
+    def expect(self, slot: str, like: Tensor, steps: int) -> None:
+        """A slot fed whole by `receive` (rnndiag.cells.graphed), not by hooks."""
+        self.steps = max(self.steps, steps)
+        self._like.setdefault(slot, (like.new_empty(0), tuple(like.shape)))
+        self.fed = True
+
+    def receive(self, slot: str, grads: Tensor) -> None:
+        """Every step's total gradient at once (T, B, W), by time index, while a pass is open."""
+        buffer = self._buffers.get(slot)
+        if buffer is not None:
+            buffer.copy_(grads)
+            self._written[slot] = [True] * self.steps
 
     def _write(self, slot: str, t: int, grad: Tensor | None) -> None:
         buffer = self._buffers.get(slot)

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rnndiag.credit import state_sq
 from rnndiag.errors import BatchError
-from rnndiag.replay import Chain, DirectionStates, batched_sq
+from rnndiag.replay import Capture, Chain, DirectionStates, batched_sq
 from rnndiag.series import Row
 
 SAMPLES = 16  # sampled positions per credit matrix
@@ -203,7 +204,8 @@ def _last(row: Tensor) -> int:
     return -1 if found.numel() == 0 else int(found[-1])
 
 
-def credit_rows(scored: Scored, states: Sequence[DirectionStates], batch: int) -> CreditRows:
+def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capture,
+                roots: Sequence[Tensor], batch: int) -> CreditRows:
     """Run the credit passes (`assignments`) for every state whose steps are the scored
     positions; one row per referenced position (its examples' sq, every other example's
     column zero)."""
@@ -224,7 +226,7 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], batch: int) -
     plans = [refs for refs in plans if bool((refs >= 0).any())]
     steps = torch.arange(scored.steps, device=hit.device)
     masks = [steps.unsqueeze(0) == refs.unsqueeze(1) for refs in plans]  # refs -1: no column
-    found = _passes(scored, masks, [states[i] for i in aligned])
+    found = _passes(scored, masks, [states[i] for i in aligned], capture, roots)
     referenced = sorted({int(s) for refs in plans for s in refs.tolist() if s >= 0})
     for k, i in enumerate(aligned):
         watched = states[i].chain
@@ -243,14 +245,19 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], batch: int) -
 
 
 def _passes(scored: Scored, masks: Sequence[Tensor], states: Sequence[DirectionStates],
-            ) -> list[list[Tensor]]:
+            capture: Capture, roots: Sequence[Tensor]) -> list[list[Tensor]]:
     """One backward pass per mask of <g restricted to the mask, output>; per pass, sq
     (rnndiag.credit.state_sq) of each state, in order.
 
     The passes run batched (`rnndiag.replay.batched_sq`), as many at once as BATCH_BYTES of
-    cotangents and state gradients allow."""
+    cotangents and state gradients allow; one by one, through the capture, where a state's
+    adjoints come whole from an autograd node (rnndiag.cells.graphed), not from watched
+    states."""
     chains = [s.chain for s in states if s.chain is not None]
     assert len(chains) == len(states)  # aligned states are watched
+    if any(c.fed for c in chains):
+        return [[state_sq(a) for a in capture.backward(scored.term(mask), roots, chains,
+                                                       retain_graph=True)] for mask in masks]
     done: list[list[Tensor]] = []
     group = _group_size(scored, chains)
     for start in range(0, len(masks), group):

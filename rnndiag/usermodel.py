@@ -169,12 +169,15 @@ class Recording:
 
 
 @contextlib.contextmanager
-def capture(model: nn.Module, tap: list[Tapped] | None = None) -> Iterator[Recording]:
+def capture(model: nn.Module, tap: list[Tapped] | None = None,
+            graphed: bool = False) -> Iterator[Recording]:
     """Replay stacked modules step by step and record cell calls while the block runs.
 
     Forwards, hooks and every module's train/eval flag are restored on exit; `call_model`
     puts back the tensors a model keeps as attributes (a stateful model's `self.hidden`).
     With a `tap`, every replayed layer and direction is appended to it (rnndiag.pergrad).
+    `graphed`: an nn.LSTM on the CPU replays as one autograd node per layer and direction
+    (rnndiag.replay.run_graphed: no W_hh gradient, no double backward).
     """
     recording = Recording(Capture(), [Record(name, spec_of(name, m), m)
                                       for name, m in recurrent_modules(model)])
@@ -190,7 +193,7 @@ def capture(model: nn.Module, tap: list[Tapped] | None = None) -> Iterator[Recor
                 handles.append(rec.module.register_forward_hook(
                     _cell_hook(rec, recording.capture), with_kwargs=True))
             else:
-                rec.module.forward = _replay_forward(rec, recording.capture, tap)
+                rec.module.forward = _replay_forward(rec, recording.capture, tap, graphed)
                 patched.append(rec.module)
         yield recording
     finally:
@@ -262,7 +265,7 @@ def _continues(h_in: Tensor | None, last: Tensor, depth: int = 6) -> bool:
 
 
 def _replay_forward(rec: Record, cap: Capture, tap: list[Tapped] | None = None,
-                    ) -> Callable[..., Any]:
+                    graphed: bool = False) -> Callable[..., Any]:
     m: Any = rec.module
     spec = rec.spec
 
@@ -287,7 +290,7 @@ def _replay_forward(rec: Record, cap: Capture, tap: list[Tapped] | None = None,
             if c_given is not None and c0 is not None:
                 c0 = c0 + (c_given.unsqueeze(1) if unbatched else c_given)
         run = unroll(spec, dict(m.named_parameters()), x, h0, c0, capture=cap, alive=alive,
-                     tap=tap)
+                     tap=tap, graphed=graphed and x.device.type == "cpu")
         rec.calls.append((run, roots))
         out: Any = run.output
         assert out is not None  # unrolled with top_output=True

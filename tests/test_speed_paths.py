@@ -69,7 +69,7 @@ def test_batched_credit_passes_equal_one_by_one(packed: bool, budget: int,
             masks.append(mask)
         for refs in temporal.assignments(hit, [0, 4, 8]):  # one position per example
             masks.append(torch.arange(9).unsqueeze(0) == torch.tensor(refs).unsqueeze(1))
-        fast = temporal._passes(scored, masks, states)
+        fast = temporal._passes(scored, masks, states, rec.capture, roots)
         slow = _one_by_one(scored, masks, states, rec.capture, roots)
     assert len(fast) == len(slow) == 3 + 2
     for f, one in zip(fast, slow, strict=True):

@@ -48,34 +48,45 @@ class Forward:
 @torch.no_grad()
 def forward(x: Tensor, w: LayerWeights, alive: Tensor | None = None) -> Forward:
     """The layer on x (T, B, I) from zero states, step by step without a graph, keeping the
-    gates: the input terms x W_ih^T + b of every step in one GEMM, then per step one GEMM and
-    six elementwise kernels, in place (time-major: each step's rows are contiguous).
+    gates: the input terms x W_ih^T + b of every step in one GEMM, then `run`."""
+    steps, batch, _ = x.shape
+    gates = (x.reshape(-1, x.shape[2]) @ w.w_ih.t()).view(steps, batch, -1)
+    if w.b_ih is not None and w.b_hh is not None:
+        gates += w.b_ih + w.b_hh
+    return run(gates, w, alive)
+
+
+@torch.no_grad()
+def run(gates: Tensor, w: LayerWeights, alive: Tensor | None = None,
+        h0: Tensor | None = None, c0: Tensor | None = None) -> Forward:
+    """The recurrence from the input terms `gates` (T, B, 4H), a buffer it squashes in place
+    into the gates: per step one GEMM and six elementwise kernels (time-major: each step's
+    rows are contiguous), from (h0, c0) (B, P), (B, H), zero when None.
 
     With `alive` (T, B) bool in run order, a step an example does not have keeps its state
     (h_t = h_{t-1}, c_t = c_{t-1}), as rnndiag.replay.unroll runs it; `c` holds the states and
     `tc` the tanh of each step's own new c."""
-    steps, batch, _ = x.shape
+    steps, batch, _ = gates.shape
     hidden, width = w.w_hh.shape[0] // 4, w.w_hh.shape[1]
-    gates = (x.reshape(-1, x.shape[2]) @ w.w_ih.t()).view(steps, batch, 4 * hidden)
-    if w.b_ih is not None and w.b_hh is not None:
-        gates += w.b_ih + w.b_hh
-    out = x.new_zeros(steps, batch, width)
-    c, tc = x.new_zeros(steps, batch, hidden), x.new_empty(steps, batch, hidden)
+    out = gates.new_zeros(steps, batch, width)
+    c, tc = gates.new_zeros(steps, batch, hidden), gates.new_empty(steps, batch, hidden)
     live = None if alive is None else alive.unsqueeze(2)  # (T, B, 1)
-    own = None if live is None else x.new_empty(batch, hidden)
-    h_new = None if live is None else x.new_empty(batch, width)
+    own = None if live is None else gates.new_empty(batch, hidden)
+    h_new = None if live is None else gates.new_empty(batch, width)
     w_hh = w.w_hh.t()
     for t in range(steps):
         a = gates[t]
-        if t:
-            a.addmm_(out[t - 1], w_hh)
+        h_prev = out[t - 1] if t else h0
+        c_prev = c[t - 1] if t else c0
+        if h_prev is not None:
+            a.addmm_(h_prev, w_hh)
         a[:, : 2 * hidden].sigmoid_()
         a[:, 2 * hidden : 3 * hidden].tanh_()
         a[:, 3 * hidden :].sigmoid_()
         i, f, g, o = a.chunk(4, dim=1)
         cell = c[t] if own is None else own
-        if t:
-            torch.addcmul(i * g, f, c[t - 1], out=cell)
+        if c_prev is not None:
+            torch.addcmul(i * g, f, c_prev, out=cell)
         else:
             torch.mul(i, g, out=cell)
         torch.tanh(cell, out=tc[t])
@@ -85,9 +96,42 @@ def forward(x: Tensor, w: LayerWeights, alive: Tensor | None = None) -> Forward:
         else:
             torch.mm(o * tc[t], w.w_hr.t(), out=h)
         if live is not None:  # a missing step keeps the state it read (zero before the first)
-            torch.where(live[t], cell, c[t - 1] if t else c[t], out=c[t])
-            torch.where(live[t], h, out[t - 1] if t else out[t], out=out[t])
+            torch.where(live[t], cell, c[t] if c_prev is None else c_prev, out=c[t])
+            torch.where(live[t], h, out[t] if h_prev is None else h_prev, out=out[t])
     return Forward(out, gates, c, tc)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """What the backward loop reads besides the adjoints, run order (T, B, .)."""
+
+    a: Tensor  # (T, B, 4H) the factors of delta in the gate slots (zero at a missing step);
+    #            the loop turns it into delta
+    keep: Tensor  # o_t (1 - tanh(c_t)^2)
+    forget: Tensor  # f_t
+
+
+@torch.no_grad()
+def factors(run: Forward, alive: Tensor | None = None, c0: Tensor | None = None) -> Factors:
+    """The factors of delta from a forward run, in its gate buffer (consumed)."""
+    steps, batch, _ = run.out.shape
+    hidden = run.c.shape[2]
+    a, c, tc = run.gates, run.c, run.tc
+    i, f, gate, o = a.chunk(4, dim=2)
+    keep = o * (1 - tc * tc)  # dc_t = dm_t * keep_t + (dL/dc_t from step t+1)
+    forget = f.clone()  # f_t, for dL/dc_{t-1}: f's own slot becomes a factor of delta
+    # the factors of delta, in the gates' buffer (i, g and o read before they are replaced)
+    o.mul_(tc * (1 - o))  # o -> tanh(c) o (1 - o)
+    first = c.new_zeros(1, batch, hidden) if c0 is None else c0.unsqueeze(0)
+    cprev = torch.cat([first, c[:-1]])
+    factor_g = i * (1 - gate * gate)
+    i.mul_(gate * (1 - i))  # i -> g i (1 - i)
+    gate.copy_(factor_g)  # g -> i (1 - g^2)
+    f.mul_(cprev * (1 - f))  # f -> c_{t-1} f (1 - f); f_t kept in `forget`
+    del cprev, factor_g
+    if alive is not None:  # no gate gradient at a missing step
+        a.mul_(alive.unsqueeze(2).to(a.dtype))
+    return Factors(a, keep, forget)
 
 
 @torch.no_grad()
@@ -98,42 +142,50 @@ def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = No
     the recurrence. With `alive` (as `forward` ran), a missing step passes its state's
     gradient to the step before unchanged, gets no gate gradient, and its dh and dc are
     zero (as rnndiag.replay.Chain.close leaves them)."""
-    steps, batch, _ = run.out.shape
-    hidden = w.w_hh.shape[0] // 4
-    a, c, tc = run.gates, run.c, run.tc
-    i, f, gate, o = a.chunk(4, dim=2)
-    keep = o * (1 - tc * tc)  # dc_t = dm_t * keep_t + (dL/dc_t from step t+1)
-    forget = f.clone()  # f_t, for dL/dc_{t-1}: f's own slot becomes a factor of delta
-    # the factors of delta, in the gates' buffer (i, g and o read before they are replaced)
-    o.mul_(tc * (1 - o))  # o -> tanh(c) o (1 - o)
-    cprev = torch.cat([c.new_zeros(1, batch, hidden), c[:-1]])
-    factor_g = i * (1 - gate * gate)
-    i.mul_(gate * (1 - i))  # i -> g i (1 - i)
-    gate.copy_(factor_g)  # g -> i (1 - g^2)
-    f.mul_(cprev * (1 - f))  # f -> c_{t-1} f (1 - f); f_t kept in `forget`
-    del cprev, factor_g
-    if alive is not None:  # no gate gradient at a missing step
-        a.mul_(alive.unsqueeze(2).to(a.dtype))
+    fa = factors(run, alive)
+    dh, dc, _ = backward(fa, g, w, alive)
+    dx = (fa.a.reshape(-1, fa.a.shape[2]) @ w.w_ih).view(*fa.a.shape[:2], -1)
+    return dh, dc, dx
+
+
+@torch.no_grad()
+def backward(fa: Factors, g: Tensor, w: LayerWeights, alive: Tensor | None = None,
+             g_c: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """(dh, dc, (dL/dh_init, dL/dc_init)) run order; fa.a becomes delta (zero at a missing
+    step). g and g_c (T, B, .): the gradients of the states h_t and c_t from outside the
+    recurrence (g_c: a returned final state; None: zero); h_init, c_init: the states before
+    the first step."""
+    a, keep = fa.a, fa.keep
+    steps, batch, _ = a.shape
+    hidden = keep.shape[2]
     three = a.view(steps, batch, 4, hidden)[:, :, :3]  # (T, B, 3, H): i, f, g factors
+    o = a[:, :, 3 * hidden:]
     dh = g.clone()
     dc = torch.empty_like(keep)
     dm = dh if w.w_hr is None else torch.empty_like(keep)
     live = None if alive is None else alive.unsqueeze(2)  # (T, B, 1)
-    _backward_loop(a, three, o, dh, dm, dc, keep, forget, w, live)
-    if live is not None:
+    carried = _backward_loop(a, three, o, dh, dm, dc, keep, fa.forget, w, live, g_c)
+    dh_init = a[0] @ w.w_hh  # through a_0 = ... + h_init W_hh^T
+    dc_init = dc[0] * fa.forget[0]
+    if live is not None:  # a missing first step kept the initial state: its gradient
+        dh_init = torch.where(live[0], dh_init, dh[0])
+        dc_init = torch.where(live[0], dc_init, carried)
         dh.mul_(live.to(dh.dtype))
         dc.mul_(live.to(dc.dtype))
-    dx = (a.reshape(-1, 4 * hidden) @ w.w_ih).view(steps, batch, -1)
-    return dh, dc, dx
+    return dh, dc, (dh_init, dc_init)
 
 
 def _backward_loop(a: Tensor, three: Tensor, o: Tensor, dh: Tensor, dm: Tensor, dc: Tensor,
-                   keep: Tensor, forget: Tensor, w: LayerWeights, live: Tensor | None) -> None:
-    """The loop of `adjoints`: a[t] becomes delta_t. With `live` (T, B, 1), a missing step
+                   keep: Tensor, forget: Tensor, w: LayerWeights, live: Tensor | None,
+                   g_c: Tensor | None = None) -> Tensor:
+    """The loop of `backward`: a[t] becomes delta_t. With `live` (T, B, 1), a missing step
     passes the gradient of the state it kept to the step before unchanged (its delta is zero:
-    `adjoints` zeroed those factors)."""
+    `factors` zeroed those factors). Returns dL/dc of the state step 0 read, from the steps
+    after it (the initial state's, where step 0 is missing)."""
     carried = keep.new_zeros(keep.shape[1:])  # dL/dc_t of the state, from step t+1
     for t in range(a.shape[0] - 1, -1, -1):
+        if g_c is not None:
+            carried = carried + g_c[t]
         if t < a.shape[0] - 1:
             if live is None:
                 dh[t].addmm_(a[t + 1], w.w_hh)
@@ -147,3 +199,4 @@ def _backward_loop(a: Tensor, three: Tensor, o: Tensor, dh: Tensor, dm: Tensor, 
         if t:
             into = dct * forget[t]  # dL/dc_{t-1} through c_t = f_t c_{t-1} + ...
             carried = into if live is None else torch.where(live[t], into, carried)
+    return carried

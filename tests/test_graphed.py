@@ -1,0 +1,165 @@
+"""The model-mode LSTM replay as one autograd node per layer (rnndiag.cells.graphed) against the
+step replay it replaces (`modelcheck.GRAPHED = False`), in float64.
+
+Each case diagnoses the same model and batch both ways and compares everything the diagnosis
+reports: every layer's per-step norms, ratios, references and credit matrix, and the clip
+suggestion (whose per-example gradients come from the node's delta). The cases are the ways an
+nn.LSTM's states enter and leave a user's model: packed sequences, a bidirectional stack, a
+projection without biases, an encoder handing (h_n, c_n) to a decoder, given initial states,
+a loss on the final states, and the final-state objective without targets."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import rnndiag
+from rnndiag import modelcheck, replay
+from tests.test_pergrad import Packed, Tagger, _labels, _tokens
+
+B, T, V, D = 5, 7, 11, 6
+
+
+class EncoderDecoder(nn.Module):
+    """The encoder's (h_n, c_n) start the decoder: gradients reach c_n from outside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.encoder = nn.LSTM(D, 8, num_layers=2, batch_first=True)
+        self.decoder = nn.LSTM(D, 8, num_layers=2, batch_first=True)
+        self.head = nn.Linear(8, V)
+
+    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
+        _, state = self.encoder(self.embed(src))
+        out, _ = self.decoder(self.embed(tgt), state)
+        return self.head(out)  # type: ignore[no-any-return]
+
+
+class PackedEncoderDecoder(nn.Module):
+    """Bidirectional and packed both: a short example's reverse direction starts with missing
+    steps, so the decoder's given initial state passes its gradient back unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.encoder = nn.LSTM(D, 8, bidirectional=True, batch_first=True)
+        self.decoder = nn.LSTM(D, 8, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(16, V)
+
+    def forward(self, src: Tensor, tgt: Tensor, lengths: Tensor) -> Tensor:
+        _, state = self.encoder(self.embed(src))
+        packed = pack_padded_sequence(self.embed(tgt), lengths, batch_first=True,
+                                      enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.decoder(packed, state)[0], batch_first=True,
+                                     total_length=tgt.shape[1])
+        return self.head(out)  # type: ignore[no-any-return]
+
+
+class GivenState(nn.Module):
+    """Time-major, a learned initial state, a loss on h_n and c_n."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 8, bidirectional=True)
+        self.h0 = nn.Parameter(torch.randn(2, 1, 8))
+        self.c0 = nn.Parameter(torch.randn(2, 1, 8))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (T, B, 3) -> (B, 3)
+        batch = x.shape[1]
+        _, (h, c) = self.rnn(x, (self.h0.expand(-1, batch, -1).contiguous(),
+                                 self.c0.expand(-1, batch, -1).contiguous()))
+        return self.head(torch.cat([h[0], h[1], c[0], c[1]], dim=1))  # type: ignore[no-any-return]
+
+
+def _case(name: str) -> tuple[nn.Module, Any, Tensor | None]:
+    torch.manual_seed(7)
+    tokens = _tokens()
+    if name == "bidirectional-tagger":
+        return Tagger(), tokens, _labels()
+    if name == "projection-no-bias":
+        return Tagger(proj_size=4, bias=False), tokens, _labels()
+    if name == "packed":
+        lengths = torch.tensor([7, 3, 5, 7, 2])
+        y = _labels(padded=False)
+        y[torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)] = -100
+        return Packed(), (tokens, lengths), y
+    if name == "encoder-decoder":
+        return EncoderDecoder(), (tokens, tokens.flip(1)), torch.randint(0, V, (B, T))
+    if name == "packed-encoder-decoder":
+        lengths = torch.tensor([7, 3, 5, 7, 2])
+        y = torch.randint(0, V, (B, T))
+        y[torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)] = -100
+        return PackedEncoderDecoder(), (tokens, tokens.flip(1), lengths), y
+    if name == "given-state":
+        return GivenState(), torch.randn(T, B, 3), torch.randint(0, 3, (B,))
+    assert name == "objective"
+    return Tagger(), tokens, None
+
+
+def _run(model: nn.Module, inputs: Any, y: Tensor | None, graphed: bool,
+         monkeypatch: pytest.MonkeyPatch) -> tuple[rnndiag.Diagnosis, int]:
+    calls = []
+    real = replay.run_graphed
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(modelcheck, "GRAPHED", graphed)
+        m.setattr(replay, "run_graphed", counted)
+        found = rnndiag.check_model(model, inputs, y, dtype="float64", lr=0.1,
+                                    optimizer="sgd", train_batch_size=8)
+    return found, len(calls)
+
+
+def _same(a: Any, b: Any, what: str) -> None:
+    if isinstance(a, float) and isinstance(b, float):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=1e-9, abs=1e-300), \
+            f"{what}: {a} != {b}"
+    elif isinstance(a, tuple | list):
+        assert isinstance(b, tuple | list) and len(a) == len(b), what
+        for i, (x, z) in enumerate(zip(a, b, strict=True)):
+            _same(x, z, f"{what}[{i}]")
+    else:
+        assert a == b, f"{what}: {a} != {b}"
+
+
+@pytest.mark.parametrize("name", ["bidirectional-tagger", "projection-no-bias", "packed",
+                                  "encoder-decoder", "packed-encoder-decoder", "given-state",
+                                  "objective"])
+def test_graphed_lstm_equals_the_step_replay(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs, y = _case(name)
+    slow, none = _run(model, inputs, y, False, monkeypatch)
+    fast, used = _run(model, inputs, y, True, monkeypatch)
+    assert none == 0 and used > 0  # each route really ran
+    [fs] = fast.files
+    [ss] = slow.files
+    assert fs.verdict == ss.verdict
+    assert len(fs.modules) == len(ss.modules)
+    for fm, sm in zip(fs.modules, ss.modules, strict=True):
+        assert len(fm.layers) == len(sm.layers)
+        for fl, sl in zip(fm.layers, sm.layers, strict=True):
+            what = f"{name} {fm.spec.name} {fl.layer}/{fl.direction.value}"
+            for field in ("grad_norm", "cell_grad_norm", "state_grad_norm", "ratio",
+                          "final_step", "growth_per_step", "horizon", "basis", "references",
+                          "skipped_references", "verdict"):
+                _same(getattr(fl, field), getattr(sl, field), f"{what} {field}")
+            assert (fl.credit is None) == (sl.credit is None), what
+            if fl.credit is not None and sl.credit is not None:
+                assert fl.credit.positions == sl.credit.positions, what
+                assert fl.credit.examples == sl.credit.examples, what
+                _same(fl.credit.norms, sl.credit.norms, f"{what} credit")
+            assert any(x > 0 for x in fl.grad_norm), what  # a gradient reached every layer
+    fc, sc = fs.clip, ss.clip
+    assert fc is not None and sc is not None
+    for field in ("suggested_max_norm", "expected_norm", "decided_by", "spread",
+                  "fraction_clipped", "curvature_cap", "examples"):
+        _same(getattr(fc, field), getattr(sc, field), f"{name} clip {field}")
