@@ -197,28 +197,27 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     assert c is not None  # an LSTM has a cell state
     terms = input_terms(x, w, spec.cell_type)  # (B, T, 4H), biases included
     chain = capture.chain(layer, direction, alive) if capture is not None else None
-    reverse = direction is Direction.REVERSE
-    run_terms, run_alive = terms.transpose(0, 1), alive  # time-major, in run order
-    if reverse:
-        run_terms = run_terms.flip(0)
-        run_alive = None if alive is None else alive.flip(0)
+    steps = x.shape[1]
 
     def receive(dh: Tensor, dc: Tensor) -> None:
         assert chain is not None
-        chain.receive("dh", dh.flip(0) if reverse else dh)
-        chain.receive("dc", dc.flip(0) if reverse else dc)
+        chain.receive("dh", dh)
+        chain.receive("dc", dc)
 
-    out, cs = graphed.layer(run_terms.contiguous(), h, c, w, run_alive,
-                            receive if chain is not None else None)
-    if reverse:
-        out, cs = out.flip(0), cs.flip(0)
-    hs, states = list(out.unbind(0)), list(cs.unbind(0))
+    out, h_n, c_n, c_all = graphed.layer(terms, h, c, w, alive,
+                                         direction is Direction.REVERSE,
+                                         receive if chain is not None else None)
+    # the states by time index: values only, but the last in run order is the node's own
+    # output h_n (c_n), on the graph for whoever reads the final state
+    last = final_step(direction, steps)
+    hs, cs = list(out.detach().unbind(0)), list(c_all.unbind(0))
+    hs[last], cs[last] = h_n, c_n
     if chain is not None:
-        chain.expect("dh", hs[0], len(hs))
-        chain.expect("dc", states[0], len(hs))
+        chain.expect("dh", hs[0], steps)
+        chain.expect("dc", c_n, steps)
     if tap is not None:
         tap.append(Tapped(spec.cell_type, direction, w, x, terms, h, hs))
-    return DirectionStates(layer, direction, hs, states, out.transpose(0, 1) if stack else None,
+    return DirectionStates(layer, direction, hs, cs, out.transpose(0, 1) if stack else None,
                            chain)
 
 

@@ -21,6 +21,7 @@ from rnndiag.replay import (
     ReplayResult,
     StepAdjoints,
     alive_mask,
+    final_step,
     objective,
     replay_steps,
     with_deep_stack,
@@ -129,22 +130,20 @@ def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
     runs: list[tuple[int, Direction, manual.Forward, LayerWeights]] = []
     layer_input = inputs.detach().transpose(0, 1).contiguous()  # time-major (T, B, I)
     alive = None if lengths is None else alive_mask(lengths.to(inputs.device), inputs.shape[1])
-    by_run = {Direction.FORWARD: alive, Direction.REVERSE: None if alive is None
-              else alive.flip(0)}  # (T, B) in each direction's run order
+    steps = inputs.shape[1]
     for layer in range(spec.num_layers):
         seqs = []
         for direction in spec.directions:
             w = LayerWeights.of(spec, params, layer, direction)
-            run = manual.forward(layer_input if direction is Direction.FORWARD
-                                 else layer_input.flip(0), w, by_run[direction])
+            run = manual.forward(layer_input, w, alive, direction is Direction.REVERSE)
             runs.append((layer, direction, run, w))
-            seqs.append(run.out if direction is Direction.FORWARD else run.out.flip(0))
+            seqs.append(run.out)
         layer_input = torch.cat(seqs, dim=2) if len(seqs) > 1 else seqs[0]
     batch = inputs.shape[0]
     top = runs[-len(spec.directions):]
-    loss = objective([run.out[-1] for _, _, run, _ in top], batch)
-    h_n = torch.stack([run.out[-1] for _, _, run, _ in runs])
-    c_n = torch.stack([run.c[-1] for _, _, run, _ in runs])
+    loss = objective([run.out[final_step(d, steps)] for _, d, run, _ in top], batch)
+    h_n = torch.stack([run.out[final_step(d, steps)] for _, d, run, _ in runs])
+    c_n = torch.stack([run.c[final_step(d, steps)] for _, d, run, _ in runs])
     found: dict[tuple[int, Direction], StepAdjoints] = {}
     below: Tensor | None = None  # dL/d(layer input), time order, summed over directions
     for layer in range(spec.num_layers - 1, -1, -1):
@@ -153,13 +152,11 @@ def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
             width = run.out.shape[2]
             if received is None:  # the top layer: the objective's gradient, h_final / B
                 g = torch.zeros_like(run.out)
-                g[-1] = run.out[-1] / batch
+                last = final_step(direction, steps)
+                g[last] = run.out[last] / batch
             else:
-                part = received[..., k * width:(k + 1) * width]
-                g = part if direction is Direction.FORWARD else part.flip(0)
-            dh, dc, dx = manual.adjoints(run, g, w, by_run[direction])
-            if direction is Direction.REVERSE:  # run order -> time index
-                dh, dc, dx = dh.flip(0), dc.flip(0), dx.flip(0)
+                g = received[..., k * width:(k + 1) * width]
+            dh, dc, dx = manual.adjoints(run, g, w, alive)
             found[(layer, direction)] = StepAdjoints(layer, direction, dh, dc, alive)
             below = dx if below is None else below + dx
     order = [(layer, direction) for layer, direction, *_ in runs]

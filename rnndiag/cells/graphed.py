@@ -5,7 +5,7 @@ on autograd's graph: the loss's backward pass, the credit passes and the per-exa
 (rnndiag.pergrad) all go through it. The step replay puts some 25 nodes per step there; this
 puts one per layer and direction:
 
-    forward:  (terms, h_init, c_init) -> (h_t for every t, c_t for every t), run order (T, B, .)
+    forward:  (terms, h_init, c_init) -> (h_t for every t (T, B, P), h_n, c_n)
     backward: the hand-written loop from dL/dh_t and dL/dc_t received from outside the
               recurrence; writes the total dL/dh_t and dL/dc_t into the capture's open buffers
               (rnndiag.replay.Chain.receive) and returns dL/d(terms) = delta_t (the gate
@@ -33,32 +33,41 @@ from rnndiag.cells.tensors import LayerWeights
 class _Layer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights,
-                alive: Tensor | None, receive: Any) -> tuple[Tensor, Tensor]:
-        run = manual.run(terms.detach().clone(), w, alive, h0.detach(), c0.detach())
+                alive: Tensor | None, reverse: bool, receive: Any,
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        gates = terms.new_empty(terms.shape[1], terms.shape[0], terms.shape[2])
+        gates.copy_(terms.transpose(0, 1))  # time-major, each step's rows contiguous
+        run = manual.run(gates, w, alive, h0.detach(), c0.detach(), reverse)
         ctx.factors = manual.factors(run, alive, c0.detach())
         ctx.w, ctx.alive, ctx.receive = w, alive, receive
         ctx.set_materialize_grads(False)
-        return run.out, run.c
+        last = 0 if reverse else run.out.shape[0] - 1
+        ctx.mark_non_differentiable(run.c)
+        return run.out, run.out[last].clone(), run.c[last].clone(), run.c
 
     @staticmethod
-    def backward(ctx: Any, g_out: Tensor | None, g_c: Tensor | None,
-                 ) -> tuple[Tensor | None, ...]:
-        kept: manual.Factors = ctx.factors
-        fa = manual.Factors(kept.a.clone(), kept.keep, kept.forget)
-        steps, batch = fa.a.shape[:2]
-        width = ctx.w.w_hh.shape[1]
-        g = g_out if g_out is not None else fa.a.new_zeros(steps, batch, width)
-        dh, dc, (dh0, dc0) = manual.backward(fa, g, ctx.w, ctx.alive, g_c)
+    def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None, g_c: Tensor | None,
+                 _: Any) -> tuple[Tensor | None, ...]:
+        fa: manual.Factors = ctx.factors
+        delta = torch.empty_like(fa.a)
+        g = fa.keep.new_zeros(*fa.a.shape[:2], ctx.w.w_hh.shape[1]) if g_out is None \
+            else g_out
+        if g_h is not None:  # h_n is also the last output in run order
+            g = g.clone()
+            g[0 if fa.reverse else g.shape[0] - 1] += g_h
+        dh, dc, (dh0, dc0) = manual.backward(fa, g, ctx.w, ctx.alive, g_c, delta)
         if ctx.receive is not None:
             ctx.receive(dh, dc)
-        return fa.a, dh0, dc0, None, None, None
+        return delta.transpose(0, 1), dh0, dc0, None, None, None, None
 
 
 def layer(terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, alive: Tensor | None,
-          receive: Any = None) -> tuple[Tensor, Tensor]:
-    """(h (T, B, P), c (T, B, H)) of one layer and direction, run order, from its input terms
-    (T, B, 4H) and initial states; `receive(dh, dc)` gets each backward pass's totals (run
-    order, zero at a missing step); `alive` (T, B) run order, as rnndiag.cells.manual.run."""
-    out: tuple[Tensor, Tensor] = _Layer.apply(  # type: ignore[no-untyped-call]
-        terms, h0, c0, w, alive, receive)
+          reverse: bool, receive: Any = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h (T, B, P) by time index, h_n, c_n: the last states in run order, and the cell states
+    (T, B, H) as values, off the graph) of one layer and direction, from its input terms
+    (B, T, 4H) and initial states; `receive(dh, dc)` gets each backward pass's totals
+    (T, B, .) by time index, zero at a missing step; `alive` (T, B) by time index, as
+    rnndiag.cells.manual.run."""
+    out: tuple[Tensor, Tensor, Tensor, Tensor] = _Layer.apply(  # type: ignore[no-untyped-call]
+        terms, h0, c0, w, alive, reverse, receive)
     return out

@@ -2,13 +2,14 @@
 
 The step replay (rnndiag.replay.unroll) records some 25 autograd nodes per step, and on the
 CPU their per-kernel costs, not the arithmetic, set its pace. Here, for one layer and direction
-(time-major (T, B, .), in run order: a reverse direction runs on x flipped in time):
+(time-major (T, B, .), by time index; a reverse direction walks the same buffers from t = T-1
+down, so "t-1" below is the step before in run order, t+1 for a reverse direction):
 
 Forward, without a graph: the input terms x_t W_ih^T + b_ih + b_hh of every step in one GEMM,
 then per step a_t = (that) + h_{t-1} W_hh^T, split (i, f, g, o) and squashed in place,
 c_t = f_t c_{t-1} + i_t g_t and h_t = o_t tanh(c_t) (times W_hr^T with a projection), from
-zero states; the gates, c_t and tanh(c_t) are kept for the backward pass (the fused kernel
-returns only h_t, and recomputing the gates from it cost as much as the run).
+given or zero initial states; the gates, c_t and tanh(c_t) are kept for the backward pass
+(the fused kernel returns only h_t, and recomputing the gates from it cost as much as the run).
 
 Backward, from the last step, with g_t = dL/d(h_t) from outside the recurrence (the layer
 above, the objective):
@@ -37,33 +38,41 @@ from rnndiag.cells.tensors import LayerWeights
 
 @dataclass(frozen=True)
 class Forward:
-    """One layer's forward run, time-major in run order: what its backward reads."""
+    """One layer's forward run, time-major by time index: what its backward reads."""
 
     out: Tensor  # (T, B, P) h_t
     gates: Tensor  # (T, B, 4H) (i, f, g, o) after their squashing functions
     c: Tensor  # (T, B, H)
     tc: Tensor  # (T, B, H) tanh(c_t)
+    reverse: bool = False  # the run went from t = T-1 down to 0
+
+
+def order(steps: int, reverse: bool) -> range:
+    """The time indices in run order."""
+    return range(steps - 1, -1, -1) if reverse else range(steps)
 
 
 @torch.no_grad()
-def forward(x: Tensor, w: LayerWeights, alive: Tensor | None = None) -> Forward:
+def forward(x: Tensor, w: LayerWeights, alive: Tensor | None = None,
+            reverse: bool = False) -> Forward:
     """The layer on x (T, B, I) from zero states, step by step without a graph, keeping the
     gates: the input terms x W_ih^T + b of every step in one GEMM, then `run`."""
     steps, batch, _ = x.shape
     gates = (x.reshape(-1, x.shape[2]) @ w.w_ih.t()).view(steps, batch, -1)
     if w.b_ih is not None and w.b_hh is not None:
         gates += w.b_ih + w.b_hh
-    return run(gates, w, alive)
+    return run(gates, w, alive, reverse=reverse)
 
 
 @torch.no_grad()
 def run(gates: Tensor, w: LayerWeights, alive: Tensor | None = None,
-        h0: Tensor | None = None, c0: Tensor | None = None) -> Forward:
+        h0: Tensor | None = None, c0: Tensor | None = None, reverse: bool = False) -> Forward:
     """The recurrence from the input terms `gates` (T, B, 4H), a buffer it squashes in place
     into the gates: per step one GEMM and six elementwise kernels (time-major: each step's
-    rows are contiguous), from (h0, c0) (B, P), (B, H), zero when None.
+    rows are contiguous), from (h0, c0) (B, P), (B, H), zero when None; t = 0 up, or T-1
+    down when `reverse`.
 
-    With `alive` (T, B) bool in run order, a step an example does not have keeps its state
+    With `alive` (T, B) bool by time index, a step an example does not have keeps its state
     (h_t = h_{t-1}, c_t = c_{t-1}), as rnndiag.replay.unroll runs it; `c` holds the states and
     `tc` the tanh of each step's own new c."""
     steps, batch, _ = gates.shape
@@ -74,10 +83,11 @@ def run(gates: Tensor, w: LayerWeights, alive: Tensor | None = None,
     own = None if live is None else gates.new_empty(batch, hidden)
     h_new = None if live is None else gates.new_empty(batch, width)
     w_hh = w.w_hh.t()
-    for t in range(steps):
+    before = None  # the time index of the step before, in run order
+    for t in order(steps, reverse):
         a = gates[t]
-        h_prev = out[t - 1] if t else h0
-        c_prev = c[t - 1] if t else c0
+        h_prev = h0 if before is None else out[before]
+        c_prev = c0 if before is None else c[before]
         if h_prev is not None:
             a.addmm_(h_prev, w_hh)
         a[:, : 2 * hidden].sigmoid_()
@@ -98,17 +108,18 @@ def run(gates: Tensor, w: LayerWeights, alive: Tensor | None = None,
         if live is not None:  # a missing step keeps the state it read (zero before the first)
             torch.where(live[t], cell, c[t] if c_prev is None else c_prev, out=c[t])
             torch.where(live[t], h, out[t] if h_prev is None else h_prev, out=out[t])
-    return Forward(out, gates, c, tc)
+        before = t
+    return Forward(out, gates, c, tc, reverse)
 
 
 @dataclass(frozen=True)
 class Factors:
-    """What the backward loop reads besides the adjoints, run order (T, B, .)."""
+    """What the backward loop reads besides the adjoints, by time index (T, B, .)."""
 
-    a: Tensor  # (T, B, 4H) the factors of delta in the gate slots (zero at a missing step);
-    #            the loop turns it into delta
+    a: Tensor  # (T, B, 4H) the factors of delta in the gate slots (zero at a missing step)
     keep: Tensor  # o_t (1 - tanh(c_t)^2)
     forget: Tensor  # f_t
+    reverse: bool = False
 
 
 @torch.no_grad()
@@ -123,7 +134,7 @@ def factors(run: Forward, alive: Tensor | None = None, c0: Tensor | None = None)
     # the factors of delta, in the gates' buffer (i, g and o read before they are replaced)
     o.mul_(tc * (1 - o))  # o -> tanh(c) o (1 - o)
     first = c.new_zeros(1, batch, hidden) if c0 is None else c0.unsqueeze(0)
-    cprev = torch.cat([first, c[:-1]])
+    cprev = torch.cat([c[1:], first]) if run.reverse else torch.cat([first, c[:-1]])
     factor_g = i * (1 - gate * gate)
     i.mul_(gate * (1 - i))  # i -> g i (1 - i)
     gate.copy_(factor_g)  # g -> i (1 - g^2)
@@ -131,13 +142,13 @@ def factors(run: Forward, alive: Tensor | None = None, c0: Tensor | None = None)
     del cprev, factor_g
     if alive is not None:  # no gate gradient at a missing step
         a.mul_(alive.unsqueeze(2).to(a.dtype))
-    return Factors(a, keep, forget)
+    return Factors(a, keep, forget, run.reverse)
 
 
 @torch.no_grad()
 def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = None,
              ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dh (T, B, P), dc (T, B, H), dL/dx (T, B, I)), time-major in run order, from the
+    """(dh (T, B, P), dc (T, B, H), dL/dx (T, B, I)), time-major by time index, from the
     layer's forward run (whose gate buffer this consumes) and g = dL/d(outputs) from outside
     the recurrence. With `alive` (as `forward` ran), a missing step passes its state's
     gradient to the step before unchanged, gets no gate gradient, and its dh and dc are
@@ -150,53 +161,59 @@ def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = No
 
 @torch.no_grad()
 def backward(fa: Factors, g: Tensor, w: LayerWeights, alive: Tensor | None = None,
-             g_c: Tensor | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """(dh, dc, (dL/dh_init, dL/dc_init)) run order; fa.a becomes delta (zero at a missing
-    step). g and g_c (T, B, .): the gradients of the states h_t and c_t from outside the
-    recurrence (g_c: a returned final state; None: zero); h_init, c_init: the states before
-    the first step."""
-    a, keep = fa.a, fa.keep
-    steps, batch, _ = a.shape
-    hidden = keep.shape[2]
-    three = a.view(steps, batch, 4, hidden)[:, :, :3]  # (T, B, 3, H): i, f, g factors
-    o = a[:, :, 3 * hidden:]
+             g_c: Tensor | None = None, into: Tensor | None = None,
+             ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """(dh, dc, (dL/dh_init, dL/dc_init)) by time index; delta (zero at a missing step) is
+    written into `into` (T, B, 4H), by default fa.a itself. g (T, B, P): the gradient of the
+    states h_t from outside the recurrence; g_c (B, H): that of the last state c in run order
+    (a returned c_n; None: zero); h_init, c_init: the states before the first step."""
+    delta = fa.a if into is None else into
+    keep = fa.keep
+    steps = delta.shape[0]
     dh = g.clone()
     dc = torch.empty_like(keep)
     dm = dh if w.w_hr is None else torch.empty_like(keep)
     live = None if alive is None else alive.unsqueeze(2)  # (T, B, 1)
-    carried = _backward_loop(a, three, o, dh, dm, dc, keep, fa.forget, w, live, g_c)
-    dh_init = a[0] @ w.w_hh  # through a_0 = ... + h_init W_hh^T
-    dc_init = dc[0] * fa.forget[0]
+    carried = keep.new_zeros(keep.shape[1:]) if g_c is None else g_c.clone()
+    carried = _backward_loop(fa, delta, dh, dm, dc, w, live, carried)
+    first = 0 if not fa.reverse else steps - 1  # the first step in run order
+    dh_init = delta[first] @ w.w_hh  # through a = ... + h_init W_hh^T
+    dc_init = dc[first] * fa.forget[first]
     if live is not None:  # a missing first step kept the initial state: its gradient
-        dh_init = torch.where(live[0], dh_init, dh[0])
-        dc_init = torch.where(live[0], dc_init, carried)
+        dh_init = torch.where(live[first], dh_init, dh[first])
+        dc_init = torch.where(live[first], dc_init, carried)
         dh.mul_(live.to(dh.dtype))
         dc.mul_(live.to(dc.dtype))
     return dh, dc, (dh_init, dc_init)
 
 
-def _backward_loop(a: Tensor, three: Tensor, o: Tensor, dh: Tensor, dm: Tensor, dc: Tensor,
-                   keep: Tensor, forget: Tensor, w: LayerWeights, live: Tensor | None,
-                   g_c: Tensor | None = None) -> Tensor:
-    """The loop of `backward`: a[t] becomes delta_t. With `live` (T, B, 1), a missing step
-    passes the gradient of the state it kept to the step before unchanged (its delta is zero:
-    `factors` zeroed those factors). Returns dL/dc of the state step 0 read, from the steps
-    after it (the initial state's, where step 0 is missing)."""
-    carried = keep.new_zeros(keep.shape[1:])  # dL/dc_t of the state, from step t+1
-    for t in range(a.shape[0] - 1, -1, -1):
-        if g_c is not None:
-            carried = carried + g_c[t]
-        if t < a.shape[0] - 1:
+def _backward_loop(fa: Factors, delta: Tensor, dh: Tensor, dm: Tensor, dc: Tensor,
+                   w: LayerWeights, live: Tensor | None, carried: Tensor) -> Tensor:
+    """The loop of `backward`, last step in run order first: delta[t] from fa.a[t]. With
+    `live` (T, B, 1), a missing step passes the gradient of the state it kept to the step
+    before unchanged (its delta is zero: `factors` zeroed those factors). `carried`: dL/dc of
+    the last state from outside. Returns dL/dc of the state the first step read, from the
+    steps after it (the initial state's, where the first step is missing)."""
+    steps, batch, four = delta.shape
+    hidden = four // 4
+    src3 = fa.a.view(steps, batch, 4, hidden)[:, :, :3]  # (T, B, 3, H): i, f, g factors
+    dst3 = delta.view(steps, batch, 4, hidden)[:, :, :3]
+    src_o, dst_o = fa.a[:, :, 3 * hidden:], delta[:, :, 3 * hidden:]
+    after = None  # the time index of the step after, in run order
+    first = steps - 1 if fa.reverse else 0
+    for t in reversed(order(steps, fa.reverse)):
+        if after is not None:
             if live is None:
-                dh[t].addmm_(a[t + 1], w.w_hh)
+                dh[t].addmm_(delta[after], w.w_hh)
             else:
-                dh[t] += torch.where(live[t + 1], a[t + 1] @ w.w_hh, dh[t + 1])
+                dh[t] += torch.where(live[after], delta[after] @ w.w_hh, dh[after])
         if w.w_hr is not None:
             torch.mm(dh[t], w.w_hr, out=dm[t])
-        dct = torch.addcmul(carried, dm[t], keep[t], out=dc[t])
-        three[t].mul_(dct.unsqueeze(1))
-        o[t].mul_(dm[t])
-        if t:
-            into = dct * forget[t]  # dL/dc_{t-1} through c_t = f_t c_{t-1} + ...
+        dct = torch.addcmul(carried, dm[t], fa.keep[t], out=dc[t])
+        torch.mul(src3[t], dct.unsqueeze(1), out=dst3[t])
+        torch.mul(src_o[t], dm[t], out=dst_o[t])
+        if t != first:
+            into = dct * fa.forget[t]  # dL/dc_{t-1} through c_t = f_t c_{t-1} + ...
             carried = into if live is None else torch.where(live[t], into, carried)
+        after = t
     return carried
