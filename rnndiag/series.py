@@ -24,8 +24,8 @@ def series_norms(adjoint: Tensor) -> tuple[float, ...]:
     """||adjoint[t]||_2 over the whole batch for every t, accumulated in float64."""
     flat = adjoint.detach().reshape(adjoint.shape[0], -1)
     out: list[float] = []
-    for chunk in flat.split(32):  # a float64 copy of 32 steps at a time, not of all T
-        out.extend(torch.linalg.vector_norm(chunk, dim=1, dtype=torch.float64).tolist())
+    for chunk in credit.float64_chunks(flat):  # 32 steps at a time, not all T in float64
+        out.extend(torch.linalg.vector_norm(chunk, dim=1).tolist())
     return tuple(out)
 
 
