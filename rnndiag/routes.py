@@ -156,9 +156,10 @@ def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
                 g[last] = run.out[last] / batch
             else:
                 g = received[..., k * width:(k + 1) * width]
-            dh, dc, dx = manual.adjoints(run, g, w, alive)
+            dh, dc, dx = manual.adjoints(run, g, w, alive, inputs=layer > 0)
             found[(layer, direction)] = StepAdjoints(layer, direction, dh, dc, alive)
-            below = dx if below is None else below + dx
+            if dx is not None:  # the bottom layer's input gradient is never read
+                below = dx if below is None else below + dx
     order = [(layer, direction) for layer, direction, *_ in runs]
     return ReplayResult(layer_input.transpose(0, 1), h_n, c_n, float(loss.item()),
                         tuple(found[k] for k in order))

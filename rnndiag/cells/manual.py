@@ -147,14 +147,16 @@ def factors(run: Forward, alive: Tensor | None = None, c0: Tensor | None = None)
 
 @torch.no_grad()
 def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = None,
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dh (T, B, P), dc (T, B, H), dL/dx (T, B, I)), time-major by time index, from the
-    layer's forward run (whose gate buffer this consumes) and g = dL/d(outputs) from outside
-    the recurrence. With `alive` (as `forward` ran), a missing step passes its state's
+             inputs: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dh (T, B, P), dc (T, B, H), dL/dx (T, B, I) when `inputs`), time-major by time index,
+    from the layer's forward run (whose gate buffer this consumes) and g = dL/d(outputs) from
+    outside the recurrence. With `alive` (as `forward` ran), a missing step passes its state's
     gradient to the step before unchanged, gets no gate gradient, and its dh and dc are
     zero (as rnndiag.replay.Chain.close leaves them)."""
     fa = factors(run, alive)
     dh, dc, _ = backward(fa, g, w, alive)
+    if not inputs:
+        return dh, dc, None
     dx = (fa.a.reshape(-1, fa.a.shape[2]) @ w.w_ih).view(*fa.a.shape[:2], -1)
     return dh, dc, dx
 
