@@ -13,7 +13,7 @@ warm-up each. The load average is printed with the table: on a shared machine it
 numbers more than anything else.
 
 Run: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_model.py [--repeat N] [--steps T ...]
-         [--device cuda]
+         [--device cuda] [--step-replay]
 """
 
 from __future__ import annotations
@@ -100,7 +100,13 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 400])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--step-replay", action="store_true",
+                        help="replay nn.LSTM step by step (modelcheck.GRAPHED off), to compare")
     args = parser.parse_args()
+    if args.step_replay:
+        from rnndiag import modelcheck
+
+        modelcheck.GRAPHED = False
     os.chdir(Path(__file__).parent)  # `--model bench_model:make` imports from here
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
           f"tagger: embedding "

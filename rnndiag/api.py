@@ -127,7 +127,8 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     (`model(*inputs)`) or a dict of keyword arguments (`model(**inputs)`). With `targets`, the
     loss is `loss(output, targets)`, or cross-entropy for integer targets and MSE for float
     ones; without, the final-state objective. `dtype` ("float32"/"float64") and `device`
-    default to the model's own; when they differ, a converted copy is diagnosed. The model is
+    default to the model's own; when they differ, a converted copy is diagnosed. Inputs and
+    targets move to `device` when it is given, else stay where they are. The model is
     left exactly as it was, also when this raises: train/eval flags, hooks, forwards, dtype,
     device, parameter values and their `.grad`, tensors it keeps as attributes.
     `output_key`, `time_axis` and `ignore_index` are `--output-key`, `--time-axis` and
@@ -155,8 +156,11 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     target = converted(model, DTYPES[chosen], device)
     params = list(target.parameters())
     where = params[0].device if params else torch.device(options.device)
+    # inputs move to a `device` asked for; without one they stay where the caller put them
+    # (a PackedSequence's lengths must stay on the CPU beside a CUDA model)
+    place = where if device is not None else None
     batch = inputs_of(inputs, targets).map(
-        lambda x: x.to(where, DTYPES[chosen]) if x.is_floating_point() else x.to(where))
+        lambda x: x.to(place, DTYPES[chosen]) if x.is_floating_point() else x.to(place))
     live = diagnose_live(target, batch, loss, options.loss, options,
                          progress or (lambda _: None))
     info = BatchInfo("inputs", live.batch_size, live.modules[0].seq_len, None)

@@ -145,7 +145,7 @@ class LiveDiagnosis:
     notes: tuple[str, ...] = ()
 
 
-GRAPHED = True  # an nn.LSTM on the CPU replays as one autograd node per layer and direction
+GRAPHED = True  # an nn.LSTM replays as one autograd node per layer and direction
 #                (rnndiag.cells.graphed); False: the step replay (the tests' reference)
 
 

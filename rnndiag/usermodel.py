@@ -176,7 +176,7 @@ def capture(model: nn.Module, tap: list[Tapped] | None = None,
     Forwards, hooks and every module's train/eval flag are restored on exit; `call_model`
     puts back the tensors a model keeps as attributes (a stateful model's `self.hidden`).
     With a `tap`, every replayed layer and direction is appended to it (rnndiag.pergrad).
-    `graphed`: an nn.LSTM on the CPU replays as one autograd node per layer and direction
+    `graphed`: an nn.LSTM replays as one autograd node per layer and direction
     (rnndiag.replay.run_graphed: no W_hh gradient, no double backward).
     """
     recording = Recording(Capture(), [Record(name, spec_of(name, m), m)
@@ -290,7 +290,7 @@ def _replay_forward(rec: Record, cap: Capture, tap: list[Tapped] | None = None,
             if c_given is not None and c0 is not None:
                 c0 = c0 + (c_given.unsqueeze(1) if unbatched else c_given)
         run = unroll(spec, dict(m.named_parameters()), x, h0, c0, capture=cap, alive=alive,
-                     tap=tap, graphed=graphed and x.device.type == "cpu")
+                     tap=tap, graphed=graphed)
         rec.calls.append((run, roots))
         out: Any = run.output
         assert out is not None  # unrolled with top_output=True

@@ -132,11 +132,34 @@ def _same(a: Any, b: Any, what: str) -> None:
         assert a == b, f"{what}: {a} != {b}"
 
 
-@pytest.mark.parametrize("name", ["bidirectional-tagger", "projection-no-bias", "packed",
-                                  "encoder-decoder", "packed-encoder-decoder", "given-state",
-                                  "objective"])
+CASES = ["bidirectional-tagger", "projection-no-bias", "packed", "encoder-decoder",
+         "packed-encoder-decoder", "given-state", "objective"]
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_graphed_lstm_equals_the_step_replay(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _compare(name, monkeypatch, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name", CASES)
+def test_graphed_lstm_on_cuda_equals_the_step_replay(name: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    _compare(name, monkeypatch, "cuda")
+
+
+def _on(x: Any, device: str) -> Any:
+    """Inputs on `device`; lengths (1-D) stay on the CPU, as pack_padded_sequence wants."""
+    if isinstance(x, tuple):
+        return tuple(_on(v, device) for v in x)
+    return x.to(device) if isinstance(x, Tensor) and x.dim() > 1 else x
+
+
+def _compare(name: str, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     model, inputs, y = _case(name)
+    model = model.double().to(device)  # on the device already: check_model moves nothing
+    inputs = _on(inputs, device)
+    y = None if y is None else y.to(device)
     slow, none = _run(model, inputs, y, False, monkeypatch)
     fast, used = _run(model, inputs, y, True, monkeypatch)
     assert none == 0 and used > 0  # each route really ran
