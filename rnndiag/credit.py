@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rnndiag.capture import StepAdjoints
 from rnndiag.records import Direction
-from rnndiag.replay import StepAdjoints
 
 
 def state_sq(adj: StepAdjoints) -> Tensor:

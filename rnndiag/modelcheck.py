@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from rnndiag import clip, pergrad, static
+from rnndiag.capture import StepAdjoints
 from rnndiag.errors import BatchError
 from rnndiag.losses import Loss, LossFn, choose, pick
 from rnndiag.records import (
@@ -36,7 +37,7 @@ from rnndiag.records import (
     TrainingState,
     Verdict,
 )
-from rnndiag.replay import StepAdjoints, objective, with_deep_stack
+from rnndiag.replay import objective, with_deep_stack
 from rnndiag.series import layer_diagnosis
 from rnndiag.temporal import CreditRows, credit_rows, scored_sequences
 from rnndiag.usermodel import Recording, Sequence_, call_model, capture, eager, final_states

@@ -15,11 +15,11 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from rnndiag.capture import StepAdjoints
 from rnndiag.cells import LayerWeights, fused, manual
 from rnndiag.records import CellType, Direction, ModuleSpec
 from rnndiag.replay import (
     ReplayResult,
-    StepAdjoints,
     alive_mask,
     final_step,
     objective,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from rnndiag import analysis, credit
+from rnndiag.capture import StepAdjoints
 from rnndiag.records import (
     Credit,
     LayerDiagnosis,
@@ -17,7 +18,6 @@ from rnndiag.records import (
     StaticLayer,
     Thresholds,
 )
-from rnndiag.replay import StepAdjoints
 
 
 def series_norms(adjoint: Tensor) -> tuple[float, ...]:

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rnndiag.capture import Capture, Chain, batched_sq
 from rnndiag.credit import state_sq
 from rnndiag.errors import BatchError
-from rnndiag.replay import Capture, Chain, DirectionStates, batched_sq
+from rnndiag.replay import DirectionStates
 from rnndiag.series import Row
 
 SAMPLES = 16  # sampled positions per credit matrix
@@ -249,7 +250,7 @@ def _passes(scored: Scored, masks: Sequence[Tensor], states: Sequence[DirectionS
     """One backward pass per mask of <g restricted to the mask, output>; per pass, sq
     (rnndiag.credit.state_sq) of each state, in order.
 
-    The passes run batched (`rnndiag.replay.batched_sq`), as many at once as BATCH_BYTES of
+    The passes run batched (`rnndiag.capture.batched_sq`), as many at once as BATCH_BYTES of
     cotangents and state gradients allow; one by one, through the capture, where a state's
     adjoints come whole from an autograd node (rnndiag.cells.graphed), not from watched
     states."""

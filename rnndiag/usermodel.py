@@ -24,13 +24,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
+from rnndiag.capture import Capture, Chain
 from rnndiag.cells import unit
 from rnndiag.errors import BatchError, OptionError, RnnDiagError
 from rnndiag.files import strip_wrappers
 from rnndiag.records import Direction, ModuleKind, ModuleSpec
 from rnndiag.replay import (
-    Capture,
-    Chain,
     DirectionStates,
     Tapped,
     Unrolled,

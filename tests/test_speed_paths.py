@@ -1,6 +1,6 @@
 """Fast paths against the slow paths they replace.
 
-- Credit passes: `rnndiag.replay.batched_sq` runs K credit passes as one vmapped backward;
+- Credit passes: `rnndiag.capture.batched_sq` runs K credit passes as one vmapped backward;
   the slow path runs them one by one through the capture hooks (`Capture.backward` of
   `Scored.term(mask)`), each reduced by `rnndiag.credit.state_sq`. Both must agree to
   float64 rounding, also in groups smaller than K (the memory cap) and with lengths.

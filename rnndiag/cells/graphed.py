@@ -8,7 +8,7 @@ puts one per layer and direction:
     forward:  (terms, h_init, c_init) -> (h_t for every t (T, B, P), h_n, c_n)
     backward: the hand-written loop from dL/dh_t and dL/dc_t received from outside the
               recurrence; writes the total dL/dh_t and dL/dc_t into the capture's open buffers
-              (rnndiag.replay.Chain.receive) and returns dL/d(terms) = delta_t (the gate
+              (rnndiag.capture.Chain.receive) and returns dL/d(terms) = delta_t (the gate
               pre-activations' gradient, from which pergrad takes each example's weight
               gradients) and dL/dh_init, dL/dc_init.
 

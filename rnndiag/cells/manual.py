@@ -152,7 +152,7 @@ def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = No
     from the layer's forward run (whose gate buffer this consumes) and g = dL/d(outputs) from
     outside the recurrence. With `alive` (as `forward` ran), a missing step passes its state's
     gradient to the step before unchanged, gets no gate gradient, and its dh and dc are
-    zero (as rnndiag.replay.Chain.close leaves them)."""
+    zero (as rnndiag.capture.Chain.close leaves them)."""
     fa = factors(run, alive)
     dh, dc, _ = backward(fa, g, w, alive)
     if not inputs:
