@@ -232,17 +232,23 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capt
     for k, i in enumerate(aligned):
         watched = states[i].chain
         assert watched is not None  # aligned states are watched
-        for s in referenced:
-            sq, refs = None, torch.full((batch,), -1, device=hit.device)
-            for plan, got in zip(plans, found, strict=True):
-                mine = plan == s
-                if bool(mine.any()):
-                    part = got[k] * mine.to(got[k].device, got[k].dtype).unsqueeze(0)
-                    sq = part if sq is None else sq + part
-                    refs = torch.where(mine, s, refs)
-            assert sq is not None
-            out.rows[i].append(Row(sq, refs, watched.alive, s))
+        out.rows[i] = [_row(s, plans, [got[k] for got in found], watched.alive)
+                       for s in referenced]
     return out
+
+
+def _row(s: int, plans: Sequence[Tensor], sqs: Sequence[Tensor], alive: Tensor | None) -> Row:
+    """Position s's row: the columns of the examples referenced at s in each pass (an example
+    is referenced at s in one pass at most)."""
+    sq, refs = None, torch.full_like(plans[0], -1)
+    for plan, got in zip(plans, sqs, strict=True):
+        mine = plan == s
+        if bool(mine.any()):
+            part = got * mine.to(got.device, got.dtype).unsqueeze(0)
+            sq = part if sq is None else sq + part
+            refs = torch.where(mine, s, refs)
+    assert sq is not None  # s was referenced in some pass
+    return Row(sq, refs, alive, s)
 
 
 def _passes(scored: Scored, masks: Sequence[Tensor], states: Sequence[DirectionStates],
