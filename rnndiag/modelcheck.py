@@ -147,7 +147,8 @@ class LiveDiagnosis:
 
 
 GRAPHED = True  # an nn.LSTM replays as one autograd node per layer and direction
-#                (rnndiag.cells.graphed); False: the step replay (the tests' reference)
+#                (rnndiag.cells.graphed) under a built-in loss or the objective; False: the
+#                step replay (the tests' reference), as under a custom loss
 
 
 def diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
@@ -166,7 +167,9 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                    ) -> LiveDiagnosis:
     progress("replaying the model")
     recorder = pergrad.Recorder(model)
-    with capture(model, tap=recorder.tap, graphed=GRAPHED) as rec, recorder.hooks():
+    # a custom loss may differentiate twice (a gradient penalty): the graphed node cannot
+    graphed = GRAPHED and custom is None
+    with capture(model, tap=recorder.tap, graphed=graphed) as rec, recorder.hooks():
         output = call_model(model, inputs.args, inputs.kwargs)
         seqs = rec.sequences()
         if not seqs:

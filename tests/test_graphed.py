@@ -186,3 +186,52 @@ def _compare(name: str, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
     for field in ("suggested_max_norm", "expected_norm", "decided_by", "spread",
                   "fraction_clipped", "curvature_cap", "examples"):
         _same(getattr(fc, field), getattr(sc, field), f"{name} clip {field}")
+
+
+class Regression(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.rnn = nn.LSTM(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, 3) -> (B, T)
+        return self.head(self.rnn(self.inp(x))[0]).squeeze(-1)  # type: ignore[no-any-return]
+
+
+def test_a_custom_loss_takes_the_step_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custom loss may differentiate twice (a gradient penalty): the step replay runs, and
+    the numbers are the second-order-correct ones."""
+    torch.manual_seed(0)
+    model = Regression().double()
+    x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+
+    def penalised(out: Tensor, target: Tensor) -> Tensor:
+        (g,) = torch.autograd.grad(out.sum(), [model.inp.weight], create_graph=True)
+        return ((out - target) ** 2).mean() + 0.1 * g.pow(2).sum()
+
+    calls = []
+    real = replay.run_graphed
+    monkeypatch.setattr(replay, "run_graphed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = rnndiag.check_model(model, x, y, loss=penalised)
+    assert calls == []
+    monkeypatch.setattr(modelcheck, "GRAPHED", False)
+    want = rnndiag.check_model(model, x, y, loss=penalised)
+    [gl] = got.files[0].modules[0].layers
+    [wl] = want.files[0].modules[0].layers
+    _same(gl.grad_norm, wl.grad_norm, "grad_norm")
+
+
+def test_the_node_refuses_a_second_derivative() -> None:
+    from rnndiag.usermodel import call_model, capture
+
+    torch.manual_seed(0)
+    model = Regression().double()
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    with capture(model, graphed=True):
+        out = call_model(model, (x,), {})
+        (g,) = torch.autograd.grad(out.sum(), [model.inp.weight], create_graph=False)
+        assert g.abs().sum() > 0  # one derivative: fine
+        out = call_model(model, (x,), {})
+        with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+            torch.autograd.grad(out.sum(), [model.inp.weight], create_graph=True)

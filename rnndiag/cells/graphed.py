@@ -15,8 +15,10 @@ puts one per layer and direction:
 `terms` = x W_ih^T + b_ih + b_hh stays an ordinary autograd tensor, so dL/dx and dL/dW_ih
 follow by autograd. W_hh and W_hr are constants here: no gradient is ever taken for them
 through this node (model mode never asks for one; the curvature pass, which differentiates
-twice, replays step by step). The node may run backward several times over a retained graph
-(the credit passes): each run starts from its own copy of the factors.
+twice, replays step by step; so does model mode under a custom loss, which may take a
+gradient penalty: this node refuses a second derivative rather than give a wrong one). The
+node may run backward several times over a retained graph (the credit passes): each run
+writes delta into a fresh buffer, the factors stay.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None, g_c: Tensor | None,
                  _: Any) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph: a second derivative through this node
+            raise RuntimeError("rnndiag's graphed LSTM replay cannot be differentiated twice")
         fa: manual.Factors = ctx.factors
         delta = torch.empty_like(fa.a)
         g = fa.keep.new_zeros(*fa.a.shape[:2], ctx.w.w_hh.shape[1]) if g_out is None \
