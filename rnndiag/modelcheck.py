@@ -357,16 +357,40 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
     if loss_def.fn is not None:
         one = partial(_example_loss, model, loss_def, inputs, slicing, options.ignore_index)
         try:
-            # cuDNN's RNN backward refuses eval mode: the per-example passes run without it
-            with _eval(model), eager(), torch.backends.cudnn.flags(enabled=False):
-                gram = _gram(one, params, n, shares)
-                curvature = clip.measured_curvature(
-                    partial(_rows_loss, model, loss_def, inputs, slicing, torch.arange(n)),
-                    params, options, state, slicing.batch)
+            with _eval(model), eager():
+                with _cudnn_backward(model):
+                    gram = _gram(one, params, n, shares)
+                # cuDNN has no double backward for its RNN kernels
+                with torch.backends.cudnn.flags(enabled=False):
+                    curvature = clip.measured_curvature(
+                        partial(_rows_loss, model, loss_def, inputs, slicing,
+                                torch.arange(n)), params, options, state, slicing.batch)
         except BatchError as exc:  # a model bound to its batch (a stateful self.hidden)
             unavailable = f"the model does not run on one example alone ({exc})"
     return clip.recommend(gram, options, state, slicing.batch, norm, "model", count, exploding,
                           unavailable, curvature)
+
+
+@contextlib.contextmanager
+def _cudnn_backward(model: nn.Module) -> Iterator[None]:
+    """cuDNN for the per-example passes where it gives the eval-mode numbers: its RNN backward
+    refuses eval mode, so the recurrent modules run in train mode, which changes nothing for
+    a plain nn.RNN/LSTM/GRU without dropout (train mode's only effect on one). With dropout,
+    or a subclass that may read `training` itself, cuDNN is off instead (the per-step
+    kernels, some 10x slower on a GPU)."""
+    rnns = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    if not all(type(m) in (nn.RNN, nn.LSTM, nn.GRU) and m.dropout == 0 for m in rnns):
+        with torch.backends.cudnn.flags(enabled=False):
+            yield
+        return
+    modes = {m: m.training for m in rnns}
+    try:
+        for m in rnns:
+            m.training = True
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _gram(one: Callable[[int], Tensor | None], params: Sequence[Tensor], n: int,

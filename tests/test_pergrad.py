@@ -222,6 +222,8 @@ def _case(name: str) -> tuple[nn.Module, Any, Tensor, bool]:
         return ReadOutside(), tokens, _labels(), False
     if name == "lstm-proj":
         return Tagger(proj_size=3), tokens, _labels(), False
+    if name == "lstm-tagger-dropout":  # inactive in eval mode; cuDNN stays off for the loop
+        return Tagger(dropout=0.3), tokens, _labels(), True
     raise AssertionError(name)
 
 
@@ -233,7 +235,7 @@ CASES = ["lstm-tagger", "gru-tagger", "rnn-tagger-nobias", "time-major-gru-mse",
          "final-state-relu", "packed", "tied", "flattened", "layernorm-frozen-embedding",
          "seq2seq-dict", "lstm-cell-loop", "gru-cell-loop", "relu-cell-loop-nobias",
          "own-parameter", "mixing",
-         "read-outside", "lstm-proj"]
+         "read-outside", "lstm-proj", "lstm-tagger-dropout"]
 
 
 def _spied(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
@@ -274,15 +276,17 @@ def test_recorded_gram_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("name", ["lstm-tagger", "gru-tagger", "lstm-cell-loop", "gru-cell-loop"])
+@pytest.mark.parametrize("name", ["lstm-tagger", "gru-tagger", "lstm-cell-loop", "gru-cell-loop",
+                                  "lstm-tagger-dropout", "packed"])
 def test_recorded_gram_on_cuda_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatch,
                                                ) -> None:
     """On a GPU the cells are fused kernels (an LSTMCell's c' -> h' path is inside them)."""
     torch.manual_seed(0)
     model, inputs, targets, _ = _case(name)
     seen = _spied(monkeypatch)
-    rnndiag.check_model(model.double().cuda(), inputs.cuda(), targets.cuda(),
-                        train_batch_size=4)
+    inputs = tuple(x.cuda() if x.dim() > 1 else x for x in inputs) if isinstance(
+        inputs, tuple) else inputs.cuda()  # lengths stay on the CPU
+    rnndiag.check_model(model.double().cuda(), inputs, targets.cuda(), train_batch_size=4)
     assert seen["route"] == "one pass"
     torch.testing.assert_close(seen["ours"], seen["reference"], rtol=1e-7, atol=1e-10)
 
@@ -314,3 +318,16 @@ def test_float32_inner_products_match_float64() -> None:
     exact = rows.double() @ rows.double().T
     torch.testing.assert_close(clip.inner_products(rows), exact, rtol=1e-5, atol=1e-3)
     assert clip.inner_products(rows.double()).dtype == torch.float64
+
+
+def test_per_example_passes_use_cudnn_only_where_train_mode_changes_nothing() -> None:
+    """cuDNN's RNN backward needs train mode: plain modules without dropout get it for the
+    passes (and eval mode back after); with dropout cuDNN is off and the modes stay."""
+    plain, dropped = Tagger().eval(), Tagger(dropout=0.3).eval()
+    with modelcheck._cudnn_backward(plain):
+        assert plain.rnn.training and not plain.head.training
+        assert torch.backends.cudnn.enabled
+    assert not plain.rnn.training
+    with modelcheck._cudnn_backward(dropped):
+        assert not dropped.rnn.training and not torch.backends.cudnn.enabled
+    assert torch.backends.cudnn.enabled
