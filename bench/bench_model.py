@@ -13,7 +13,7 @@ warm-up each. The load average is printed with the table: on a shared machine it
 numbers more than anything else.
 
 Run: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_model.py [--repeat N] [--steps T ...]
-         [--device cuda] [--step-replay]
+         [--device cuda] [--step-replay] [--cell LSTM|GRU]
 """
 
 from __future__ import annotations
@@ -37,13 +37,17 @@ GOAL = 2.0
 VOCAB, WIDTH, HIDDEN, LABELS = 1000, 64, 256, 50
 
 
-class Tagger(nn.Module):
-    """Embedding -> 2-layer bidirectional LSTM -> Linear: a label per token."""
+CELLS = {"LSTM": nn.LSTM, "GRU": nn.GRU}
 
-    def __init__(self, hidden: int = HIDDEN) -> None:
+
+class Tagger(nn.Module):
+    """Embedding -> 2-layer bidirectional LSTM (or GRU) -> Linear: a label per token."""
+
+    def __init__(self, hidden: int = HIDDEN, cell: str = "LSTM") -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, WIDTH)
-        self.rnn = nn.LSTM(WIDTH, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.rnn = CELLS[cell](WIDTH, hidden, num_layers=2, bidirectional=True,
+                               batch_first=True)
         self.head = nn.Linear(2 * hidden, LABELS)
 
     def forward(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, T, C)
@@ -52,24 +56,25 @@ class Tagger(nn.Module):
         return logits
 
 
-def make(hidden: int = HIDDEN) -> Tagger:
+def make(hidden: int = HIDDEN, cell: str = "LSTM") -> Tagger:
     """The factory `--model bench_model:make` calls."""
-    return Tagger(hidden)
+    return Tagger(hidden, cell)
 
 
 def setup(batch: int, steps: int, hidden: int, folder: Path,
-          device: str = "cpu") -> tuple[Any, ...]:
+          device: str = "cpu", cell: str = "LSTM") -> tuple[Any, ...]:
     from rnndiag.records import CheckOptions
 
     torch.manual_seed(0)
-    model = Tagger(hidden)
+    model = Tagger(hidden, cell)
     tokens = torch.randint(0, VOCAB, (batch, steps))
     targets = torch.randint(0, LABELS, (batch, steps))
     ckpt, data = folder / f"tagger{steps}.safetensors", folder / f"tagger{steps}_batch.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
     save_file({"inputs": tokens, "targets": targets}, data)
     options = CheckOptions(batch_path=str(data), model="bench_model:make",
-                           model_kwargs=f'{{"hidden": {hidden}}}', device=device)
+                           model_kwargs=f'{{"hidden": {hidden}, "cell": "{cell}"}}',
+                           device=device)
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     return model, optimizer, tokens.to(device), targets.to(device), (ckpt, options)
@@ -98,6 +103,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=HIDDEN)
+    parser.add_argument("--cell", default="LSTM", choices=list(CELLS),
+                        help="the tagger's recurrent module (GRU: replayed step by step)")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 400])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--step-replay", action="store_true",
@@ -110,7 +117,7 @@ def main() -> None:
     os.chdir(Path(__file__).parent)  # `--model bench_model:make` imports from here
     print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; "
           f"tagger: embedding "
-          f"{VOCAB}x{WIDTH}, 2-layer bidirectional LSTM H={args.hidden}, head {LABELS}, "
+          f"{VOCAB}x{WIDTH}, 2-layer bidirectional {args.cell} H={args.hidden}, head {LABELS}, "
           f"per-step cross-entropy; B={args.batch}")
     print(f"{'T':>5} {'train s':>8} {'rnndiag s':>9} {'time x':>7} {'load':>5}   of which "
           "(one more run): credit passes, per-example gradients, the rest")
@@ -121,7 +128,7 @@ def main() -> None:
 
 def _row(steps: int, args: argparse.Namespace, folder: Path) -> None:
     model, opt, tokens, targets, target = setup(args.batch, steps, args.hidden, folder,
-                                                args.device)
+                                                args.device, args.cell)
     base, ours = median_times([lambda: training_step(model, opt, tokens, targets),
                                lambda: diagnosis(target)], args.repeat)
     flag = "ok" if ours / base <= GOAL else "over"
