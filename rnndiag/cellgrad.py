@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from rnndiag.usermodel import reaches
 
 CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
 
@@ -69,13 +70,7 @@ def _c_total(h: Tensor, c: Tensor, depth: int = 4) -> bool | None:
         return None
     if h.grad_fn is c.grad_fn:
         return False
-    frontier: list[Any] = [h.grad_fn]
-    for _ in range(depth):
-        frontier = [f for node in frontier if node is not None
-                    for f, _ in node.next_functions][:64]
-        if any(node is c.grad_fn for node in frontier):
-            return True
-    return None
+    return True if reaches(h.grad_fn, c.grad_fn, depth) else None
 
 
 def terms(module: nn.Module, calls: Sequence[CellCall],

@@ -40,7 +40,15 @@ from rnndiag.records import (
 from rnndiag.replay import objective, with_deep_stack
 from rnndiag.series import layer_diagnosis
 from rnndiag.temporal import CreditRows, credit_rows, scored_sequences
-from rnndiag.usermodel import Recording, Sequence_, call_model, capture, eager, final_states
+from rnndiag.usermodel import (
+    Recording,
+    Sequence_,
+    call_model,
+    capture,
+    eager,
+    final_states,
+    restored_modes,
+)
 
 _POSITIONAL = re.compile(r"^inputs\.(\d+)\Z")
 _KEYWORD = re.compile(r"^inputs\.([A-Za-z_]\w*)\Z")
@@ -336,13 +344,9 @@ def _modules(seqs: Sequence[Sequence_], measured: Measured, loss_name: str, loss
 
 @contextlib.contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    try:
+    with restored_modes(model):
         model.eval()
         yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
@@ -383,14 +387,10 @@ def _cudnn_backward(model: nn.Module) -> Iterator[None]:
         with torch.backends.cudnn.flags(enabled=False):
             yield
         return
-    modes = {m: m.training for m in rnns}
-    try:
+    with restored_modes(model):
         for m in rnns:
             m.training = True
         yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _gram(one: Callable[[int], Tensor | None], params: Sequence[Tensor], n: int,

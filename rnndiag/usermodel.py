@@ -180,27 +180,36 @@ def capture(model: nn.Module, tap: list[Tapped] | None = None,
     """
     recording = Recording(Capture(), [Record(name, spec_of(name, m), m)
                                       for name, m in recurrent_modules(model)])
-    modes = {m: m.training for m in model.modules()}
     handles = []
     patched = []
     stance = contextlib.ExitStack()
+    with restored_modes(model):
+        try:
+            stance.enter_context(eager())
+            model.eval()
+            for rec in recording.records:
+                if rec.spec.kind.is_cell:
+                    handles.append(rec.module.register_forward_hook(
+                        _cell_hook(rec, recording.capture), with_kwargs=True))
+                else:
+                    rec.module.forward = _replay_forward(rec, recording.capture, tap, graphed)
+                    patched.append(rec.module)
+            yield recording
+        finally:
+            stance.close()
+            for module in patched:
+                del module.forward
+            for handle in handles:
+                handle.remove()
+
+
+@contextlib.contextmanager
+def restored_modes(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag put back as it was when the block exits."""
+    modes = {m: m.training for m in model.modules()}
     try:
-        stance.enter_context(eager())
-        model.eval()
-        for rec in recording.records:
-            if rec.spec.kind.is_cell:
-                handles.append(rec.module.register_forward_hook(
-                    _cell_hook(rec, recording.capture), with_kwargs=True))
-            else:
-                rec.module.forward = _replay_forward(rec, recording.capture, tap, graphed)
-                patched.append(rec.module)
-        yield recording
+        yield
     finally:
-        stance.close()
-        for module in patched:
-            del module.forward
-        for handle in handles:
-            handle.remove()
         for m, training in modes.items():
             m.training = training
 
@@ -249,18 +258,21 @@ def _continues(h_in: Tensor | None, last: Tensor, depth: int = 6) -> bool:
         return False
     if h_in is last:
         return True
-    target, frontier = last.grad_fn, [h_in.grad_fn]
-    if target is None:
+    if last.grad_fn is None:
         return False
+    return h_in.grad_fn is last.grad_fn or reaches(h_in.grad_fn, last.grad_fn, depth)
+
+
+def reaches(start: Any, target: Any, depth: int) -> bool:
+    """Whether autograd node `target` lies 1 to `depth` edges below node `start` (following
+    next_functions, at most 64 nodes per level)."""
+    frontier = [start]
     for _ in range(depth):
-        nxt: list[Any] = []
-        for node in frontier:
-            if node is target:
-                return True
-            if node is not None:
-                nxt.extend(fn for fn, _ in node.next_functions)
-        frontier = nxt[:64]
-    return any(node is target for node in frontier)
+        frontier = [f for node in frontier if node is not None
+                    for f, _ in node.next_functions][:64]
+        if any(node is target for node in frontier):
+            return True
+    return False
 
 
 def _replay_forward(rec: Record, cap: Capture, tap: list[Tapped] | None = None,
