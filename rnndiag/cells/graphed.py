@@ -43,7 +43,7 @@ class _Layer(torch.autograd.Function):
         ctx.factors = manual.factors(run, alive, c0.detach())
         ctx.w, ctx.alive, ctx.receive = w, alive, receive
         ctx.set_materialize_grads(False)
-        last = 0 if reverse else run.out.shape[0] - 1
+        last = manual.order(run.out.shape[0], reverse)[-1]
         ctx.mark_non_differentiable(run.c)
         return run.out, run.out[last].clone(), run.c[last].clone(), run.c
 
@@ -54,12 +54,7 @@ class _Layer(torch.autograd.Function):
             raise RuntimeError("rnndiag's graphed LSTM replay cannot be differentiated twice")
         fa: manual.Factors = ctx.factors
         delta = torch.empty_like(fa.a)
-        g = fa.keep.new_zeros(*fa.a.shape[:2], ctx.w.w_hh.shape[1]) if g_out is None \
-            else g_out
-        if g_h is not None:  # h_n is also the last output in run order
-            g = g.clone()
-            g[0 if fa.reverse else g.shape[0] - 1] += g_h
-        dh, dc, (dh0, dc0) = manual.backward(fa, g, ctx.w, ctx.alive, g_c, delta)
+        dh, dc, (dh0, dc0) = manual.backward(fa, g_out, ctx.w, ctx.alive, g_h, g_c, delta)
         if ctx.receive is not None:
             ctx.receive(dh, dc)
         return delta.transpose(0, 1), dh0, dc0, None, None, None, None

@@ -162,23 +162,26 @@ def adjoints(run: Forward, g: Tensor, w: LayerWeights, alive: Tensor | None = No
 
 
 @torch.no_grad()
-def backward(fa: Factors, g: Tensor, w: LayerWeights, alive: Tensor | None = None,
-             g_c: Tensor | None = None, into: Tensor | None = None,
+def backward(fa: Factors, g: Tensor | None, w: LayerWeights, alive: Tensor | None = None,
+             g_h: Tensor | None = None, g_c: Tensor | None = None, into: Tensor | None = None,
              ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     """(dh, dc, (dL/dh_init, dL/dc_init)) by time index; delta (zero at a missing step) is
     written into `into` (T, B, 4H), by default fa.a itself. g (T, B, P): the gradient of the
-    states h_t from outside the recurrence; g_c (B, H): that of the last state c in run order
-    (a returned c_n; None: zero); h_init, c_init: the states before the first step."""
+    states h_t from outside the recurrence (None: zero); g_h (B, P) and g_c (B, H): those of
+    the last states h and c in run order besides (a returned h_n, c_n; None: zero); h_init,
+    c_init: the states before the first step."""
     delta = fa.a if into is None else into
     keep = fa.keep
-    steps = delta.shape[0]
-    dh = g.clone()
+    run = order(delta.shape[0], fa.reverse)
+    dh = fa.a.new_zeros(*fa.a.shape[:2], w.w_hh.shape[1]) if g is None else g.clone()
+    if g_h is not None:
+        dh[run[-1]] += g_h
     dc = torch.empty_like(keep)
     dm = dh if w.w_hr is None else torch.empty_like(keep)
     live = None if alive is None else alive.unsqueeze(2)  # (T, B, 1)
     carried = keep.new_zeros(keep.shape[1:]) if g_c is None else g_c.clone()
     carried = _backward_loop(fa, delta, dh, dm, dc, w, live, carried)
-    first = 0 if not fa.reverse else steps - 1  # the first step in run order
+    first = run[0]
     dh_init = delta[first] @ w.w_hh  # through a = ... + h_init W_hh^T
     dc_init = dc[first] * fa.forget[first]
     if live is not None:  # a missing first step kept the initial state: its gradient
@@ -202,8 +205,8 @@ def _backward_loop(fa: Factors, delta: Tensor, dh: Tensor, dm: Tensor, dc: Tenso
     dst3 = delta.view(steps, batch, 4, hidden)[:, :, :3]
     src_o, dst_o = fa.a[:, :, 3 * hidden:], delta[:, :, 3 * hidden:]
     after = None  # the time index of the step after, in run order
-    first = steps - 1 if fa.reverse else 0
-    for t in reversed(order(steps, fa.reverse)):
+    run = order(steps, fa.reverse)
+    for t in reversed(run):
         if after is not None:
             if live is None:
                 dh[t].addmm_(delta[after], w.w_hh)
@@ -214,7 +217,7 @@ def _backward_loop(fa: Factors, delta: Tensor, dh: Tensor, dm: Tensor, dc: Tenso
         dct = torch.addcmul(carried, dm[t], fa.keep[t], out=dc[t])
         torch.mul(src3[t], dct.unsqueeze(1), out=dst3[t])
         torch.mul(src_o[t], dm[t], out=dst_o[t])
-        if t != first:
+        if t != run[0]:
             into = dct * fa.forget[t]  # dL/dc_{t-1} through c_t = f_t c_{t-1} + ...
             carried = into if live is None else torch.where(live[t], into, carried)
         after = t
