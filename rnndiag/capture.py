@@ -125,7 +125,8 @@ class Capture:
     def backward_with(self, loss: Tensor, roots: Sequence[Tensor], chains: Sequence[Chain],
                       retain_graph: bool = False, extra: Sequence[Tensor] = (),
                       ) -> tuple[tuple[StepAdjoints, ...], tuple[Tensor | None, ...]]:
-        """`backward`, also returning dL/d(extra) from the same pass (parameters)."""
+        """`backward`, also returning dL/d(extra) from the same pass (any tensors on the graph:
+        rnndiag.pergrad's recorded input terms and module outputs)."""
         for c in chains:
             c.open()
         try:

@@ -265,7 +265,7 @@ def with_deep_stack(fn: Callable[[], R]) -> R:
 
 
 def replay_steps(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
-                  lengths: Tensor | None) -> ReplayResult:
+                 lengths: Tensor | None) -> ReplayResult:
     """`rnndiag.routes.replay` step by step: the step replay (see there). Runs in the calling
     thread: wrap it in `with_deep_stack`."""
     torch.set_grad_enabled(True)  # grad mode is per thread
