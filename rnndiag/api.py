@@ -140,7 +140,7 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     import torch
 
     from rnndiag.diagnose import DTYPES, validate
-    from rnndiag.modelcheck import converted, diagnose_live, inputs_of
+    from rnndiag.modelcheck import converted, diagnose_placed, inputs_of
 
     label = name or f"<{type(model).__name__}>"
     floats = [p for p in model.parameters() if p.is_floating_point()]
@@ -160,9 +160,9 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     # (a PackedSequence's lengths must stay on the CPU beside a CUDA model)
     place = where if device is not None else None
     batch = inputs_of(inputs, targets).map(
-        lambda x: x.to(place, DTYPES[chosen]) if x.is_floating_point() else x.to(place))
-    live = diagnose_live(target, batch, loss, options.loss, options,
-                         progress or (lambda _: None))
+        lambda x: x.to(DTYPES[chosen]) if x.is_floating_point() else x)
+    live = diagnose_placed(target, batch, place, loss, options.loss, options,
+                           progress or (lambda _: None))
     info = BatchInfo("inputs", live.batch_size, live.modules[0].seq_len, None)
     found = FileDiagnosis(label, "module", FileStatus.OK, live.modules, info, live.notes,
                           clip=live.clip, loss=live.loss)

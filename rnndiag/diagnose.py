@@ -23,7 +23,7 @@ from rnndiag.discover import find_modules, mark_nonfinite
 from rnndiag.errors import ArchitectureError, BatchError, OptionError, RnnDiagError
 from rnndiag.feeding import Fed
 from rnndiag.inspection import NO_RECURRENT, by_module
-from rnndiag.modelcheck import diagnose_live, file_model_inputs
+from rnndiag.modelcheck import diagnose_placed, file_model_inputs
 from rnndiag.records import (
     BatchInfo,
     CheckOptions,
@@ -242,11 +242,11 @@ def _model_file(raw: RawFile, options: CheckOptions, batch: BatchFile,
     model = build_model(options.model, options.model_kwargs).to(dtype)
     load_strict(model, ckpt.tensors, str(raw.path))
     model = model.to(device)
-    inputs = file_model_inputs(batch.tensors, batch.path, dtype).map(lambda x: x.to(device))
+    inputs = file_model_inputs(batch.tensors, batch.path, dtype)
     custom = _no_exit(load_callable(options.loss, "--loss"), options.loss) \
         if options.loss else None
-    live = diagnose_live(model, inputs, custom, options.loss, options,
-                         lambda m: progress(f"{raw.path}: {m}"), ckpt.training)
+    live = diagnose_placed(model, inputs, torch.device(device), custom, options.loss, options,
+                           lambda m: progress(f"{raw.path}: {m}"), ckpt.training)
     info = BatchInfo(batch.path, live.batch_size, live.modules[0].seq_len, None)
     return FileDiagnosis(str(raw.path), ckpt.format, FileStatus.OK, live.modules, info,
                          ckpt.notes + live.notes,

@@ -159,6 +159,55 @@ GRAPHED = True  # an nn.LSTM replays as one autograd node per layer and directio
 #                step replay (the tests' reference), as under a custom loss
 
 
+CPU_LENGTHS = "'lengths' argument should be a 1D CPU int64 tensor"  # torch's own words
+KEPT_ON_CPU = ("the model's 1-D integer inputs stayed on the CPU: it hands them to "
+               "pack_padded_sequence, which takes its lengths there")
+
+
+def diagnose_placed(model: nn.Module, inputs: ModelInputs, device: torch.device | None,
+                    custom: LossFn | None, custom_name: str | None, options: CheckOptions,
+                    progress: Callable[[str], None] = lambda _: None,
+                    state: TrainingState | None = None) -> LiveDiagnosis:
+    """`diagnose_live` with every input and target moved to `device` (None: left where they
+    are).
+
+    A training loop moves its batch to the GPU but keeps the lengths it passes to
+    `pack_padded_sequence` on the CPU, where torch requires them. A batch file cannot say which
+    tensor is which, so when torch refuses a moved 1-D integer input in exactly those words,
+    the diagnosis runs again with the 1-D integer inputs where they were (targets still move:
+    a loss needs its labels beside the output), and a note says so. The refusal comes from the
+    model's first forward, before anything is measured.
+    """
+    def run(placed: ModelInputs) -> LiveDiagnosis:
+        return diagnose_live(model, placed, custom, custom_name, options, progress, state)
+
+    if device is None:
+        return run(inputs)
+    try:
+        return run(inputs.map(lambda x: x.to(device)))
+    except BatchError as exc:
+        kept = _lengths_kept(inputs, device)
+        if CPU_LENGTHS not in str(exc) or kept is None:
+            raise
+    live = run(kept)
+    return replace(live, notes=(*live.notes, KEPT_ON_CPU))
+
+
+def _lengths_kept(inputs: ModelInputs, device: torch.device) -> ModelInputs | None:
+    """`inputs` moved to `device` but for its 1-D integer tensors; None when it has none."""
+    def lengths(x: Any) -> bool:
+        return isinstance(x, Tensor) and x.dim() == 1 and not (
+            x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+    found = [x for x in (*inputs.args, *inputs.kwargs.values()) if lengths(x)]
+    if not found:
+        return None
+    moved = ModelInputs(inputs.args, inputs.kwargs).map(
+        lambda x: x if lengths(x) else x.to(device))
+    return replace(moved, targets=None if inputs.targets is None
+                   else inputs.targets.to(device))
+
+
 def diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                   custom_name: str | None, options: CheckOptions,
                   progress: Callable[[str], None] = lambda _: None,
