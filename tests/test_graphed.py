@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import rnndiag
 from rnndiag import modelcheck, replay
+from rnndiag.cells import graphed, graphed_fused
 from tests.test_pergrad import Packed, Tagger, _labels, _tokens
 
 B, T, V, D = 5, 7, 11, 6
@@ -137,8 +138,18 @@ CASES = ["bidirectional-tagger", "projection-no-bias", "packed", "encoder-decode
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_graphed_lstm_equals_the_step_replay(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("node", ["never", "always"])
+def test_graphed_lstm_equals_the_step_replay(name: str, node: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both nodes: the hand-written loops ("never") and the fused kernel on the augmented
+    input (rnndiag.cells.graphed_fused, "always"; on a GPU by default)."""
+    monkeypatch.setattr(graphed, "FUSED", node)
+    calls = []
+    real = graphed_fused.layer
+    monkeypatch.setattr(graphed_fused, "layer",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     _compare(name, monkeypatch, "cpu")
+    assert bool(calls) == (node == "always")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -235,3 +246,63 @@ def test_the_node_refuses_a_second_derivative() -> None:
         out = call_model(model, (x,), {})
         with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
             torch.autograd.grad(out.sum(), [model.inp.weight], create_graph=True)
+
+
+def _node_run(fused: bool, w: Any, alive: Tensor | None, reverse: bool, width: int,
+              hidden: int) -> tuple[Tensor, ...]:
+    """One node's outputs, the gradients of (terms, h0, c0) under random cotangents on every
+    output, and the totals it hands its receiver."""
+    def draw(*shape: int, seed: int) -> Tensor:
+        return torch.randn(*shape, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(seed)).requires_grad_()
+
+    terms, h0, c0 = draw(B, T, 16, seed=2), draw(B, width, seed=3), draw(B, hidden, seed=4)
+    received: list[Tensor] = []
+
+    def receive(dh: Tensor, dc: Tensor) -> None:
+        received.extend([dh, dc])
+
+    if fused:
+        fits, count = graphed_fused.lengths_of(alive, T)
+        assert fits
+        out = graphed_fused.layer(terms, h0, c0, w, count, reverse, receive)
+    else:
+        out = graphed._Layer.apply(  # type: ignore[no-untyped-call]
+            terms, h0, c0, w, alive, reverse, receive)
+    gen = torch.Generator().manual_seed(5)
+    loss = sum((torch.randn(x.shape, dtype=x.dtype, generator=gen) * x).sum() for x in out[:3])
+    return (*out, *torch.autograd.grad(loss, [terms, h0, c0]), *received)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj", [0, 3])
+@pytest.mark.parametrize("lengths", [None, (7, 3, 5, 7, 1)])
+def test_the_fused_node_equals_the_hand_written_one(reverse: bool, proj: int,
+                                                    lengths: tuple[int, ...] | None) -> None:
+    """Node level, every output and every gradient, with gradients arriving at every output
+    (the states at missing steps, h_n and c_n too) and a receiver for the totals."""
+    from rnndiag.cells.tensors import LayerWeights
+
+    torch.manual_seed(1)
+    hidden, width = 4, proj or 4
+    w = LayerWeights(torch.randn(16, 2, dtype=torch.float64),
+                     torch.randn(16, width, dtype=torch.float64), None, None,
+                     torch.randn(width, hidden, dtype=torch.float64) if proj else None)
+    alive = None if lengths is None else torch.arange(T).unsqueeze(1) < torch.tensor(lengths)
+    want, got = (_node_run(fused, w, alive, reverse, width, hidden) for fused in (False, True))
+    names = ["states", "h_n", "c_n", "cells", "d terms", "d h0", "d c0", "dh", "dc"]
+    assert len(want) == len(got) == len(names)
+    for name, a, b in zip(names, want, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_only_a_prefix_mask_takes_the_fused_node() -> None:
+    prefix = torch.arange(T).unsqueeze(1) < torch.tensor([7, 3, 5, 7, 1])
+    assert graphed_fused.lengths_of(prefix, T)[0]
+    assert graphed_fused.lengths_of(None, T) == (True, None)
+    gap = prefix.clone()
+    gap[1, 0] = False  # a hole: not a packed sequence's mask
+    assert not graphed_fused.lengths_of(gap, T)[0]
+    empty = prefix.clone()
+    empty[:, 4] = False  # an example without steps
+    assert not graphed_fused.lengths_of(empty, T)[0]

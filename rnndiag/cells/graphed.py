@@ -28,8 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag.cells import manual
+from rnndiag.cells import graphed_fused, manual
 from rnndiag.cells.tensors import LayerWeights
+
+FUSED = "cuda"  # the fused-kernel node (rnndiag.cells.graphed_fused): "cuda" on a GPU only
+#                 (on the CPU the hand-written loops are faster), "always" (tests), "never"
 
 
 class _Layer(torch.autograd.Function):
@@ -67,6 +70,10 @@ def layer(terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, alive: Tensor 
     (B, T, 4H) and initial states; `receive(dh, dc)` gets each backward pass's totals
     (T, B, .) by time index, zero at a missing step; `alive` (T, B) by time index, as
     rnndiag.cells.manual.run."""
+    if FUSED == "always" or (FUSED == "cuda" and terms.is_cuda):
+        fits, lengths = graphed_fused.lengths_of(alive, terms.shape[1])
+        if fits:
+            return graphed_fused.layer(terms, h0, c0, w, lengths, reverse, receive)
     out: tuple[Tensor, Tensor, Tensor, Tensor] = _Layer.apply(  # type: ignore[no-untyped-call]
         terms, h0, c0, w, alive, reverse, receive)
     return out

@@ -1,0 +1,225 @@
+"""The graphed LSTM node (rnndiag.cells.graphed) through the fused kernel, for a GPU.
+
+The hand-written loops (rnndiag.cells.manual) launch a dozen small kernels per step, which on
+a GPU cost far more than the step's arithmetic (pytorch#31423). This node runs one layer and
+direction as one fused call (cuDNN) on the input [terms_t, z_t], z_t = 0 (B, P), with
+weight_ih [I, W_hh], weight_hh W_hh and no biases (they are in terms): the gates are
+terms_t + W_hh (z_t + h_{t-1}), unchanged, so one backward pass through the kernel gives
+
+    dL/d(terms_t) = delta_t           the gate pre-activations' gradient (for pergrad)
+    dL/dz_t       = W_hh^T delta_t    the recurrent part of dL/dh_{t-1} (rnndiag.cells.fused)
+    dL/dh_init, dL/dc_init
+
+and the capture's totals follow without a loop over steps: in run order
+dh_t = g_t + dL/dz_{t+1}, g_t the gradient reaching the kernel's output t, and dL/dc_t by the
+elementwise backward scan over the gates recomputed in one GEMM (rnndiag.cells.fused).
+
+Variable lengths (a prefix of steps per example, as packed sequences give) run as a packed
+sequence. A reverse direction runs each example's own steps reversed (its last step first), so
+in "run layout" (B, T, .) step s of every example is its s-th step in run order and its
+missing steps come last; by time index they are those after its length, where the node's
+states are what manual.run keeps there: the last state (forward) or the initial one (reverse).
+Those fills are autograd ops on the inner graph, so their gradients go where manual.backward
+sends them. Exact against the hand-written node in float64 (tests/test_graphed.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from rnndiag.cells.fused import linear_scan, reverse_scan
+from rnndiag.cells.tensors import LayerWeights
+
+
+def lengths_of(alive: Tensor | None, steps: int) -> tuple[bool, Tensor | None]:
+    """(whether this node runs `alive` (T, B), each example's number of steps): it runs no
+    mask (lengths None) and a prefix of at least one step per example (a packed sequence's);
+    any other mask is the hand-written node's."""
+    if alive is None:
+        return True, None
+    lengths = alive.sum(0)
+    prefix = torch.arange(steps, device=alive.device).unsqueeze(1) < lengths
+    return not bool((lengths == 0).any()) and torch.equal(prefix, alive), lengths
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Run layout <-> time index, (B, T, .) both ways (an involution)."""
+
+    steps: int
+    reverse: bool
+    lengths: Tensor | None  # (B,)
+
+    def index(self) -> Tensor | None:
+        if not self.reverse or self.lengths is None:
+            return None
+        s = torch.arange(self.steps, device=self.lengths.device)
+        own = self.lengths.unsqueeze(1) - 1 - s  # (B, T)
+        return torch.where(own >= 0, own, s)  # missing steps stay in place
+
+    def swap(self, x: Tensor, index: Tensor | None) -> Tensor:
+        if not self.reverse:
+            return x
+        if index is None:
+            return x.flip(1)
+        return x.gather(1, index.unsqueeze(2).expand(-1, -1, x.shape[2]))
+
+    def valid(self) -> Tensor | None:
+        """(B, T, 1) bool: the steps an example has, in run layout."""
+        if self.lengths is None:
+            return None
+        s = torch.arange(self.steps, device=self.lengths.device)
+        return (s < self.lengths.unsqueeze(1)).unsqueeze(2)
+
+    def last(self, x: Tensor) -> Tensor:
+        """(B, 1, .) each example's last step in run layout."""
+        if self.lengths is None:
+            return x[:, -1:]
+        at = (self.lengths - 1).view(-1, 1, 1).expand(-1, 1, x.shape[2])
+        return x.gather(1, at)
+
+
+def _kernel(xz: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, lengths: Tensor | None,
+            ) -> tuple[Tensor, Tensor]:
+    """(outputs (B, T, P) in run layout, zero at missing steps; c of each example's last step
+    (B, H)): the fused LSTM on [terms, z] (see the module docstring)."""
+    four = w.w_hh.shape[0]
+    eye = torch.eye(four, dtype=xz.dtype, device=xz.device)
+    w_hh = w.w_hh.detach()
+    params = [torch.cat([eye, w_hh], dim=1), w_hh]
+    if w.w_hr is not None:
+        params.append(w.w_hr.detach())
+    state = (h0.unsqueeze(0), c0.unsqueeze(0))
+    # cuDNN: weights not in one buffer (it copies them, with a warning); TF32 off, exact float32
+    with warnings.catch_warnings(), torch.backends.cudnn.flags(enabled=True,
+                                                                allow_tf32=False):
+        warnings.filterwarnings("ignore", message=".*contiguous chunk of memory")
+        if lengths is None:  # (params, has_biases, layers, dropout, train, bidir, batch_first)
+            out, _, c_n = torch._VF.lstm(xz, state, params, False, 1, 0.0, True, False, True)
+            return out, c_n[0]
+        packed = pack_padded_sequence(xz, lengths.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        order, back = packed.sorted_indices, packed.unsorted_indices
+        assert order is not None and back is not None
+        state = (state[0].index_select(1, order), state[1].index_select(1, order))
+        data, _, c_n = torch._VF.lstm(packed.data, packed.batch_sizes, state, params, False, 1,
+                                      0.0, True, False)
+        out, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, order, back),
+                                     batch_first=True, total_length=xz.shape[1])
+        return out, c_n[0].index_select(0, back)
+
+
+@dataclass
+class _Saved:
+    out: Tensor  # (T, B, P) the node's states on the inner graph
+    c_n: Tensor  # (B, H) on the inner graph
+    leaves: tuple[Tensor, ...]  # terms, z, h0, c0
+    kernel_out: Tensor  # (B, T, P) the kernel's outputs, run layout
+    keep: Tensor  # (B, T, H) o_t (1 - tanh(c_t)^2), zero at missing steps, run layout
+    forget: Tensor  # (B, T, H) f_t, zero at missing steps, run layout
+    layout: _Layout
+    index: Tensor | None
+
+
+class _FusedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights,
+                lengths: Tensor | None, reverse: bool, receive: Any,
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch, steps, four = terms.shape
+        layout = _Layout(steps, reverse, lengths)
+        index, valid = layout.index(), layout.valid()
+        with torch.enable_grad():
+            leaves = (terms.detach().requires_grad_(),
+                      terms.new_zeros(batch, steps, w.w_hh.shape[1]).requires_grad_(),
+                      h0.detach().requires_grad_(), c0.detach().requires_grad_())
+            run_terms = layout.swap(leaves[0], index)
+            kernel_out, c_n = _kernel(torch.cat([run_terms, leaves[1]], dim=2), leaves[2],
+                                      leaves[3], w, lengths)
+            states = kernel_out
+            if valid is not None:  # missing steps keep the last state, or the initial one
+                fill = leaves[2].unsqueeze(1) if reverse else layout.last(kernel_out)
+                states = torch.where(valid, kernel_out, fill)
+            out = layout.swap(states, index).transpose(0, 1)
+        with torch.no_grad():  # the gates again, in one GEMM, for c_t and dL/dc_t
+            before = torch.cat([h0.detach().unsqueeze(1), states[:, :-1].detach()], dim=1)
+            a = run_terms.detach() + before @ w.w_hh.detach().t()
+            i, f, g, o = a.chunk(4, dim=2)
+            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+            add = i * g
+            add[:, 0] += f[:, 0] * c0.detach()
+            if valid is not None:  # a missing step keeps c: c_t = 1 * c_{t-1} + 0
+                f = torch.where(valid, f, 1.0)
+                add = torch.where(valid, add, 0.0)
+            c = linear_scan(f, add)
+            keep = o * (1 - c.tanh().pow(2))
+            if valid is not None:
+                keep = torch.where(valid, keep, 0.0)
+                f = torch.where(valid, f, 0.0)
+                if reverse:
+                    c = torch.where(valid, c, c0.detach().unsqueeze(1))
+            c_all = layout.swap(c, index).transpose(0, 1).contiguous()
+        ctx.saved = _Saved(out, c_n, leaves, kernel_out, keep, f, layout, index)
+        ctx.w, ctx.receive = w, receive
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(c_all)
+        last = 0 if reverse else steps - 1
+        values = out.detach()
+        return values.contiguous(), values[last].clone(), c_n.detach().clone(), c_all
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None, g_c: Tensor | None,
+                 _: Any) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph: a second derivative through this node
+            raise RuntimeError("rnndiag's graphed LSTM replay cannot be differentiated twice")
+        s: _Saved = ctx.saved
+        w: LayerWeights = ctx.w
+        grad = torch.zeros_like(s.out) if g_out is None else g_out.clone()
+        if g_h is not None:
+            grad[0 if s.layout.reverse else -1] += g_h
+        outputs, grads = [s.out], [grad]
+        if g_c is not None:
+            outputs.append(s.c_n)
+            grads.append(g_c)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            found = torch.autograd.grad(outputs, [*s.leaves, s.kernel_out], grads,
+                                        retain_graph=True, allow_unused=True)
+        d_terms, dz, dh0, dc0, g_run = (
+            torch.zeros_like(x) if d is None else d
+            for d, x in zip(found, (*s.leaves, s.kernel_out), strict=True))
+        if ctx.receive is not None:
+            dh = g_run.clone()
+            dh[:, :-1] += dz[:, 1:]  # dz is zero at missing steps: no step after the last
+            local = (dh if w.w_hr is None else dh @ w.w_hr.detach()) * s.keep
+            if g_c is not None:  # c_n is each example's last c in run order
+                local += _at_last(local, g_c, s.layout)
+            dc = reverse_scan(s.forget, local)
+            ctx.receive(s.layout.swap(dh, s.index).transpose(0, 1),
+                        s.layout.swap(dc, s.index).transpose(0, 1))
+        return d_terms, dh0, dc0, None, None, None, None
+
+
+def _at_last(like: Tensor, g_c: Tensor, layout: _Layout) -> Tensor:
+    """Zeros like `like` (B, T, H) but g_c at each example's last step in run layout."""
+    out = torch.zeros_like(like)
+    if layout.lengths is None:
+        out[:, -1] = g_c
+    else:
+        out.scatter_(1, (layout.lengths - 1).view(-1, 1, 1).expand(-1, 1, like.shape[2]),
+                     g_c.unsqueeze(1))
+    return out
+
+
+def layer(terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, lengths: Tensor | None,
+          reverse: bool, receive: Any = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """rnndiag.cells.graphed.layer through the fused kernel; `lengths` (B,) as
+    `lengths_of` gives them."""
+    out: tuple[Tensor, Tensor, Tensor, Tensor] = _FusedLayer.apply(  # type: ignore[no-untyped-call]
+        terms, h0, c0, w, lengths, reverse, receive)
+    return out
