@@ -28,7 +28,7 @@ Passes and their references (rnndiag.modelcheck decides which apply):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -106,15 +106,6 @@ def pool(sq: Tensor, refs: Tensor, direction: Direction, alive: Tensor | None) -
     final = None if chosen.numel() == 0 else int(
         chosen.max() if direction is Direction.FORWARD else chosen.min())
     return Pool(num, den, int(used.sum()), int((has & ~used).sum()), final)
-
-
-def merge(pools: Sequence[Pool], direction: Direction) -> Pool:
-    finals = [p.final for p in pools if p.final is not None]
-    final = None if not finals else (max(finals) if direction is Direction.FORWARD
-                                     else min(finals))
-    return Pool(sum((p.num for p in pools[1:]), pools[0].num),
-                sum((p.den for p in pools[1:]), pools[0].den),
-                sum(p.references for p in pools), sum(p.skipped for p in pools), final)
 
 
 def by_distance(p: Pool) -> tuple[float | None, ...]:

@@ -59,12 +59,16 @@ def layer_diagnosis(adj: StepAdjoints, st: StaticLayer, th: Thresholds,
     grad, cell, state = norms(adj)
     direction = adj.direction
     if rows is None:
-        sq = credit.state_sq(adj)
+        sq = credit.state_sq(adj).cpu()  # (T, B): its bookkeeping is no work for a GPU
         pooled = credit.pool(sq, credit.reached(sq, direction), direction, adj.alive)
         found_credit = None
     else:
-        pooled = credit.merge([credit.pool(row.sq, row.refs, direction, row.alive)
-                               for row in rows], direction)
+        # every row's columns side by side: the pools' sums add over examples, so one pool
+        # of all columns is the merge of the rows' pools
+        masks = [row.alive for row in rows if row.alive is not None]
+        alive = torch.cat(masks, 1) if masks else None  # one layer's rows share their mask
+        pooled = credit.pool(torch.cat([row.sq for row in rows], 1),
+                             torch.cat([row.refs for row in rows]), direction, alive)
         found_credit = Credit(tuple(row.position for row in rows),
                               tuple(credit.norms_over_batch(row.sq) for row in rows),
                               tuple(skipped), tuple(int((row.refs >= 0).sum()) for row in rows))

@@ -223,17 +223,21 @@ def credit_rows(scored: Scored, states: Sequence[DirectionStates], capture: Capt
     out.unscored = int((~hit.any(1)).sum())
     sampled = positions(scored.steps)
     out.skipped = [s for s in sampled if not bool(hit[:, s].any())]
-    plans = [torch.tensor(refs, device=hit.device) for refs in assignments(hit, sampled)]
+    plans = [torch.tensor(refs) for refs in assignments(hit, sampled)]
     plans = [refs for refs in plans if bool((refs >= 0).any())]
     steps = torch.arange(scored.steps, device=hit.device)
-    masks = [steps.unsqueeze(0) == refs.unsqueeze(1) for refs in plans]  # refs -1: no column
+    masks = [steps.unsqueeze(0) == refs.to(hit.device).unsqueeze(1)  # refs -1: no column
+             for refs in plans]
     found = _passes(scored, masks, [states[i] for i in aligned], capture, roots)
+    # the rows' bookkeeping on the CPU: a few (T, B) tables, dozens of tiny ops on each, which
+    # on a GPU would each wait for the device
+    found = [[sq.cpu() for sq in got] for got in found]
     referenced = sorted({int(s) for refs in plans for s in refs.tolist() if s >= 0})
     for k, i in enumerate(aligned):
         watched = states[i].chain
         assert watched is not None  # aligned states are watched
-        out.rows[i] = [_row(s, plans, [got[k] for got in found], watched.alive)
-                       for s in referenced]
+        alive = None if watched.alive is None else watched.alive.cpu()
+        out.rows[i] = [_row(s, plans, [got[k] for got in found], alive) for s in referenced]
     return out
 
 

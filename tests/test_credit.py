@@ -77,13 +77,24 @@ def test_reached_is_the_last_nonzero_step() -> None:
     assert credit.reached(sq, REV).tolist() == [0, 0, -1]
 
 
-def test_merge_adds_rows() -> None:
-    a = credit.pool(_sq([[1.0], [4.0]]), torch.tensor([1]), FWD, None)
-    b = credit.pool(_sq([[9.0], [1.0]]), torch.tensor([0]), FWD, None)
-    m = credit.merge([a, b], FWD)
-    assert m.references == 2 and m.final == 1
-    assert credit.by_distance(m)[0] == pytest.approx(1.0)
-    assert credit.by_distance(m)[1] == pytest.approx(math.sqrt(1.0 / 4.0))
+@pytest.mark.parametrize("direction", [FWD, REV])
+def test_one_pool_of_side_by_side_rows_adds_the_rows(direction: Direction) -> None:
+    """rnndiag.series pools every credit row at once, their columns side by side: the sums,
+    counts and final step equal those of the rows pooled one by one."""
+    torch.manual_seed(0)
+    rows = [(torch.rand(6, 3, dtype=torch.float64), torch.tensor(refs))
+            for refs in ([5, -1, 2], [0, 3, 3], [4, 4, -1])]
+    rows[1][0][:, 1] = 0.0  # a reference with zero gradient there: skipped
+    alive = torch.arange(6).unsqueeze(1) < torch.tensor([6, 4, 5])
+    one = [credit.pool(sq, refs, direction, alive) for sq, refs in rows]
+    joint = credit.pool(torch.cat([sq for sq, _ in rows], 1),
+                        torch.cat([refs for _, refs in rows]), direction, alive.repeat(1, 3))
+    torch.testing.assert_close(joint.num, sum(p.num for p in one))
+    torch.testing.assert_close(joint.den, sum(p.den for p in one))
+    assert joint.references == sum(p.references for p in one) > 0
+    assert joint.skipped == sum(p.skipped for p in one) == 1
+    finals = [p.final for p in one if p.final is not None]
+    assert joint.final == (max(finals) if direction is FWD else min(finals))
 
 
 def test_sampled_positions() -> None:
