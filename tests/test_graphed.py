@@ -79,9 +79,61 @@ class GivenState(nn.Module):
         return self.head(torch.cat([h[0], h[1], c[0], c[1]], dim=1))  # type: ignore[no-any-return]
 
 
+class PackedSeq(nn.Module):
+    """A packed bidirectional stack of any cell, from a learned initial state, with a loss on
+    the outputs and on h_n."""
+
+    def __init__(self, cell: type[nn.Module], **kw: Any) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.rnn = cell(D, 8, num_layers=2, bidirectional=True, batch_first=True, **kw)
+        self.h0 = nn.Parameter(torch.randn(4, 1, 8))
+        self.head = nn.Linear(16, V)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True,
+                                      enforce_sorted=False)
+        out, h_n = self.rnn(packed, self.h0.expand(-1, tokens.shape[0], -1).contiguous())
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        top = torch.cat([h_n[-2], h_n[-1]], dim=1).unsqueeze(1)  # both directions' final
+        return self.head(out + top)  # type: ignore[no-any-return]
+
+
+class TimeMajorFinal(nn.Module):
+    """Time-major, no biases, scored on h_n alone."""
+
+    def __init__(self, cell: type[nn.Module], **kw: Any) -> None:
+        super().__init__()
+        self.rnn = cell(3, 8, bias=False, **kw)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # (T, B, 3) -> (B, 3)
+        return self.head(self.rnn(x)[1][-1])  # type: ignore[no-any-return]
+
+
+def _packed_labels(lengths: Tensor) -> Tensor:
+    y = torch.randint(0, V, (B, T))
+    y[torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)] = -100
+    return y
+
+
 def _case(name: str) -> tuple[nn.Module, Any, Tensor | None]:
     torch.manual_seed(7)
     tokens = _tokens()
+    lengths = torch.tensor([7, 3, 5, 7, 2])
+    if name == "gru-tagger":
+        return Tagger(nn.GRU), tokens, _labels()
+    if name == "gru-packed":
+        return PackedSeq(nn.GRU), (tokens, lengths), _packed_labels(lengths)
+    if name == "gru-final":
+        return TimeMajorFinal(nn.GRU), torch.randn(T, B, 3), torch.randint(0, 3, (B,))
+    if name == "rnn-tanh-packed":
+        return PackedSeq(nn.RNN), (tokens, lengths), _packed_labels(lengths)
+    if name == "rnn-relu-final":
+        return (TimeMajorFinal(nn.RNN, nonlinearity="relu", num_layers=2),
+                torch.randn(T, B, 3), torch.randint(0, 3, (B,)))
+    if name == "rnn-objective":
+        return Tagger(nn.RNN), tokens, None
     if name == "bidirectional-tagger":
         return Tagger(), tokens, _labels()
     if name == "projection-no-bias":
@@ -137,6 +189,36 @@ CASES = ["bidirectional-tagger", "projection-no-bias", "packed", "encoder-decode
          "packed-encoder-decoder", "given-state", "objective"]
 
 
+SIMPLE = ["gru-tagger", "gru-packed", "gru-final", "rnn-tanh-packed", "rnn-relu-final",
+          "rnn-objective"]
+
+
+@pytest.mark.parametrize("name", SIMPLE)
+def test_fused_rnn_and_gru_nodes_equal_the_step_replay(name: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """RNN and GRU layers as one fused node (rnndiag.cells.graphed_fused.simple_layer; on a
+    GPU by default, forced here on the CPU) against the step replay."""
+    monkeypatch.setattr(graphed, "FUSED", "always")
+    calls = []
+    real = graphed_fused.simple_layer
+    monkeypatch.setattr(graphed_fused, "simple_layer",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    _compare(name, monkeypatch, "cpu")
+    assert calls
+
+
+@pytest.mark.parametrize("name", SIMPLE)
+def test_rnn_and_gru_replay_step_by_step_on_the_cpu(name: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = graphed_fused.simple_layer
+    monkeypatch.setattr(graphed_fused, "simple_layer",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, inputs, y = _case(name)
+    rnndiag.check_model(model.double(), inputs, y, dtype="float64")
+    assert not calls
+
+
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("node", ["never", "always"])
 def test_graphed_lstm_equals_the_step_replay(name: str, node: str,
@@ -153,7 +235,7 @@ def test_graphed_lstm_equals_the_step_replay(name: str, node: str,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", CASES + SIMPLE)
 def test_graphed_lstm_on_cuda_equals_the_step_replay(name: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     _compare(name, monkeypatch, "cuda")
@@ -306,3 +388,66 @@ def test_only_a_prefix_mask_takes_the_fused_node() -> None:
     empty = prefix.clone()
     empty[:, 4] = False  # an example without steps
     assert not graphed_fused.lengths_of(empty, T)[0]
+
+
+def _unrolled(cell: Any, nonlinearity: str | None, terms: Tensor, h0: Tensor, w: Any,
+              alive: Tensor | None, reverse: bool) -> tuple[Tensor, list[Tensor]]:
+    """The oracle: one cell step at a time with autograd, a missing step keeping its state;
+    (states (T, B, P) by time index, the state tensors themselves, each retaining its grad)."""
+    from rnndiag.cells import step
+
+    hs: list[Any] = [None] * T
+    h = h0
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        new = step(cell, nonlinearity, terms[:, t], h, None, w).h
+        h = new if alive is None else torch.where(alive[t].unsqueeze(1), new, h)
+        h.retain_grad()
+        hs[t] = h
+    return torch.stack(hs), hs
+
+
+@pytest.mark.parametrize("cell", ["GRU", "RNN-tanh", "RNN-relu"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("lengths", [None, (7, 3, 5, 7, 1)])
+def test_the_fused_rnn_and_gru_nodes_equal_a_hand_unrolled_loop(
+        cell: str, reverse: bool, lengths: tuple[int, ...] | None) -> None:
+    """Node level against plain autograd on a hand-unrolled loop: states, h_n, the
+    gradients of the terms and of h0, and the totals dL/dh_t handed to the receiver (zero at
+    missing steps), with cotangents on every output (missing steps' states included)."""
+    from rnndiag.cells.tensors import LayerWeights
+    from rnndiag.records import CellType
+
+    kind = CellType.GRU if cell == "GRU" else CellType.RNN
+    nonlinearity = None if kind is CellType.GRU else cell.split("-")[1]
+    gates = 3 if kind is CellType.GRU else 1
+    torch.manual_seed(1)
+    w = LayerWeights(*(torch.randn(*shape, dtype=torch.float64) for shape in
+                       ((8 * gates, 2), (8 * gates, 8), (8 * gates,), (8 * gates,))), None)
+    alive = None if lengths is None else torch.arange(T).unsqueeze(1) < torch.tensor(lengths)
+    terms = torch.randn(B, T, 8 * gates, dtype=torch.float64)
+    if kind is CellType.RNN:  # an RNN's terms hold both biases; a GRU's b_hh is the cell's
+        w = LayerWeights(w.w_ih, w.w_hh, None, None, None)
+    h0 = torch.randn(B, 8, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    g_out = torch.randn(T, B, 8, dtype=torch.float64, generator=gen)
+    g_h = torch.randn(B, 8, dtype=torch.float64, generator=gen)
+    last = 0 if reverse else T - 1
+
+    a, b = terms.clone().requires_grad_(), h0.clone().requires_grad_()
+    states, hs = _unrolled(kind, nonlinearity, a, b, w, alive, reverse)
+    ((states * g_out).sum() + (hs[last] * g_h).sum()).backward()
+    want_dh = torch.stack([h.grad for h in hs])  # type: ignore[misc]
+    if alive is not None:
+        want_dh = want_dh * alive.unsqueeze(2)  # the capture's convention: zero when missing
+
+    c, d = terms.clone().requires_grad_(), h0.clone().requires_grad_()
+    received: list[Tensor] = []
+    fits, count = graphed_fused.lengths_of(alive, T)
+    assert fits
+    out, h_n = graphed_fused.simple_layer(kind, nonlinearity, c, d, w, count, reverse,
+                                          received.append)
+    ((out * g_out).sum() + (h_n * g_h).sum()).backward()
+    for name, got, want in (("states", out, states), ("h_n", h_n, hs[last]),
+                            ("d terms", c.grad, a.grad), ("d h0", d.grad, b.grad),
+                            ("dh", received[0], want_dh)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)

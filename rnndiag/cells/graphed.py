@@ -1,4 +1,5 @@
-"""The hand-written LSTM layer (rnndiag.cells.manual) as one autograd node, for model mode.
+"""The hand-written LSTM layer (rnndiag.cells.manual) as one autograd node, for model mode
+(on a GPU, `layer` runs the fused kernel instead: rnndiag.cells.graphed_fused).
 
 In model mode the user's own modules run around each replayed nn.LSTM, so the layer must sit
 on autograd's graph: the loss's backward pass, the credit passes and the per-example gradients
@@ -33,6 +34,11 @@ from rnndiag.cells.tensors import LayerWeights
 
 FUSED = "cuda"  # the fused-kernel node (rnndiag.cells.graphed_fused): "cuda" on a GPU only
 #                 (on the CPU the hand-written loops are faster), "always" (tests), "never"
+
+
+def fused_for(x: Tensor) -> bool:
+    """Whether a layer on `x` runs through the fused kernel (`FUSED`)."""
+    return FUSED == "always" or (FUSED == "cuda" and x.is_cuda)
 
 
 class _Layer(torch.autograd.Function):
@@ -70,7 +76,7 @@ def layer(terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, alive: Tensor 
     (B, T, 4H) and initial states; `receive(dh, dc)` gets each backward pass's totals
     (T, B, .) by time index, zero at a missing step; `alive` (T, B) by time index, as
     rnndiag.cells.manual.run."""
-    if FUSED == "always" or (FUSED == "cuda" and terms.is_cuda):
+    if fused_for(terms):
         fits, lengths = graphed_fused.lengths_of(alive, terms.shape[1])
         if fits:
             return graphed_fused.layer(terms, h0, c0, w, lengths, reverse, receive)

@@ -1,4 +1,5 @@
-"""The graphed LSTM node (rnndiag.cells.graphed) through the fused kernel, for a GPU.
+"""Model mode's recurrent layers as one autograd node each through the fused kernel, for a GPU:
+the LSTM (`layer`, the node of rnndiag.cells.graphed) and the RNN and GRU (`simple_layer`).
 
 The hand-written loops (rnndiag.cells.manual) launch a dozen small kernels per step, which on
 a GPU cost far more than the step's arithmetic (pytorch#31423). This node runs one layer and
@@ -21,6 +22,9 @@ missing steps come last; by time index they are those after its length, where th
 states are what manual.run keeps there: the last state (forward) or the initial one (reverse).
 Those fills are autograd ops on the inner graph, so their gradients go where manual.backward
 sends them. Exact against the hand-written node in float64 (tests/test_graphed.py).
+
+The RNN and GRU need no zero block: their input weight is I alone, and the recurrent part
+of dL/dh_{t-1} is read off delta with one GEMM (see `_FusedSimple`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from rnndiag.cells.fused import linear_scan, reverse_scan
 from rnndiag.cells.tensors import LayerWeights
+from rnndiag.records import CellType
 
 
 def lengths_of(alive: Tensor | None, steps: int) -> tuple[bool, Tensor | None]:
@@ -95,24 +100,37 @@ def _kernel(xz: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, lengths: Tensor
     params = [torch.cat([eye, w_hh], dim=1), w_hh]
     if w.w_hr is not None:
         params.append(w.w_hr.detach())
-    state = (h0.unsqueeze(0), c0.unsqueeze(0))
-    # cuDNN: weights not in one buffer (it copies them, with a warning); TF32 off, exact float32
+    out, (_, c_n) = _fused(CellType.LSTM, None, xz, (h0, c0), params, False, lengths)
+    return out, c_n
+
+
+def _fused(cell: CellType, nonlinearity: str | None, x: Tensor, state: tuple[Tensor, ...],
+           params: list[Tensor], biases: bool, lengths: Tensor | None,
+           ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """(outputs (B, T, P), zero at missing steps; the final states (B, .)) of one fused
+    single-layer run of `cell` on x (B, T, .) from `state` (h0[, c0]) (B, .), as a packed
+    sequence with `lengths`. cuDNN on a GPU: train mode (it has no backward otherwise; no
+    dropout, so the same numbers), TF32 off (exact float32)."""
+    fn: Any = {CellType.LSTM: torch._VF.lstm, CellType.GRU: torch._VF.gru}.get(
+        cell, torch._VF.rnn_relu if nonlinearity == "relu" else torch._VF.rnn_tanh)
+    states = tuple(x_.unsqueeze(0) for x_ in state)
+    hx: Any = states if cell is CellType.LSTM else states[0]
+    # cuDNN: weights not in one buffer (it copies them, with a warning)
     with warnings.catch_warnings(), torch.backends.cudnn.flags(enabled=True,
                                                                 allow_tf32=False):
         warnings.filterwarnings("ignore", message=".*contiguous chunk of memory")
         if lengths is None:  # (params, has_biases, layers, dropout, train, bidir, batch_first)
-            out, _, c_n = torch._VF.lstm(xz, state, params, False, 1, 0.0, True, False, True)
-            return out, c_n[0]
-        packed = pack_padded_sequence(xz, lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
+            found = fn(x, hx, params, biases, 1, 0.0, True, False, True)
+            return found[0], tuple(f[0] for f in found[1:])
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         order, back = packed.sorted_indices, packed.unsorted_indices
         assert order is not None and back is not None
-        state = (state[0].index_select(1, order), state[1].index_select(1, order))
-        data, _, c_n = torch._VF.lstm(packed.data, packed.batch_sizes, state, params, False, 1,
-                                      0.0, True, False)
-        out, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, order, back),
-                                     batch_first=True, total_length=xz.shape[1])
-        return out, c_n[0].index_select(0, back)
+        hx = tuple(h.index_select(1, order) for h in states)
+        found = fn(packed.data, packed.batch_sizes, hx if cell is CellType.LSTM else hx[0],
+                   params, biases, 1, 0.0, True, False)
+        out, _ = pad_packed_sequence(PackedSequence(found[0], packed.batch_sizes, order, back),
+                                     batch_first=True, total_length=x.shape[1])
+        return out, tuple(f[0].index_select(0, back) for f in found[1:])
 
 
 @dataclass
@@ -121,8 +139,8 @@ class _Saved:
     c_n: Tensor  # (B, H) on the inner graph
     leaves: tuple[Tensor, ...]  # terms, z, h0, c0
     kernel_out: Tensor  # (B, T, P) the kernel's outputs, run layout
-    keep: Tensor  # (B, T, H) o_t (1 - tanh(c_t)^2), zero at missing steps, run layout
-    forget: Tensor  # (B, T, H) f_t, zero at missing steps, run layout
+    keep: Tensor  # (B, T, H) o_t (1 - tanh(c_t)^2), run layout
+    forget: Tensor  # (B, T, H) f_t (1 at missing steps), run layout
     layout: _Layout
     index: Tensor | None
 
@@ -159,11 +177,8 @@ class _FusedLayer(torch.autograd.Function):
                 add = torch.where(valid, add, 0.0)
             c = linear_scan(f, add)
             keep = o * (1 - c.tanh().pow(2))
-            if valid is not None:
-                keep = torch.where(valid, keep, 0.0)
-                f = torch.where(valid, f, 0.0)
-                if reverse:
-                    c = torch.where(valid, c, c0.detach().unsqueeze(1))
+            if valid is not None and reverse:
+                c = torch.where(valid, c, c0.detach().unsqueeze(1))
             c_all = layout.swap(c, index).transpose(0, 1).contiguous()
         ctx.saved = _Saved(out, c_n, leaves, kernel_out, keep, f, layout, index)
         ctx.w, ctx.receive = w, receive
@@ -195,7 +210,9 @@ class _FusedLayer(torch.autograd.Function):
             for d, x in zip(found, (*s.leaves, s.kernel_out), strict=True))
         if ctx.receive is not None:
             dh = g_run.clone()
-            dh[:, :-1] += dz[:, 1:]  # dz is zero at missing steps: no step after the last
+            # at missing steps g_run and dz are zero (the kernel never read them), so dh and
+            # dc are too, and nothing flows back across an example's last step
+            dh[:, :-1] += dz[:, 1:]
             local = (dh if w.w_hr is None else dh @ w.w_hr.detach()) * s.keep
             if g_c is not None:  # c_n is each example's last c in run order
                 local += _at_last(local, g_c, s.layout)
@@ -213,6 +230,98 @@ def _at_last(like: Tensor, g_c: Tensor, layout: _Layout) -> Tensor:
     else:
         out.scatter_(1, (layout.lengths - 1).view(-1, 1, 1).expand(-1, 1, like.shape[2]),
                      g_c.unsqueeze(1))
+    return out
+
+
+class _FusedSimple(torch.autograd.Function):
+    """An RNN or GRU layer and direction as one node: the fused kernel on the input terms
+    with weight_ih = I (the terms hold x W_ih^T and the input biases), so one backward pass
+    gives dL/d(terms) (pergrad's delta) and dL/dh_init. The capture's totals in run order:
+    RNN, dh_t = g_t + delta_{t+1} W_hh; GRU (rnndiag.cells.fused.gru_state_adjoints, with
+    dL/dz1 and dL/dz2 read off delta), dh_t = g_t + a_{t+1} + u_{t+1} dh_{t+1},
+    a_t = [delta_r, delta_u] W_h(r,u) + (r_t delta_n) W_hn, as a backward scan."""
+
+    @staticmethod
+    def forward(ctx: Any, terms: Tensor, h0: Tensor, w: LayerWeights, cell: CellType,
+                nonlinearity: str | None, lengths: Tensor | None, reverse: bool,
+                receive: Any) -> tuple[Tensor, Tensor]:
+        steps, width = terms.shape[1], w.w_hh.shape[1]
+        layout = _Layout(steps, reverse, lengths)
+        index, valid = layout.index(), layout.valid()
+        w_hh = w.w_hh.detach()
+        params = [torch.eye(terms.shape[2], dtype=terms.dtype, device=terms.device), w_hh]
+        biases = cell is CellType.GRU and w.b_hh is not None  # an RNN's are in the terms
+        if biases:
+            assert w.b_hh is not None
+            params += [torch.zeros_like(w.b_hh), w.b_hh.detach()]
+        with torch.enable_grad():
+            leaves = (terms.detach().requires_grad_(), h0.detach().requires_grad_())
+            run_terms = layout.swap(leaves[0], index)
+            kernel_out, _ = _fused(cell, nonlinearity, run_terms, (leaves[1],), params, biases,
+                                   lengths)
+            states = kernel_out
+            if valid is not None:  # missing steps keep the last state, or the initial one
+                fill = leaves[1].unsqueeze(1) if reverse else layout.last(kernel_out)
+                states = torch.where(valid, kernel_out, fill)
+            out = layout.swap(states, index).transpose(0, 1)
+        gates = None
+        if cell is CellType.GRU:
+            with torch.no_grad():  # r and u again, in one GEMM
+                before = torch.cat([h0.detach().unsqueeze(1), states[:, :-1].detach()], dim=1)
+                hp = before @ w_hh[: 2 * width].t()
+                if biases:
+                    assert w.b_hh is not None
+                    hp += w.b_hh.detach()[: 2 * width]
+                r, u = (run_terms.detach()[..., : 2 * width] + hp).sigmoid().chunk(2, dim=2)
+                gates = (r, u)
+        ctx.saved = (out, leaves, kernel_out, layout, index, gates)
+        ctx.w, ctx.receive = w, receive
+        ctx.set_materialize_grads(False)
+        values = out.detach()
+        return values.contiguous(), values[0 if reverse else steps - 1].clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None,
+                 ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph: a second derivative through this node
+            raise RuntimeError("rnndiag's graphed replay cannot be differentiated twice")
+        out, leaves, kernel_out, layout, index, gates = ctx.saved
+        w: LayerWeights = ctx.w
+        grad = torch.zeros_like(out) if g_out is None else g_out.clone()
+        if g_h is not None:
+            grad[0 if layout.reverse else -1] += g_h
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            found = torch.autograd.grad([out], [*leaves, kernel_out], [grad],
+                                        retain_graph=True, allow_unused=True)
+        d_terms, dh0, g_run = (torch.zeros_like(x) if d is None else d
+                               for d, x in zip(found, (*leaves, kernel_out), strict=True))
+        if ctx.receive is not None:
+            delta = layout.swap(d_terms, index)  # run layout; zero at missing steps
+            w_hh = w.w_hh.detach()
+            if gates is None:  # RNN
+                a = delta @ w_hh
+            else:
+                width = w_hh.shape[1]
+                r, u = gates
+                a = delta[..., : 2 * width] @ w_hh[: 2 * width] + \
+                    (r * delta[..., 2 * width:]) @ w_hh[2 * width:]
+            dh = g_run.clone()
+            dh[:, :-1] += a[:, 1:]
+            if gates is not None:
+                dh = reverse_scan(gates[1], dh)
+            ctx.receive(layout.swap(dh, index).transpose(0, 1))
+        return d_terms, dh0, None, None, None, None, None, None
+
+
+def simple_layer(cell: CellType, nonlinearity: str | None, terms: Tensor, h0: Tensor,
+                 w: LayerWeights, lengths: Tensor | None, reverse: bool, receive: Any = None,
+                 ) -> tuple[Tensor, Tensor]:
+    """An RNN or GRU layer and direction as one node: (h (T, B, P) by time index, h_n) from
+    its input terms (B, T, G*H) (rnndiag.cells.input_terms) and initial state (B, P);
+    `receive(dh)` gets each backward pass's dL/dh_t (T, B, P) by time index, zero at a
+    missing step; `lengths` as `lengths_of` gives them."""
+    out: tuple[Tensor, Tensor] = _FusedSimple.apply(  # type: ignore[no-untyped-call]
+        terms, h0, w, cell, nonlinearity, lengths, reverse, receive)
     return out
 
 
