@@ -13,7 +13,7 @@ warm-up each. The load average is printed with the table: on a shared machine it
 numbers more than anything else.
 
 Run: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_model.py [--repeat N] [--steps T ...]
-         [--device cuda] [--step-replay] [--cell LSTM|GRU]
+         [--device cuda] [--step-replay] [--cell LSTM|GRU|RNN]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ GOAL = 2.0
 VOCAB, WIDTH, HIDDEN, LABELS = 1000, 64, 256, 50
 
 
-CELLS = {"LSTM": nn.LSTM, "GRU": nn.GRU}
+CELLS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
 
 
 class Tagger(nn.Module):
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--cell", default="LSTM", choices=list(CELLS),
-                        help="the tagger's recurrent module (GRU: replayed step by step)")
+                        help="the tagger's recurrent module (GRU, RNN: step by step on the CPU)")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 400])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--step-replay", action="store_true",
