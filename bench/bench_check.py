@@ -14,7 +14,8 @@ subprocess; on CUDA, torch.cuda.max_memory_allocated over one run. Then the scal
 machine it moves the ratios more than anything else.
 
 Run: OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_check.py [--repeat N] [--quick]
-         [--big | --only-big] [--cells LSTM ...] [--device cuda]
+         [--big | --only-big] [--cells LSTM ...] [--device cuda] [--lengths]
+         [--route steps|fused|manual|graphed]
 """
 
 from __future__ import annotations
@@ -41,24 +42,37 @@ CLASSES = {"RNN": nn.RNN, "LSTM": nn.LSTM, "GRU": nn.GRU}
 
 
 def setup(kind: str, batch: int, steps: int, folder: Path, hidden: int = 256,
-          bidirectional: bool = False, device: str = "cpu") -> tuple[Any, Any, Any]:
+          bidirectional: bool = False, device: str = "cpu", lengths: bool = False,
+          ) -> tuple[Any, Any, Any]:
+    """(module, its input: x, or (x, lengths) with `lengths`, the diagnosis's target)."""
     from rnndiag.records import CheckOptions
 
     torch.manual_seed(0)
     module = CLASSES[kind](64, hidden, num_layers=2, batch_first=True,
                            bidirectional=bidirectional)
     x = torch.randn(batch, steps, 64)
-    name = f"{kind}{hidden}_{steps}_{int(bidirectional)}"
+    name = f"{kind}{hidden}_{steps}_{int(bidirectional)}_{int(lengths)}"
     ckpt, data = folder / f"{name}.safetensors", folder / f"{name}_batch.safetensors"
     save_file({f"rnn.{k}": v.contiguous() for k, v in module.state_dict().items()}, ckpt)
-    save_file({"inputs": x}, data)
-    return (module.to(device), x.to(device),
+    tensors = {"inputs": x}
+    if lengths:  # each example its own length, from T/2 to T (a packed batch)
+        tensors["lengths"] = torch.randint(steps // 2, steps + 1, (batch,))
+        tensors["lengths"][0] = steps
+    save_file(tensors, data)
+    given = x.to(device) if not lengths else (x.to(device), tensors["lengths"])
+    return (module.to(device), given,
             (ckpt, CheckOptions(batch_path=str(data), device=device)))
 
 
-def fused_step(module: nn.Module, x: torch.Tensor) -> None:
+def fused_step(module: nn.Module, given: Any) -> None:
+    """Forward and backward of the fused module on x, or on (x, lengths) as a packed
+    sequence, with the final-state objective."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
     module.zero_grad(set_to_none=True)
-    _, state = module(x)
+    x = given[0] if isinstance(given, tuple) else given
+    _, state = module(x if not isinstance(given, tuple) else pack_padded_sequence(
+        x, given[1], batch_first=True, enforce_sorted=False))
     h_n = state[0] if isinstance(state, tuple) else state
     finals = h_n[-2:] if getattr(module, "bidirectional", False) else h_n[-1:]
     (finals.pow(2).sum() / (2 * x.shape[0])).backward()
@@ -142,7 +156,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (baseline: cuDNN)")
     parser.add_argument("--cells", nargs="+", default=list(CLASSES), choices=list(CLASSES))
     parser.add_argument("--only-big", action="store_true", help="H=512, T=1000 rows only")
+    parser.add_argument("--lengths", action="store_true",
+                        help="a batch of variable lengths (T/2 to T; the baseline packed); "
+                             "time only")
+    parser.add_argument("--route", choices=["steps", "fused", "manual", "graphed"],
+                        help="force one replay route (rnndiag.routes), to compare")
     args = parser.parse_args()
+    if args.route:
+        from rnndiag import routes
+
+        routes.default_route = lambda *_: args.route
     where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
              else f"CPU, {torch.get_num_threads()} threads")
     print(f"torch {torch.__version__}, {where}; B=32 I=64 L=2; goals: time <= {GOAL}x, "
@@ -155,8 +178,9 @@ def main() -> None:
         for hidden, steps in sizes:
             for bidirectional in (False, True):
                 for kind in args.cells:
-                    _row(kind, steps, args, Path(tmp), not args.quick, hidden, bidirectional)
-        if not args.quick:
+                    _row(kind, steps, args, Path(tmp), not (args.quick or args.lengths),
+                         hidden, bidirectional)
+        if not (args.quick or args.lengths):
             print("scaling in T (LSTM, H=256, unidirectional):")
             for steps in (100, 400, 1600):
                 _row("LSTM", steps, args, Path(tmp), False, 256, False)
@@ -164,7 +188,8 @@ def main() -> None:
 
 def _row(kind: str, steps: int, args: argparse.Namespace, folder: Path, memory: bool,
          hidden: int, bidirectional: bool) -> None:
-    module, x, target = setup(kind, 32, steps, folder, hidden, bidirectional, args.device)
+    module, x, target = setup(kind, 32, steps, folder, hidden, bidirectional, args.device,
+                              args.lengths)
     base, ours = median_times([lambda: fused_step(module, x), lambda: diagnosis(target)],
                               args.repeat)
     mem, over = f"{'':>9} {'':>11} {'':>6}", ours / base > GOAL

@@ -283,15 +283,17 @@ def with_deep_stack(fn: Callable[[], R]) -> R:
 
 
 def replay_steps(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
-                 lengths: Tensor | None) -> ReplayResult:
-    """`rnndiag.routes.replay` step by step: the step replay (see there). Runs in the calling
-    thread: wrap it in `with_deep_stack`."""
+                 lengths: Tensor | None, graphed: bool = False) -> ReplayResult:
+    """`rnndiag.routes.replay` step by step: the step replay (see there); with `graphed`,
+    each layer and direction as one node (`unroll`). Runs in the calling thread: wrap it in
+    `with_deep_stack`."""
     torch.set_grad_enabled(True)  # grad mode is per thread
     batch = inputs.shape[0]
     h0, c0 = zero_states(spec, batch, inputs)
     capture = Capture(keep=False)  # one pass, freeing the graph as it goes
     alive = None if lengths is None else alive_mask(lengths.to(inputs.device), inputs.shape[1])
-    run = unroll(spec, params, inputs, h0, c0, capture=capture, top_output=False, alive=alive)
+    run = unroll(spec, params, inputs, h0, c0, capture=capture, top_output=False, alive=alive,
+                 graphed=graphed)
     loss = objective(run.finals(spec), batch)
     found = capture.backward(loss, [h0] if c0 is None else [h0, c0], capture.chains)
     top = run.states[-len(spec.directions):]

@@ -1,10 +1,11 @@
 """Which way a checkpoint module is replayed, and the routes besides the step replay.
 
 `replay` is the entry point: by default (`default_route`) a GPU takes the fused-kernel route
-(`replay_fused`, rnndiag.cells.fused), an LSTM on the CPU the hand-written route
-(`replay_manual`, rnndiag.cells.manual), everything else the step replay
-(rnndiag.replay.replay_steps). Every route returns the same `ReplayResult`, with the same
-adjoints (tests/test_speed_paths.py).
+(`replay_fused`, rnndiag.cells.fused), or with per-example lengths the graphed route (each
+layer and direction one fused-kernel node on a packed sequence, rnndiag.cells.graphed_fused),
+an LSTM on the CPU the hand-written route (`replay_manual`, rnndiag.cells.manual), everything
+else the step replay (rnndiag.replay.replay_steps). Every route returns the same
+`ReplayResult`, with the same adjoints (tests/test_speed_paths.py).
 """
 
 from __future__ import annotations
@@ -41,14 +42,17 @@ def fused_applies(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> b
             and spec.cell_type in FUSED_BY_DEFAULT)
 
 
-ROUTES = ("steps", "fused", "manual")
+ROUTES = ("steps", "fused", "manual", "graphed")
 
 
 def default_route(spec: ModuleSpec, inputs: Tensor, lengths: Tensor | None) -> str:
-    """`fused` where `fused_applies` (a GPU), `manual` for an LSTM on the CPU (its step replay
-    is bound by per-kernel costs: `replay_manual` measured 0.6x of it), else `steps`."""
+    """`fused` where `fused_applies` (a GPU), `graphed` on a GPU with lengths, `manual` for an
+    LSTM on the CPU (its step replay is bound by per-kernel costs: `replay_manual` measured
+    0.6x of it), else `steps`."""
     if fused_applies(spec, inputs, lengths):
         return "fused"
+    if inputs.device.type == "cuda" and spec.cell_type in FUSED_BY_DEFAULT:
+        return "graphed"
     if inputs.device.type == "cpu" and spec.cell_type is CellType.LSTM:
         return "manual"
     return "steps"
@@ -65,8 +69,11 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
 
     `route` (default: `default_route`): `steps`, the step replay just described; `fused`, the
     fused-kernel route (`replay_fused`); `manual`, the LSTM's hand-written backward
-    (`replay_manual`). All give the same adjoints (tests/test_speed_paths.py). Runs with a deep
-    C stack (`with_deep_stack`), gradient enabled.
+    (`replay_manual`); `graphed`, each layer and direction as one autograd node, the fused
+    kernel on a packed sequence on a GPU (rnndiag.cells.graphed: elsewhere an LSTM's runs the
+    hand-written loops, an RNN or GRU steps). All give the same adjoints
+    (tests/test_speed_paths.py). Runs with a deep C stack (`with_deep_stack`), gradient
+    enabled.
     """
     chosen = route or default_route(spec, inputs, lengths)
     if chosen not in ROUTES:
@@ -77,7 +84,8 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
         return replay_fused(spec, params, inputs)
     if chosen == "manual":
         return replay_manual(spec, params, inputs, lengths)
-    return with_deep_stack(partial(replay_steps, spec, params, inputs, lengths))
+    return with_deep_stack(partial(replay_steps, spec, params, inputs, lengths,
+                                   chosen == "graphed"))
 
 
 def replay_fused(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,

@@ -136,6 +136,45 @@ def test_fused_route_equals_the_step_replay(kind: Any, kwargs: dict[str, Any],
     assert all(float(a.dh.abs().sum()) > 0 for a in fast.adjoints)  # not vacuous
 
 
+# --- the graphed route (one node per layer and direction), a GPU's default with lengths ----
+
+@pytest.mark.parametrize(("kind", "kwargs", "nonlinearity"),
+                         [c[1:] for c in FUSED_CASES], ids=[c[0] for c in FUSED_CASES])
+@pytest.mark.parametrize("lengths", [None, [9, 1, 4, 9, 6]], ids=["equal", "lengths"])
+@pytest.mark.parametrize("node", ["always", "never"], ids=["fused-node", "cpu-node"])
+def test_graphed_route_equals_the_step_replay(kind: Any, kwargs: dict[str, Any],
+                                              nonlinearity: str | None,
+                                              lengths: list[int] | None, node: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused-kernel nodes forced on the CPU ("always"; a GPU's default), and the CPU's
+    own choice ("never": the hand-written LSTM node, an RNN or GRU step by step)."""
+    from rnndiag.cells import graphed
+
+    monkeypatch.setattr(graphed, "FUSED", node)
+    module = kind(4, 6, batch_first=True, **kwargs).double()
+    spec = spec_of("", module)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    x = torch.randn(5, 9, 4, dtype=torch.float64)
+    given = None if lengths is None else torch.tensor(lengths)
+    slow = replay(spec, params, x, given, route="steps")
+    fast = replay(spec, params, x, given, route="graphed")
+    torch.testing.assert_close(fast.output, slow.output, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fast.h_n, slow.h_n, rtol=1e-12, atol=1e-14)
+    assert (fast.c_n is None) == (slow.c_n is None)
+    if fast.c_n is not None and slow.c_n is not None:
+        torch.testing.assert_close(fast.c_n, slow.c_n, rtol=1e-12, atol=1e-14)
+    assert fast.loss == pytest.approx(slow.loss, rel=1e-12)
+    for f, s in zip(fast.adjoints, slow.adjoints, strict=True):
+        assert (f.layer, f.direction) == (s.layer, s.direction)
+        torch.testing.assert_close(f.dh, s.dh, rtol=1e-10, atol=1e-14)
+        assert (f.dc is None) == (s.dc is None)
+        if f.dc is not None and s.dc is not None:
+            torch.testing.assert_close(f.dc, s.dc, rtol=1e-10, atol=1e-14)
+        assert float(f.dh.abs().sum()) > 0  # not vacuous
+        if lengths is not None:
+            assert float(f.dh[1:, 1].abs().sum()) == 0  # example 1 has one step
+
+
 # --- the LSTM's hand-written backward (rnndiag.routes.replay_manual), the CPU default --------
 
 MANUAL_CASES = [
@@ -197,6 +236,26 @@ def test_fused_route_is_the_default_on_cuda_only() -> None:
         assert fused_applies(spec, x.cuda(), None)
         assert not fused_applies(spec, x.cuda(), torch.tensor([5, 3]))
         assert fused_applies(spec_of("", nn.GRU(4, 6)), x.cuda(), None)
+        for kind in (nn.RNN, nn.LSTM, nn.GRU):  # lengths: one fused node per layer instead
+            assert default_route(spec_of("", kind(4, 6)), x.cuda(), torch.tensor([5, 3])) \
+                == "graphed"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kind", [nn.RNN, nn.LSTM, nn.GRU], ids=["rnn", "lstm", "gru"])
+def test_graphed_route_on_cuda_with_lengths_matches_the_cpu_replay(kind: Any) -> None:
+    module = kind(4, 6, num_layers=2, bidirectional=True, batch_first=True).double()
+    spec = spec_of("", module)
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    x = torch.randn(5, 9, 4, dtype=torch.float64)
+    lengths = torch.tensor([9, 1, 4, 9, 6])
+    cpu = replay(spec, params, x, lengths, route="steps")
+    gpu = replay(spec, {k: v.cuda() for k, v in params.items()}, x.cuda(), lengths.cuda())
+    for a, b in zip(gpu.adjoints, cpu.adjoints, strict=True):
+        torch.testing.assert_close(a.dh.cpu(), b.dh, rtol=1e-9, atol=1e-12)
+        assert (a.dc is None) == (b.dc is None)
+        if a.dc is not None and b.dc is not None:
+            torch.testing.assert_close(a.dc.cpu(), b.dc, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
