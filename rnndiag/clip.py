@@ -283,6 +283,13 @@ def _advice(decided: str | None, optimizer: str | None, exploding: bool, why: st
                 "curvature: the clip keeps steps at that edge")
         use += (", but an exploding model barely moves under it: change the cell or its "
                 "initialisation." if exploding else "; a lower learning rate does the same.")
+    elif exploding and decided == "step_cap":
+        # bench/validate_clip.py: the step cap kept a fresh exploding IRNN training at every
+        # SGD rate, but not a model whose loss had already diverged (README, Validation)
+        use += (" The gradient explodes through time here: the step cap keeps each SGD step "
+                "within 0.5% of the parameter norm, which kept a fresh exploding RNN training "
+                "in validation but not one whose loss had already diverged; if training still "
+                "diverges, lower the learning rate or change the cell or its initialisation.")
     return use
 
 

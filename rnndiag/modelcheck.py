@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from rnndiag import clip, pergrad, static
 from rnndiag.capture import StepAdjoints
+from rnndiag.cells import graphed_fused
 from rnndiag.errors import BatchError
 from rnndiag.losses import Loss, LossFn, choose, pick
 from rnndiag.records import (
@@ -154,9 +155,9 @@ class LiveDiagnosis:
     notes: tuple[str, ...] = ()
 
 
-GRAPHED = True  # an nn.LSTM replays as one autograd node per layer and direction
-#                (rnndiag.cells.graphed) under a built-in loss or the objective; False: the
-#                step replay (the tests' reference), as under a custom loss
+GRAPHED = True  # each recurrent layer and direction replays as one autograd node where one
+#                exists (rnndiag.cells.graphed: an LSTM's; on a GPU an RNN's and GRU's too);
+#                False: the step replay (the tests' reference)
 
 
 CPU_LENGTHS = "'lengths' argument should be a 1D CPU int64 tensor"  # torch's own words
@@ -213,19 +214,26 @@ def diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                   progress: Callable[[str], None] = lambda _: None,
                   state: TrainingState | None = None) -> LiveDiagnosis:
     """Run the model once with every recurrent state captured; analyse; suggest a clip
-    (with a deep C stack: rnndiag.replay.with_deep_stack)."""
-    return with_deep_stack(partial(_diagnose_live, model, inputs, custom, custom_name, options,
-                                   progress, state))
+    (with a deep C stack: rnndiag.replay.with_deep_stack).
+
+    The recurrent layers run as graphed nodes (`GRAPHED`). A custom loss that differentiates
+    through them (a gradient penalty: a second derivative) is refused by the node before
+    anything is measured; the diagnosis then runs again, step by step."""
+    run = partial(_diagnose_live, model, inputs, custom, custom_name, options, progress, state)
+    try:
+        return with_deep_stack(partial(run, GRAPHED))
+    except BatchError as exc:
+        if not (GRAPHED and graphed_fused.TWICE in str(exc)):
+            raise
+    return with_deep_stack(partial(run, False))
 
 
 def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                    custom_name: str | None, options: CheckOptions,
                    progress: Callable[[str], None], state: TrainingState | None,
-                   ) -> LiveDiagnosis:
+                   graphed: bool) -> LiveDiagnosis:
     progress("replaying the model")
     recorder = pergrad.Recorder(model)
-    # a custom loss may differentiate twice (a gradient penalty): the graphed node cannot
-    graphed = GRAPHED and custom is None
     with capture(model, tap=recorder.tap, graphed=graphed) as rec, recorder.hooks():
         output = call_model(model, inputs.args, inputs.kwargs)
         seqs = rec.sequences()

@@ -182,6 +182,18 @@ def test_curvature_cap_is_the_stability_edge() -> None:
     assert adam.curvature_cap is None and adam.suggested_max_norm == pytest.approx(10.0)
 
 
+def test_an_exploding_model_under_the_step_cap_is_told_what_the_cap_cannot_do() -> None:
+    gram = torch.eye(4, dtype=torch.float64) * 1e20  # N_1 = 1e10: the step cap decides
+    hot = clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True)
+    assert hot.decided_by == "step_cap" and "already diverged" in hot.advice
+    assert "change the cell" in hot.advice
+    calm = clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, False)
+    assert calm.decided_by == "step_cap" and "explodes" not in calm.advice
+    settled = clip.suggest(torch.eye(4, dtype=torch.float64), (), 1, "sgd", 0.01, 10.0,
+                           "model", 1, True)  # N_b decides: no caveat about the cap
+    assert settled.decided_by == "expected_norm" and "step cap" not in settled.advice
+
+
 def test_curvature_cap_only_near_a_stationary_point() -> None:
     """Examples that agree on a slope (G/S > 1/2: training in transit) get no curvature cap;
     G is measured (coherence = G/S reported)."""

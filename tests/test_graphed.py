@@ -292,9 +292,11 @@ class Regression(nn.Module):
         return self.head(self.rnn(self.inp(x))[0]).squeeze(-1)  # type: ignore[no-any-return]
 
 
-def test_a_custom_loss_takes_the_step_replay(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A custom loss may differentiate twice (a gradient penalty): the step replay runs, and
-    the numbers are the second-order-correct ones."""
+def test_a_custom_loss_that_differentiates_twice_falls_back_to_the_step_replay(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custom loss may differentiate through the recurrence twice (a gradient penalty): the
+    node refuses, the diagnosis runs again step by step, and the numbers are the
+    second-order-correct ones."""
     torch.manual_seed(0)
     model = Regression().double()
     x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
@@ -307,12 +309,43 @@ def test_a_custom_loss_takes_the_step_replay(monkeypatch: pytest.MonkeyPatch) ->
     real = replay.run_graphed
     monkeypatch.setattr(replay, "run_graphed", lambda *a, **k: calls.append(1) or real(*a, **k))
     got = rnndiag.check_model(model, x, y, loss=penalised)
-    assert calls == []
+    assert calls  # tried first
     monkeypatch.setattr(modelcheck, "GRAPHED", False)
     want = rnndiag.check_model(model, x, y, loss=penalised)
     [gl] = got.files[0].modules[0].layers
     [wl] = want.files[0].modules[0].layers
     _same(gl.grad_norm, wl.grad_norm, "grad_norm")
+    _same(gl.ratio, wl.ratio, "ratio")
+
+
+def test_a_custom_first_order_loss_takes_the_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custom loss that differentiates once, or twice but not through the recurrence (a
+    penalty on the head only), keeps the node: equal to the step replay."""
+    torch.manual_seed(0)
+    model = Regression().double()
+    x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+
+    def masked(out: Tensor, target: Tensor) -> Tensor:
+        (g,) = torch.autograd.grad(out.sum(), [model.head.weight], create_graph=True)
+        return ((out - target).abs() * (target > -1)).mean() + 0.1 * g.pow(2).sum()
+
+    found = []
+    for graphed_ in (True, False):
+        calls = []
+        real = replay.run_graphed
+        with monkeypatch.context() as m:
+            m.setattr(modelcheck, "GRAPHED", graphed_)
+            m.setattr(replay, "run_graphed",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))  # noqa: B023
+            found.append(rnndiag.check_model(model, x, y, loss=masked))
+        assert bool(calls) == graphed_
+    [gl] = found[0].files[0].modules[0].layers
+    [wl] = found[1].files[0].modules[0].layers
+    for field in ("grad_norm", "cell_grad_norm", "ratio", "verdict"):
+        _same(getattr(gl, field), getattr(wl, field), field)
+    fc, wc = found[0].files[0].clip, found[1].files[0].clip
+    assert fc is not None and wc is not None
+    _same(fc.suggested_max_norm, wc.suggested_max_norm, "clip")
 
 
 def test_the_node_refuses_a_second_derivative() -> None:

@@ -60,7 +60,7 @@ class _Layer(torch.autograd.Function):
     def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None, g_c: Tensor | None,
                  _: Any) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph: a second derivative through this node
-            raise RuntimeError("rnndiag's graphed LSTM replay cannot be differentiated twice")
+            raise RuntimeError(graphed_fused.TWICE)
         fa: manual.Factors = ctx.factors
         delta = torch.empty_like(fa.a)
         dh, dc, (dh0, dc0) = manual.backward(fa, g_out, ctx.w, ctx.alive, g_h, g_c, delta)

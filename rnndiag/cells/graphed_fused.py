@@ -41,6 +41,8 @@ from rnndiag.cells.fused import linear_scan, reverse_scan
 from rnndiag.cells.tensors import LayerWeights
 from rnndiag.records import CellType
 
+TWICE = "rnndiag's graphed replay cannot be differentiated twice"  # a node's refusal
+
 
 def lengths_of(alive: Tensor | None, steps: int) -> tuple[bool, Tensor | None]:
     """(whether this node runs `alive` (T, B), each example's number of steps): it runs no
@@ -192,7 +194,7 @@ class _FusedLayer(torch.autograd.Function):
     def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None, g_c: Tensor | None,
                  _: Any) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph: a second derivative through this node
-            raise RuntimeError("rnndiag's graphed LSTM replay cannot be differentiated twice")
+            raise RuntimeError(TWICE)
         s: _Saved = ctx.saved
         w: LayerWeights = ctx.w
         grad = torch.zeros_like(s.out) if g_out is None else g_out.clone()
@@ -284,7 +286,7 @@ class _FusedSimple(torch.autograd.Function):
     def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None,
                  ) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():  # create_graph: a second derivative through this node
-            raise RuntimeError("rnndiag's graphed replay cannot be differentiated twice")
+            raise RuntimeError(TWICE)
         out, leaves, kernel_out, layout, index, gates = ctx.saved
         w: LayerWeights = ctx.w
         grad = torch.zeros_like(out) if g_out is None else g_out.clone()
