@@ -58,10 +58,12 @@ def forward(x: Tensor, w: LayerWeights, alive: Tensor | None = None,
     """The layer on x (T, B, I) from zero states, step by step without a graph, keeping the
     gates: the input terms x W_ih^T + b of every step in one GEMM, then `run`."""
     steps, batch, _ = x.shape
-    gates = (x.reshape(-1, x.shape[2]) @ w.w_ih.t()).view(steps, batch, -1)
-    if w.b_ih is not None and w.b_hh is not None:
-        gates += w.b_ih + w.b_hh
-    return run(gates, w, alive, reverse=reverse)
+    flat = x.reshape(-1, x.shape[2])
+    if w.b_ih is not None and w.b_hh is not None:  # the biases added by the GEMM itself
+        gates = torch.addmm(w.b_ih + w.b_hh, flat, w.w_ih.t())
+    else:
+        gates = flat @ w.w_ih.t()
+    return run(gates.view(steps, batch, -1), w, alive, reverse=reverse)
 
 
 @torch.no_grad()
@@ -125,21 +127,28 @@ class Factors:
 @torch.no_grad()
 def factors(run: Forward, alive: Tensor | None = None, c0: Tensor | None = None) -> Factors:
     """The factors of delta from a forward run, in its gate buffer (consumed)."""
-    steps, batch, _ = run.out.shape
-    hidden = run.c.shape[2]
+    steps = run.out.shape[0]
     a, c, tc = run.gates, run.c, run.tc
     i, f, gate, o = a.chunk(4, dim=2)
-    keep = o * (1 - tc * tc)  # dc_t = dm_t * keep_t + (dL/dc_t from step t+1)
+    # x (1 - y) as x - x y, one addcmul: these passes over (T, B, H) are memory-bound
+    keep = torch.addcmul(o, o * tc, tc, value=-1)  # o (1 - tanh(c)^2): dc_t = dm_t keep_t + ..
     forget = f.clone()  # f_t, for dL/dc_{t-1}: f's own slot becomes a factor of delta
     # the factors of delta, in the gates' buffer (i, g and o read before they are replaced)
-    o.mul_(tc * (1 - o))  # o -> tanh(c) o (1 - o)
-    first = c.new_zeros(1, batch, hidden) if c0 is None else c0.unsqueeze(0)
-    cprev = torch.cat([c[1:], first]) if run.reverse else torch.cat([first, c[:-1]])
-    factor_g = i * (1 - gate * gate)
-    i.mul_(gate * (1 - i))  # i -> g i (1 - i)
+    o.mul_(torch.addcmul(tc, tc, o, value=-1))  # o -> tanh(c) o (1 - o)
+    factor_g = torch.addcmul(i, i * gate, gate, value=-1)
+    i.mul_(torch.addcmul(gate, gate, i, value=-1))  # i -> g i (1 - i)
     gate.copy_(factor_g)  # g -> i (1 - g^2)
-    f.mul_(cprev * (1 - f))  # f -> c_{t-1} f (1 - f); f_t kept in `forget`
-    del cprev, factor_g
+    del factor_g
+    # f -> c_{t-1} f (1 - f), c_{t-1} the step before in run order (c0, or zero, first);
+    # f_t is kept in `forget`
+    first, later = (slice(steps - 1, steps), slice(0, steps - 1)) if run.reverse else (
+        slice(0, 1), slice(1, steps))
+    before = c[1:] if run.reverse else c[:-1]
+    f[later].mul_(torch.addcmul(before, before, f[later], value=-1))
+    if c0 is None:
+        f[first].zero_()
+    else:
+        f[first].mul_(torch.addcmul(c0, c0, f[first][0], value=-1).unsqueeze(0))
     if alive is not None:  # no gate gradient at a missing step
         a.mul_(alive.unsqueeze(2).to(a.dtype))
     return Factors(a, keep, forget, run.reverse)
