@@ -92,8 +92,8 @@ class _Layout:
         return x.gather(1, at)
 
 
-def _kernel(xz: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, lengths: Tensor | None,
-            ) -> tuple[Tensor, Tensor]:
+def _lstm_kernel(xz: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights,
+                 lengths: Tensor | None) -> tuple[Tensor, Tensor]:
     """(outputs (B, T, P) in run layout, zero at missing steps; c of each example's last step
     (B, H)): the fused LSTM on [terms, z] (see the module docstring)."""
     four = w.w_hh.shape[0]
@@ -152,7 +152,7 @@ class _FusedLayer(torch.autograd.Function):
     def forward(ctx: Any, terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights,
                 lengths: Tensor | None, reverse: bool, receive: Any,
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        batch, steps, four = terms.shape
+        batch, steps, _ = terms.shape
         layout = _Layout(steps, reverse, lengths)
         index, valid = layout.index(), layout.valid()
         with torch.enable_grad():
@@ -160,8 +160,8 @@ class _FusedLayer(torch.autograd.Function):
                       terms.new_zeros(batch, steps, w.w_hh.shape[1]).requires_grad_(),
                       h0.detach().requires_grad_(), c0.detach().requires_grad_())
             run_terms = layout.swap(leaves[0], index)
-            kernel_out, c_n = _kernel(torch.cat([run_terms, leaves[1]], dim=2), leaves[2],
-                                      leaves[3], w, lengths)
+            kernel_out, c_n = _lstm_kernel(torch.cat([run_terms, leaves[1]], dim=2),
+                                           leaves[2], leaves[3], w, lengths)
             states = kernel_out
             if valid is not None:  # missing steps keep the last state, or the initial one
                 fill = leaves[2].unsqueeze(1) if reverse else layout.last(kernel_out)
