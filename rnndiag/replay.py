@@ -181,11 +181,12 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                 capture: Capture | None, stack: bool = True, alive: Tensor | None = None,
                 tap: list[Tapped] | None = None) -> DirectionStates:
     """`_run_direction` as one autograd node (rnndiag.cells.graphed): its chain is fed the
-    adjoints by the node's backward instead of hooks. An LSTM always; an RNN or GRU where
-    the fused kernel runs it (a GPU, packed prefixes at most), else step by step."""
+    adjoints by the node's backward instead of hooks. An LSTM and a GRU always (the
+    hand-written loops, or the fused kernel on a GPU); an RNN where the fused kernel runs it
+    (a GPU, packed prefixes at most), else step by step."""
     steps, reverse = x.shape[1], direction is Direction.REVERSE
     lengths = None
-    if spec.cell_type is not CellType.LSTM:
+    if spec.cell_type is CellType.RNN:
         fits, lengths = graphed_fused.lengths_of(alive, steps)
         if not (fits and graphed.fused_for(x)):
             return _run_direction(spec, w, x, layer, direction, h, c, capture, stack, alive,
@@ -203,6 +204,8 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     if spec.cell_type is CellType.LSTM:
         assert c is not None  # an LSTM has a cell state
         out, h_n, c_n, c_all = graphed.layer(terms, h, c, w, alive, reverse, feed)
+    elif spec.cell_type is CellType.GRU:
+        out, h_n = graphed.gru_layer(terms, h, w, alive, reverse, feed)
     else:
         out, h_n = graphed_fused.simple_layer(spec.cell_type, spec.nonlinearity, terms, h, w,
                                               lengths, reverse, feed)

@@ -194,29 +194,23 @@ SIMPLE = ["gru-tagger", "gru-packed", "gru-final", "rnn-tanh-packed", "rnn-relu-
 
 
 @pytest.mark.parametrize("name", SIMPLE)
-def test_fused_rnn_and_gru_nodes_equal_the_step_replay(name: str,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """RNN and GRU layers as one fused node (rnndiag.cells.graphed_fused.simple_layer; on a
-    GPU by default, forced here on the CPU) against the step replay."""
-    monkeypatch.setattr(graphed, "FUSED", "always")
-    calls = []
-    real = graphed_fused.simple_layer
+@pytest.mark.parametrize("node", ["never", "always"])
+def test_rnn_and_gru_nodes_equal_the_step_replay(name: str, node: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """RNN and GRU layers as one node against the step replay: the fused kernel
+    (rnndiag.cells.graphed_fused.simple_layer; a GPU's default, forced here: "always"), and
+    the CPU's choice ("never": the GRU's hand-written loops, rnndiag.cells.manual_gru; an RNN
+    step by step)."""
+    monkeypatch.setattr(graphed, "FUSED", node)
+    fused, manual = [], []
+    real_fused, real_manual = graphed_fused.simple_layer, graphed._GruLayer.apply
     monkeypatch.setattr(graphed_fused, "simple_layer",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
+                        lambda *a, **k: fused.append(1) or real_fused(*a, **k))
+    monkeypatch.setattr(graphed._GruLayer, "apply",
+                        lambda *a, **k: manual.append(1) or real_manual(*a, **k))
     _compare(name, monkeypatch, "cpu")
-    assert calls
-
-
-@pytest.mark.parametrize("name", SIMPLE)
-def test_rnn_and_gru_replay_step_by_step_on_the_cpu(name: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    real = graphed_fused.simple_layer
-    monkeypatch.setattr(graphed_fused, "simple_layer",
-                        lambda *a, **k: calls.append(1) or real(*a, **k))
-    model, inputs, y = _case(name)
-    rnndiag.check_model(model.double(), inputs, y, dtype="float64")
-    assert not calls
+    assert bool(fused) == (node == "always")
+    assert bool(manual) == (node == "never" and name.startswith("gru"))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -439,10 +433,10 @@ def _unrolled(cell: Any, nonlinearity: str | None, terms: Tensor, h0: Tensor, w:
     return torch.stack(hs), hs
 
 
-@pytest.mark.parametrize("cell", ["GRU", "RNN-tanh", "RNN-relu"])
+@pytest.mark.parametrize("cell", ["GRU", "GRU-manual", "RNN-tanh", "RNN-relu"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("lengths", [None, (7, 3, 5, 7, 1)])
-def test_the_fused_rnn_and_gru_nodes_equal_a_hand_unrolled_loop(
+def test_the_rnn_and_gru_nodes_equal_a_hand_unrolled_loop(
         cell: str, reverse: bool, lengths: tuple[int, ...] | None) -> None:
     """Node level against plain autograd on a hand-unrolled loop: states, h_n, the
     gradients of the terms and of h0, and the totals dL/dh_t handed to the receiver (zero at
@@ -450,7 +444,7 @@ def test_the_fused_rnn_and_gru_nodes_equal_a_hand_unrolled_loop(
     from rnndiag.cells.tensors import LayerWeights
     from rnndiag.records import CellType
 
-    kind = CellType.GRU if cell == "GRU" else CellType.RNN
+    kind = CellType.GRU if cell.startswith("GRU") else CellType.RNN
     nonlinearity = None if kind is CellType.GRU else cell.split("-")[1]
     gates = 3 if kind is CellType.GRU else 1
     torch.manual_seed(1)
@@ -475,10 +469,14 @@ def test_the_fused_rnn_and_gru_nodes_equal_a_hand_unrolled_loop(
 
     c, d = terms.clone().requires_grad_(), h0.clone().requires_grad_()
     received: list[Tensor] = []
-    fits, count = graphed_fused.lengths_of(alive, T)
-    assert fits
-    out, h_n = graphed_fused.simple_layer(kind, nonlinearity, c, d, w, count, reverse,
-                                          received.append)
+    if cell == "GRU-manual":  # the CPU's node: rnndiag.cells.manual_gru's loops
+        out, h_n = graphed._GruLayer.apply(c, d, w, alive, reverse,  # type: ignore[no-untyped-call]
+                                           received.append)
+    else:
+        fits, count = graphed_fused.lengths_of(alive, T)
+        assert fits
+        out, h_n = graphed_fused.simple_layer(kind, nonlinearity, c, d, w, count, reverse,
+                                              received.append)
     ((out * g_out).sum() + (h_n * g_h).sum()).backward()
     for name, got, want in (("states", out, states), ("h_n", h_n, hs[last]),
                             ("d terms", c.grad, a.grad), ("d h0", d.grad, b.grad),

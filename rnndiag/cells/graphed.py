@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag.cells import graphed_fused, manual
+from rnndiag.cells import graphed_fused, manual, manual_gru
 from rnndiag.cells.tensors import LayerWeights
+from rnndiag.records import CellType
 
 FUSED = "cuda"  # the fused-kernel node (rnndiag.cells.graphed_fused): "cuda" on a GPU only
 #                 (on the CPU the hand-written loops are faster), "always" (tests), "never"
@@ -82,4 +83,45 @@ def layer(terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, alive: Tensor 
             return graphed_fused.layer(terms, h0, c0, w, lengths, reverse, receive)
     out: tuple[Tensor, Tensor, Tensor, Tensor] = _Layer.apply(  # type: ignore[no-untyped-call]
         terms, h0, c0, w, alive, reverse, receive)
+    return out
+
+
+class _GruLayer(torch.autograd.Function):
+    """A GRU layer and direction as one node running rnndiag.cells.manual_gru's loops (the
+    CPU's; `_Layer` for the GRU): dL/d(terms) = delta, dL/dh_init, and dL/dh_t to the
+    receiver."""
+
+    @staticmethod
+    def forward(ctx: Any, terms: Tensor, h0: Tensor, w: LayerWeights, alive: Tensor | None,
+                reverse: bool, receive: Any) -> tuple[Tensor, Tensor]:
+        steps = terms.shape[1]
+        run = manual_gru.run(terms.transpose(0, 1).contiguous(), w, alive, h0.detach(),
+                             reverse)
+        ctx.run, ctx.w, ctx.alive, ctx.receive = run, w, alive, receive
+        ctx.h0 = h0.detach()
+        ctx.set_materialize_grads(False)
+        return run.out, run.out[0 if reverse else steps - 1].clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None,
+                 ) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():  # create_graph: a second derivative through this node
+            raise RuntimeError(graphed_fused.TWICE)
+        dh, delta, dh0 = manual_gru.backward(ctx.run, g_out, ctx.w, ctx.h0, ctx.alive, g_h)
+        if ctx.receive is not None:
+            ctx.receive(dh)
+        return delta.transpose(0, 1), dh0, None, None, None, None
+
+
+def gru_layer(terms: Tensor, h0: Tensor, w: LayerWeights, alive: Tensor | None,
+              reverse: bool, receive: Any = None) -> tuple[Tensor, Tensor]:
+    """(h (T, B, H) by time index, h_n) of one GRU layer and direction from its input terms
+    (B, T, 3H) and initial state (B, H), as `layer` (the fused kernel on a GPU)."""
+    if fused_for(terms):
+        fits, lengths = graphed_fused.lengths_of(alive, terms.shape[1])
+        if fits:
+            return graphed_fused.simple_layer(CellType.GRU, None, terms, h0, w, lengths,
+                                              reverse, receive)
+    out: tuple[Tensor, Tensor] = _GruLayer.apply(  # type: ignore[no-untyped-call]
+        terms, h0, w, alive, reverse, receive)
     return out
