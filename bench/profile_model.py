@@ -5,6 +5,7 @@ The diagnosis runs on the main thread here (not in its deep-stack thread, which 
 not see): fine at the benchmark's lengths.
 
 Run: .venv/bin/python bench/profile_model.py [--device cuda] [--steps T] [--top N]
+         [--cell LSTM|GRU|RNN]
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--top", type=int, default=45)
+    parser.add_argument("--cell", default="LSTM", choices=["LSTM", "GRU", "RNN"])
     args = parser.parse_args()
     os.chdir(Path(__file__).parent)  # `--model bench_model:make` imports from here
     from rnndiag import modelcheck
 
     modelcheck.with_deep_stack = lambda fn: fn()  # cProfile sees the calling thread only
     with tempfile.TemporaryDirectory() as tmp:
-        *_, target = setup(args.batch, args.steps, 256, Path(tmp), args.device)
+        *_, target = setup(args.batch, args.steps, 256, Path(tmp), args.device, args.cell)
         diagnosis(target)  # warm-up: imports, cuDNN plans, allocator
         profile = cProfile.Profile()
         profile.enable()

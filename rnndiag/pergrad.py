@@ -257,10 +257,10 @@ def _recurrent_terms(t: Tapped, d: Tensor, n: int) -> Terms:
     hidden = d
     if t.cell is CellType.GRU:
         size = d.shape[2] // 3
-        hp = prev @ w.w_hh.detach().t()
+        hp = prev @ w.w_hh.detach()[:size].t()  # the reset gate's rows only
         if w.b_hh is not None:
-            hp = hp + w.b_hh.detach()
-        r = (t.terms.detach()[:n, :, :size] + hp[..., :size]).sigmoid()
+            hp = hp + w.b_hh.detach()[:size]
+        r = (t.terms.detach()[:n, :, :size] + hp).sigmoid()
         hidden = torch.cat([d[..., :2 * size], r * d[..., 2 * size:]], dim=2)
     out: Terms = [(w.w_ih, d.transpose(1, 2) @ x), (w.w_hh, hidden.transpose(1, 2) @ prev)]
     if w.b_ih is not None:
