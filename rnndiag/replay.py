@@ -8,7 +8,8 @@ every path: through later steps of the same direction and through the layer abov
 The capture (rnndiag.capture): while unrolling, every h_t and c_t is watched by its layer and
 direction's `Chain` (a tensor hook per state), and each `Capture.backward(loss, roots)` hands
 out the total gradients by time index. With `graphed`, a layer runs as one autograd node
-(`run_graphed`, rnndiag.cells.graphed) that feeds its chain whole.
+(`run_graphed`, rnndiag.cells.graphed: an LSTM always, an RNN or GRU on a GPU) that feeds its
+chain whole.
 
 Objective when no task loss applies:
     L = 1/(2B) * sum_b sum_d ||h_final^{top,d}_b||^2,
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from rnndiag.capture import Capture, Chain, StepAdjoints
-from rnndiag.cells import LayerWeights, graphed, input_terms, unit
+from rnndiag.cells import LayerWeights, graphed, graphed_fused, input_terms, unit
 from rnndiag.records import CellType, Direction, ModuleSpec
 
 
@@ -104,9 +105,10 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
     With a `tap`, each layer and direction appends what its per-example weight gradients are
     computed from (`Tapped`; rnndiag.pergrad).
 
-    `graphed`: each layer and direction is one autograd node (`run_graphed`) running the
-    hand-written loops, or the fused kernel on a GPU. Same states and adjoints, but no
-    gradient for W_hh / W_hr and no double backward."""
+    `graphed`: each layer and direction is one autograd node (`run_graphed`): an LSTM's runs
+    the hand-written loops, or the fused kernel on a GPU; an RNN's or GRU's the fused kernel
+    on a GPU (elsewhere they run step by step). Same states and adjoints, but no gradient
+    for W_hh / W_hr and no double backward."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
@@ -179,9 +181,16 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                 capture: Capture | None, stack: bool = True, alive: Tensor | None = None,
                 tap: list[Tapped] | None = None) -> DirectionStates:
     """`_run_direction` as one autograd node (rnndiag.cells.graphed): its chain is fed the
-    adjoints by the node's backward instead of hooks: the hand-written loops, or the fused
-    kernel on a GPU."""
+    adjoints by the node's backward instead of hooks. An LSTM and a GRU always (the
+    hand-written loops, or the fused kernel on a GPU); an RNN where the fused kernel runs it
+    (a GPU, packed prefixes at most), else step by step."""
     steps, reverse = x.shape[1], direction is Direction.REVERSE
+    lengths = None
+    if spec.cell_type is CellType.RNN:
+        fits, lengths = graphed_fused.lengths_of(alive, steps)
+        if not (fits and graphed.fused_for(x)):
+            return _run_direction(spec, w, x, layer, direction, h, c, capture, stack, alive,
+                                  tap)
     terms = input_terms(x, w, spec.cell_type)  # (B, T, G*H), biases as the unit folds them
     chain = capture.chain(layer, direction, alive) if capture is not None else None
 
@@ -195,9 +204,11 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     if spec.cell_type is CellType.LSTM:
         assert c is not None  # an LSTM has a cell state
         out, h_n, c_n, c_all = graphed.layer(terms, h, c, w, alive, reverse, feed)
+    elif spec.cell_type is CellType.GRU:
+        out, h_n = graphed.gru_layer(terms, h, w, alive, reverse, feed)
     else:
-        out, h_n = graphed.rnn_or_gru_layer(spec.cell_type, spec.nonlinearity, terms, h, w,
-                                            alive, reverse, feed)
+        out, h_n = graphed_fused.simple_layer(spec.cell_type, spec.nonlinearity, terms, h, w,
+                                              lengths, reverse, feed)
     # the states by time index: values only, but the last in run order is the node's own
     # output h_n (c_n), on the graph for whoever reads the final state
     last = final_step(direction, steps)

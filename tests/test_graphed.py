@@ -199,21 +199,18 @@ def test_rnn_and_gru_nodes_equal_the_step_replay(name: str, node: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """RNN and GRU layers as one node against the step replay: the fused kernel
     (rnndiag.cells.graphed_fused.simple_layer; a GPU's default, forced here: "always"), and
-    the CPU's hand-written loops ("never": rnndiag.cells.manual_gru, manual_rnn)."""
+    the CPU's choice ("never": the GRU's hand-written loops, rnndiag.cells.manual_gru; an RNN
+    step by step)."""
     monkeypatch.setattr(graphed, "FUSED", node)
-    fused: list[int] = []
-    manual: list[str] = []
-    real_fused = graphed_fused.simple_layer
+    fused, manual = [], []
+    real_fused, real_manual = graphed_fused.simple_layer, graphed._GruLayer.apply
     monkeypatch.setattr(graphed_fused, "simple_layer",
                         lambda *a, **k: fused.append(1) or real_fused(*a, **k))
-    for kind in (graphed._GruLayer, graphed._RnnLayer):
-        real = kind.apply
-        monkeypatch.setattr(kind, "apply", lambda *a, real=real, kind=kind, **k:
-                            manual.append(kind.__name__) or real(*a, **k))
+    monkeypatch.setattr(graphed._GruLayer, "apply",
+                        lambda *a, **k: manual.append(1) or real_manual(*a, **k))
     _compare(name, monkeypatch, "cpu")
     assert bool(fused) == (node == "always")
-    own = "_GruLayer" if name.startswith("gru") else "_RnnLayer"
-    assert set(manual) == (set() if node == "always" else {own})
+    assert bool(manual) == (node == "never" and name.startswith("gru"))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -436,8 +433,7 @@ def _unrolled(cell: Any, nonlinearity: str | None, terms: Tensor, h0: Tensor, w:
     return torch.stack(hs), hs
 
 
-@pytest.mark.parametrize("cell", ["GRU", "GRU-manual", "RNN-tanh", "RNN-relu",
-                                  "RNN-tanh-manual", "RNN-relu-manual"])
+@pytest.mark.parametrize("cell", ["GRU", "GRU-manual", "RNN-tanh", "RNN-relu"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("lengths", [None, (7, 3, 5, 7, 1)])
 def test_the_rnn_and_gru_nodes_equal_a_hand_unrolled_loop(
@@ -473,12 +469,9 @@ def test_the_rnn_and_gru_nodes_equal_a_hand_unrolled_loop(
 
     c, d = terms.clone().requires_grad_(), h0.clone().requires_grad_()
     received: list[Tensor] = []
-    if cell == "GRU-manual":  # the CPU's nodes: rnndiag.cells.manual_gru's and manual_rnn's
+    if cell == "GRU-manual":  # the CPU's node: rnndiag.cells.manual_gru's loops
         out, h_n = graphed._GruLayer.apply(c, d, w, alive, reverse,  # type: ignore[no-untyped-call]
                                            received.append)
-    elif cell.endswith("-manual"):
-        out, h_n = graphed._RnnLayer.apply(  # type: ignore[no-untyped-call]
-            c, d, w, nonlinearity, alive, reverse, received.append)
     else:
         fits, count = graphed_fused.lengths_of(alive, T)
         assert fits

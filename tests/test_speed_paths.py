@@ -152,7 +152,7 @@ def test_graphed_route_equals_the_step_replay(kind: Any, kwargs: dict[str, Any],
                                               lengths: list[int] | None, node: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused-kernel nodes forced on the CPU ("always"; a GPU's default), and the CPU's
-    own ("never": the hand-written loops of rnndiag.cells.manual, manual_gru, manual_rnn)."""
+    own choice ("never": the hand-written LSTM node, an RNN or GRU step by step)."""
     from rnndiag.cells import graphed
 
     monkeypatch.setattr(graphed, "FUSED", node)

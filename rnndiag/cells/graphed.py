@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rnndiag.cells import graphed_fused, manual, manual_gru, manual_rnn
+from rnndiag.cells import graphed_fused, manual, manual_gru
 from rnndiag.cells.tensors import LayerWeights
 from rnndiag.records import CellType
 
@@ -113,49 +113,15 @@ class _GruLayer(torch.autograd.Function):
         return delta.transpose(0, 1), dh0, None, None, None, None
 
 
-class _RnnLayer(torch.autograd.Function):
-    """A plain RNN layer and direction as one node running rnndiag.cells.manual_rnn's loops
-    (the CPU's): dL/d(terms) = delta, dL/dh_init, and dL/dh_t to the receiver."""
-
-    @staticmethod
-    def forward(ctx: Any, terms: Tensor, h0: Tensor, w: LayerWeights,
-                nonlinearity: str | None, alive: Tensor | None, reverse: bool,
-                receive: Any) -> tuple[Tensor, Tensor]:
-        steps = terms.shape[1]
-        run = manual_rnn.run(terms.transpose(0, 1).contiguous(), w, nonlinearity, alive,
-                             h0.detach(), reverse)
-        ctx.run, ctx.w, ctx.alive, ctx.receive = run, w, alive, receive
-        ctx.set_materialize_grads(False)
-        return run.out, run.out[0 if reverse else steps - 1].clone()
-
-    @staticmethod
-    def backward(ctx: Any, g_out: Tensor | None, g_h: Tensor | None,
-                 ) -> tuple[Tensor | None, ...]:
-        if torch.is_grad_enabled():  # create_graph: a second derivative through this node
-            raise RuntimeError(graphed_fused.TWICE)
-        dh, delta, dh0 = manual_rnn.backward(ctx.run, g_out, ctx.w, ctx.alive, g_h)
-        if ctx.receive is not None:
-            ctx.receive(dh)
-        return delta.transpose(0, 1), dh0, None, None, None, None, None
-
-
-def rnn_or_gru_layer(cell: CellType, nonlinearity: str | None, terms: Tensor, h0: Tensor,
-                     w: LayerWeights, alive: Tensor | None, reverse: bool,
-                     receive: Any = None) -> tuple[Tensor, Tensor]:
-    """(h (T, B, H) by time index, h_n) of one RNN or GRU layer and direction from its input
-    terms (B, T, G*H) (rnndiag.cells.input_terms) and initial state (B, H), as `layer`: the
-    fused kernel on a GPU, else the hand-written loops; `receive(dh)` gets each backward
-    pass's dL/dh_t (T, B, H) by time index, zero at a missing step."""
+def gru_layer(terms: Tensor, h0: Tensor, w: LayerWeights, alive: Tensor | None,
+              reverse: bool, receive: Any = None) -> tuple[Tensor, Tensor]:
+    """(h (T, B, H) by time index, h_n) of one GRU layer and direction from its input terms
+    (B, T, 3H) and initial state (B, H), as `layer` (the fused kernel on a GPU)."""
     if fused_for(terms):
         fits, lengths = graphed_fused.lengths_of(alive, terms.shape[1])
         if fits:
-            return graphed_fused.simple_layer(cell, nonlinearity, terms, h0, w, lengths,
+            return graphed_fused.simple_layer(CellType.GRU, None, terms, h0, w, lengths,
                                               reverse, receive)
-    out: tuple[Tensor, Tensor]
-    if cell is CellType.GRU:
-        out = _GruLayer.apply(  # type: ignore[no-untyped-call]
-            terms, h0, w, alive, reverse, receive)
-    else:
-        out = _RnnLayer.apply(  # type: ignore[no-untyped-call]
-            terms, h0, w, nonlinearity, alive, reverse, receive)
+    out: tuple[Tensor, Tensor] = _GruLayer.apply(  # type: ignore[no-untyped-call]
+        terms, h0, w, alive, reverse, receive)
     return out
