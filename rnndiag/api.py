@@ -128,7 +128,9 @@ def check_model(model: nn.Module, inputs: Any, targets: Tensor | None = None, *,
     loss is `loss(output, targets)`, or cross-entropy for integer targets and MSE for float
     ones; without, the final-state objective. `dtype` ("float32"/"float64") and `device`
     default to the model's own; when they differ, a converted copy is diagnosed. Inputs and
-    targets move to `device` when it is given, else stay where they are. The model is
+    targets move to `device` when it is given, else stay where they are (given, and torch
+    refuses a moved length for `pack_padded_sequence`, the 1-D integer inputs stay where they
+    were, and a note says so). The model is
     left exactly as it was, also when this raises: train/eval flags, hooks, forwards, dtype,
     device, parameter values and their `.grad`, tensors it keeps as attributes.
     `output_key`, `time_axis` and `ignore_index` are `--output-key`, `--time-axis` and
