@@ -276,23 +276,24 @@ def _compare(name: str, monkeypatch: pytest.MonkeyPatch, device: str) -> None:
 
 
 class Regression(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, cell: type[nn.Module] = nn.LSTM) -> None:
         super().__init__()
         self.inp = nn.Linear(3, 4)
-        self.rnn = nn.LSTM(4, 5, batch_first=True)
+        self.rnn = cell(4, 5, batch_first=True)
         self.head = nn.Linear(5, 1)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, T, 3) -> (B, T)
         return self.head(self.rnn(self.inp(x))[0]).squeeze(-1)  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
 def test_a_custom_loss_that_differentiates_twice_falls_back_to_the_step_replay(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        cell: type[nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
     """A custom loss may differentiate through the recurrence twice (a gradient penalty): the
     node refuses, the diagnosis runs again step by step, and the numbers are the
     second-order-correct ones."""
     torch.manual_seed(0)
-    model = Regression().double()
+    model = Regression(cell).double()
     x, y = torch.randn(4, 6, 3, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
 
     def penalised(out: Tensor, target: Tensor) -> Tensor:
