@@ -156,8 +156,8 @@ class LiveDiagnosis:
 
 
 GRAPHED = True  # each recurrent layer and direction replays as one autograd node where one
-#                exists (rnndiag.cells.graphed: an LSTM's; on a GPU an RNN's and GRU's too);
-#                False: the step replay (the tests' reference)
+#                exists (rnndiag.cells.graphed: an LSTM's and a GRU's; on a GPU an RNN's
+#                too); False: the step replay (the tests' reference)
 
 
 CPU_LENGTHS = "'lengths' argument should be a 1D CPU int64 tensor"  # torch's own words

@@ -8,7 +8,7 @@ every path: through later steps of the same direction and through the layer abov
 The capture (rnndiag.capture): while unrolling, every h_t and c_t is watched by its layer and
 direction's `Chain` (a tensor hook per state), and each `Capture.backward(loss, roots)` hands
 out the total gradients by time index. With `graphed`, a layer runs as one autograd node
-(`run_graphed`, rnndiag.cells.graphed: an LSTM always, an RNN or GRU on a GPU) that feeds its
+(`run_graphed`, rnndiag.cells.graphed: an LSTM or GRU always, an RNN on a GPU) that feeds its
 chain whole.
 
 Objective when no task loss applies:
@@ -105,10 +105,10 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
     With a `tap`, each layer and direction appends what its per-example weight gradients are
     computed from (`Tapped`; rnndiag.pergrad).
 
-    `graphed`: each layer and direction is one autograd node (`run_graphed`): an LSTM's runs
-    the hand-written loops, or the fused kernel on a GPU; an RNN's or GRU's the fused kernel
-    on a GPU (elsewhere they run step by step). Same states and adjoints, but no gradient
-    for W_hh / W_hr and no double backward."""
+    `graphed`: each layer and direction is one autograd node (`run_graphed`): an LSTM's or
+    GRU's runs the hand-written loops, or the fused kernel on a GPU; an RNN's the fused
+    kernel on a GPU (elsewhere it runs step by step). Same states and adjoints, but no
+    gradient for W_hh / W_hr and no double backward."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []

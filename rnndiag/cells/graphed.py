@@ -1,5 +1,6 @@
 """The hand-written LSTM layer (rnndiag.cells.manual) as one autograd node, for model mode
-(on a GPU, `layer` runs the fused kernel instead: rnndiag.cells.graphed_fused).
+(on a GPU, `layer` runs the fused kernel instead: rnndiag.cells.graphed_fused); the GRU's
+likewise (`gru_layer`, rnndiag.cells.manual_gru).
 
 In model mode the user's own modules run around each replayed nn.LSTM, so the layer must sit
 on autograd's graph: the loss's backward pass, the credit passes and the per-example gradients
