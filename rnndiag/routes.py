@@ -70,8 +70,8 @@ def replay(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor,
     `route` (default: `default_route`): `steps`, the step replay just described; `fused`, the
     fused-kernel route (`replay_fused`); `manual`, the LSTM's hand-written backward
     (`replay_manual`); `graphed`, each layer and direction as one autograd node, the fused
-    kernel on a packed sequence on a GPU (rnndiag.cells.graphed: elsewhere an LSTM's runs the
-    hand-written loops, an RNN or GRU steps). All give the same adjoints
+    kernel on a packed sequence on a GPU (rnndiag.cells.graphed: elsewhere an LSTM's or GRU's
+    runs the hand-written loops, an RNN steps). All give the same adjoints
     (tests/test_speed_paths.py). Runs with a deep C stack (`with_deep_stack`), gradient
     enabled.
     """

@@ -43,6 +43,14 @@ def fused_for(x: Tensor) -> bool:
     return FUSED == "always" or (FUSED == "cuda" and x.is_cuda)
 
 
+def _fused_lengths(terms: Tensor, alive: Tensor | None) -> tuple[bool, Tensor | None]:
+    """(whether the fused-kernel node runs this layer, its lengths): where `fused_for` says so
+    and `alive` is a mask it runs (rnndiag.cells.graphed_fused.lengths_of)."""
+    if not fused_for(terms):
+        return False, None
+    return graphed_fused.lengths_of(alive, terms.shape[1])
+
+
 class _Layer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights,
@@ -78,10 +86,9 @@ def layer(terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, alive: Tensor 
     (B, T, 4H) and initial states; `receive(dh, dc)` gets each backward pass's totals
     (T, B, .) by time index, zero at a missing step; `alive` (T, B) by time index, as
     rnndiag.cells.manual.run."""
-    if fused_for(terms):
-        fits, lengths = graphed_fused.lengths_of(alive, terms.shape[1])
-        if fits:
-            return graphed_fused.layer(terms, h0, c0, w, lengths, reverse, receive)
+    fits, lengths = _fused_lengths(terms, alive)
+    if fits:
+        return graphed_fused.layer(terms, h0, c0, w, lengths, reverse, receive)
     out: tuple[Tensor, Tensor, Tensor, Tensor] = _Layer.apply(  # type: ignore[no-untyped-call]
         terms, h0, c0, w, alive, reverse, receive)
     return out
@@ -118,11 +125,10 @@ def gru_layer(terms: Tensor, h0: Tensor, w: LayerWeights, alive: Tensor | None,
               reverse: bool, receive: Any = None) -> tuple[Tensor, Tensor]:
     """(h (T, B, H) by time index, h_n) of one GRU layer and direction from its input terms
     (B, T, 3H) and initial state (B, H), as `layer` (the fused kernel on a GPU)."""
-    if fused_for(terms):
-        fits, lengths = graphed_fused.lengths_of(alive, terms.shape[1])
-        if fits:
-            return graphed_fused.simple_layer(CellType.GRU, None, terms, h0, w, lengths,
-                                              reverse, receive)
+    fits, lengths = _fused_lengths(terms, alive)
+    if fits:
+        return graphed_fused.simple_layer(CellType.GRU, None, terms, h0, w, lengths, reverse,
+                                          receive)
     out: tuple[Tensor, Tensor] = _GruLayer.apply(  # type: ignore[no-untyped-call]
         terms, h0, w, alive, reverse, receive)
     return out

@@ -135,6 +135,38 @@ def _fused(cell: CellType, nonlinearity: str | None, x: Tensor, state: tuple[Ten
         return out, tuple(f[0].index_select(0, back) for f in found[1:])
 
 
+def _kept(kernel_out: Tensor, h0: Tensor, layout: _Layout, valid: Tensor | None) -> Tensor:
+    """The states in run layout: the kernel's, where a missing step keeps the last state
+    (forward) or the initial one `h0` (reverse), as manual.run keeps them; autograd ops, so
+    the gradients reaching those steps go where manual.backward sends them."""
+    if valid is None:
+        return kernel_out
+    fill = h0.unsqueeze(1) if layout.reverse else layout.last(kernel_out)
+    return torch.where(valid, kernel_out, fill)
+
+
+def _incoming(g_out: Tensor | None, g_h: Tensor | None, like: Tensor, reverse: bool) -> Tensor:
+    """The gradient of the node's states (T, B, P) by time index, h_n's added to the last step
+    in run order (h_n is that state)."""
+    grad = torch.zeros_like(like) if g_out is None else g_out.clone()
+    if g_h is not None:
+        grad[0 if reverse else -1] += g_h
+    return grad
+
+
+def _pull(pairs: list[tuple[Tensor, Tensor | None]], inputs: tuple[Tensor, ...],
+          ) -> list[Tensor]:
+    """dL/d(inputs) through the inner graph from (output, its gradient) pairs (a None
+    gradient: none reached that output), zero where none reaches an input; the graph is
+    retained, for the credit passes' further backward passes."""
+    given = [(x, g) for x, g in pairs if g is not None]
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        found = torch.autograd.grad([x for x, _ in given], list(inputs),
+                                    [g for _, g in given], retain_graph=True,
+                                    allow_unused=True)
+    return [torch.zeros_like(x) if d is None else d for d, x in zip(found, inputs, strict=True)]
+
+
 @dataclass
 class _Saved:
     out: Tensor  # (T, B, P) the node's states on the inner graph
@@ -162,10 +194,7 @@ class _FusedLayer(torch.autograd.Function):
             run_terms = layout.swap(leaves[0], index)
             kernel_out, c_n = _lstm_kernel(torch.cat([run_terms, leaves[1]], dim=2),
                                            leaves[2], leaves[3], w, lengths)
-            states = kernel_out
-            if valid is not None:  # missing steps keep the last state, or the initial one
-                fill = leaves[2].unsqueeze(1) if reverse else layout.last(kernel_out)
-                states = torch.where(valid, kernel_out, fill)
+            states = _kept(kernel_out, leaves[2], layout, valid)
             out = layout.swap(states, index).transpose(0, 1)
         with torch.no_grad():  # the gates again, in one GEMM, for c_t and dL/dc_t
             before = torch.cat([h0.detach().unsqueeze(1), states[:, :-1].detach()], dim=1)
@@ -197,19 +226,9 @@ class _FusedLayer(torch.autograd.Function):
             raise RuntimeError(TWICE)
         s: _Saved = ctx.saved
         w: LayerWeights = ctx.w
-        grad = torch.zeros_like(s.out) if g_out is None else g_out.clone()
-        if g_h is not None:
-            grad[0 if s.layout.reverse else -1] += g_h
-        outputs, grads = [s.out], [grad]
-        if g_c is not None:
-            outputs.append(s.c_n)
-            grads.append(g_c)
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            found = torch.autograd.grad(outputs, [*s.leaves, s.kernel_out], grads,
-                                        retain_graph=True, allow_unused=True)
-        d_terms, dz, dh0, dc0, g_run = (
-            torch.zeros_like(x) if d is None else d
-            for d, x in zip(found, (*s.leaves, s.kernel_out), strict=True))
+        grad = _incoming(g_out, g_h, s.out, s.layout.reverse)
+        d_terms, dz, dh0, dc0, g_run = _pull([(s.out, grad), (s.c_n, g_c)],
+                                             (*s.leaves, s.kernel_out))
         if ctx.receive is not None:
             dh = g_run.clone()
             # at missing steps g_run and dz are zero (the kernel never read them), so dh and
@@ -261,10 +280,7 @@ class _FusedSimple(torch.autograd.Function):
             run_terms = layout.swap(leaves[0], index)
             kernel_out, _ = _fused(cell, nonlinearity, run_terms, (leaves[1],), params, biases,
                                    lengths)
-            states = kernel_out
-            if valid is not None:  # missing steps keep the last state, or the initial one
-                fill = leaves[1].unsqueeze(1) if reverse else layout.last(kernel_out)
-                states = torch.where(valid, kernel_out, fill)
+            states = _kept(kernel_out, leaves[1], layout, valid)
             out = layout.swap(states, index).transpose(0, 1)
         gates = None
         if cell is CellType.GRU:
@@ -289,14 +305,8 @@ class _FusedSimple(torch.autograd.Function):
             raise RuntimeError(TWICE)
         out, leaves, kernel_out, layout, index, gates = ctx.saved
         w: LayerWeights = ctx.w
-        grad = torch.zeros_like(out) if g_out is None else g_out.clone()
-        if g_h is not None:
-            grad[0 if layout.reverse else -1] += g_h
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            found = torch.autograd.grad([out], [*leaves, kernel_out], [grad],
-                                        retain_graph=True, allow_unused=True)
-        d_terms, dh0, g_run = (torch.zeros_like(x) if d is None else d
-                               for d, x in zip(found, (*leaves, kernel_out), strict=True))
+        grad = _incoming(g_out, g_h, out, layout.reverse)
+        d_terms, dh0, g_run = _pull([(out, grad)], (*leaves, kernel_out))
         if ctx.receive is not None:
             delta = layout.swap(d_terms, index)  # run layout; zero at missing steps
             w_hh = w.w_hh.detach()
