@@ -116,8 +116,9 @@ class Recorder:
         terms: Terms = []
         for t, d in zip(taps, grads[:len(taps)], strict=True):
             if d is not None:
-                if t.x.shape[0] != batch:
-                    return f"a recurrent module ran on {t.x.shape[0]} examples, not {batch}"
+                ran = t.x.shape[1 if t.time_major else 0]
+                if ran != batch:
+                    return f"a recurrent module ran on {ran} examples, not {batch}"
                 terms += _recurrent_terms(t, d, n)
         leaves = grads[len(taps):len(taps) + len(self.calls)]
         for (module, a, _), e in zip(self.calls, leaves, strict=True):
@@ -250,9 +251,12 @@ def _module_terms(module: nn.Module, a: Tensor, e: Tensor, n: int, batch: int,
 
 def _recurrent_terms(t: Tapped, d: Tensor, n: int) -> Terms:
     """The first n examples' gradients of one layer and direction's weights, from
-    d = dL/d(input term) (B, T, G*H) (see the module doc)."""
-    w, x = t.w, t.x.detach()[:n]  # weights, (n, T, I)
-    d = d[:n]
+    d = dL/d(input term) (B, T, G*H) (see the module doc); time-major (T, B, .) tensors are
+    read through batch-major views (the GEMMs take the strides as they are)."""
+    w, x, terms = t.w, t.x.detach(), t.terms.detach()
+    if t.time_major:
+        x, terms, d = x.transpose(0, 1), terms.transpose(0, 1), d.transpose(0, 1)
+    x, d = x[:n], d[:n]  # (n, T, I), (n, T, G*H)
     prev = _previous(t, n)  # (n, T, P)
     hidden = d
     if t.cell is CellType.GRU:
@@ -260,7 +264,7 @@ def _recurrent_terms(t: Tapped, d: Tensor, n: int) -> Terms:
         hp = prev @ w.w_hh.detach()[:size].t()  # the reset gate's rows only
         if w.b_hh is not None:
             hp = hp + w.b_hh.detach()[:size]
-        r = (t.terms.detach()[:n, :, :size] + hp).sigmoid()
+        r = (terms[:n, :, :size] + hp).sigmoid()
         hidden = torch.cat([d[..., :2 * size], r * d[..., 2 * size:]], dim=2)
     out: Terms = [(w.w_ih, d.transpose(1, 2) @ x), (w.w_hh, hidden.transpose(1, 2) @ prev)]
     if w.b_ih is not None:
@@ -271,9 +275,11 @@ def _recurrent_terms(t: Tapped, d: Tensor, n: int) -> Terms:
 
 
 def _previous(t: Tapped, n: int) -> Tensor:
-    """(n, T, P): the state each step read, by time index (the step before it in run order)."""
+    """(n, T, P): the state each step read, by time index (the step before it in run order);
+    a view of a time-major stack where the tap is time-major."""
     states = [s.detach()[:n] for s in t.states]
     first = t.h_init.detach()[:n]
-    if t.direction is Direction.FORWARD:
-        return torch.stack([first, *states[:-1]], dim=1)
-    return torch.stack([*states[1:], first], dim=1)
+    read = [first, *states[:-1]] if t.direction is Direction.FORWARD else [*states[1:], first]
+    if t.time_major:
+        return torch.stack(read, dim=0).transpose(0, 1)
+    return torch.stack(read, dim=1)

@@ -44,6 +44,7 @@ class DirectionStates:
     h: list[Tensor]  # T tensors (B, P)
     c: list[Tensor] | None  # T tensors (B, H), LSTM only
     sequence: Tensor | None  # (B, T, P): the h_t stacked, as the layer above reads them
+    #                          ((T, B, P) from `run_graphed`, time-major)
     chain: Chain | None = None  # the hooks' bookkeeping when unrolled with a Capture
 
 
@@ -91,7 +92,7 @@ def alive_mask(lengths: Tensor, steps: int) -> Tensor:
 def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: Tensor,
            c0: Tensor | None, capture: Capture | None = None, top_output: bool = True,
            alive: Tensor | None = None, tap: list[Tapped] | None = None,
-           graphed: bool = False) -> Unrolled:
+           graphed: bool = False, output_time_major: bool = False) -> Unrolled:
     """Run `spec` on `inputs` (B, T, I) from h0 (L*D, B, P) [and c0], keeping every state;
     with a `capture`, every state is watched by its hooks (one chain per layer and direction).
     Without `top_output` the top layer's outputs are not stacked (saving a copy while the
@@ -108,11 +109,16 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
     `graphed`: each layer and direction is one autograd node (`run_graphed`): an LSTM's or
     GRU's runs the hand-written loops, or the fused kernel on a GPU; an RNN's the fused
     kernel on a GPU (elsewhere it runs step by step). Same states and adjoints, but no
-    gradient for W_hh / W_hr and no double backward."""
+    gradient for W_hh / W_hr and no double backward. The nodes run time-major: the input is
+    read as (T, B, I) (a view), each layer's input terms and outputs are (T, B, .) with each
+    step's rows contiguous, and so are the gradients autograd hands between them (no
+    transposing copies in either pass); the output is laid out as `output_time_major` asks
+    (its values are the same either way: `output` is (B, T, W), a view when time-major), so
+    that a time-major module's caller reads it without a copy."""
     kept: list[DirectionStates] = []
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
-    layer_input: Tensor | None = inputs
+    layer_input: Tensor | None = inputs.transpose(0, 1) if graphed else inputs
     for layer in range(spec.num_layers):
         assert layer_input is not None  # every layer below the top is stacked
         outputs = []
@@ -130,8 +136,12 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
                 c_n.append(s.c[last])
             if s.sequence is not None:
                 outputs.append(s.sequence)
+        if graphed and layer == spec.num_layers - 1 and not output_time_major:
+            outputs = [o.transpose(0, 1) for o in outputs]  # the top output batch-first
         layer_input = torch.cat(outputs, dim=2) if len(outputs) > 1 else (
             outputs[0] if outputs else None)
+    if graphed and layer_input is not None and output_time_major:
+        layer_input = layer_input.transpose(0, 1)
     return Unrolled(layer_input, torch.stack(h_n), torch.stack(c_n) if c_n else None,
                     tuple(kept))
 
@@ -183,15 +193,18 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     """`_run_direction` as one autograd node (rnndiag.cells.graphed): its chain is fed the
     adjoints by the node's backward instead of hooks. An LSTM and a GRU always (the
     hand-written loops, or the fused kernel on a GPU); an RNN where the fused kernel runs it
-    (a GPU, packed prefixes at most), else step by step."""
-    steps, reverse = x.shape[1], direction is Direction.REVERSE
+    (a GPU, packed prefixes at most), else step by step. Time-major: x (T, B, I), and the
+    sequence (T, B, P)."""
+    steps, reverse = x.shape[0], direction is Direction.REVERSE
     lengths = None
     if spec.cell_type is CellType.RNN:
         fits, lengths = graphed_fused.lengths_of(alive, steps)
         if not (fits and graphed.fused_for(x)):
-            return _run_direction(spec, w, x, layer, direction, h, c, capture, stack, alive,
-                                  tap)
-    terms = input_terms(x, w, spec.cell_type)  # (B, T, G*H), biases as the unit folds them
+            s = _run_direction(spec, w, x.transpose(0, 1), layer, direction, h, c, capture,
+                               stack, alive, tap)
+            seq = None if s.sequence is None else s.sequence.transpose(0, 1)
+            return DirectionStates(s.layer, s.direction, s.h, s.c, seq, s.chain)
+    terms = input_terms(x, w, spec.cell_type)  # (T, B, G*H), biases as the unit folds them
     chain = capture.chain(layer, direction, alive) if capture is not None else None
 
     def receive(dh: Tensor, dc: Tensor | None = None) -> None:
@@ -207,8 +220,9 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
     elif spec.cell_type is CellType.GRU:
         out, h_n = graphed.gru_layer(terms, h, w, alive, reverse, feed)
     else:
-        out, h_n = graphed_fused.simple_layer(spec.cell_type, spec.nonlinearity, terms, h, w,
-                                              lengths, reverse, feed)
+        out, h_n = graphed_fused.simple_layer(spec.cell_type, spec.nonlinearity,
+                                              terms.transpose(0, 1), h, w, lengths, reverse,
+                                              feed)
     # the states by time index: values only, but the last in run order is the node's own
     # output h_n (c_n), on the graph for whoever reads the final state
     last = final_step(direction, steps)
@@ -223,9 +237,8 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
         if cs is not None:
             chain.expect("dc", c_n, steps)
     if tap is not None:
-        tap.append(Tapped(spec.cell_type, direction, w, x, terms, h, hs))
-    return DirectionStates(layer, direction, hs, cs, out.transpose(0, 1) if stack else None,
-                           chain)
+        tap.append(Tapped(spec.cell_type, direction, w, x, terms, h, hs, time_major=True))
+    return DirectionStates(layer, direction, hs, cs, out if stack else None, chain)
 
 
 @dataclass(frozen=True)
@@ -241,6 +254,7 @@ class Tapped:
     terms: Tensor  # (B, T, G*H) input_terms(x, w): x W_ih^T + biases
     h_init: Tensor  # (B, P) the state before the first step in run order
     states: list[Tensor]  # T of (B, P), by time index t
+    time_major: bool = False  # x and terms are (T, B, .) (the graphed nodes' layout)
 
 
 def objective(finals: Sequence[Tensor], batch: int) -> Tensor:

@@ -300,8 +300,9 @@ def _replay_forward(rec: Record, cap: Capture, tap: list[Tapped] | None = None,
             h0 = h0 + (h_given.unsqueeze(1) if unbatched else h_given)
             if c_given is not None and c0 is not None:
                 c0 = c0 + (c_given.unsqueeze(1) if unbatched else c_given)
+        time_major = packed is None and not unbatched and not m.batch_first
         run = unroll(spec, dict(m.named_parameters()), x, h0, c0, capture=cap, alive=alive,
-                     tap=tap, graphed=graphed)
+                     tap=tap, graphed=graphed, output_time_major=time_major)
         rec.calls.append((run, roots))
         out: Any = run.output
         assert out is not None  # unrolled with top_output=True

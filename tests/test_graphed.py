@@ -378,7 +378,7 @@ def _node_run(fused: bool, w: Any, alive: Tensor | None, reverse: bool, width: i
         out = graphed_fused.layer(terms, h0, c0, w, count, reverse, receive)
     else:
         out = graphed._Layer.apply(  # type: ignore[no-untyped-call]
-            terms, h0, c0, w, alive, reverse, receive)
+            terms.transpose(0, 1), h0, c0, w, alive, reverse, receive)  # time-major terms
     gen = torch.Generator().manual_seed(5)
     loss = sum((torch.randn(x.shape, dtype=x.dtype, generator=gen) * x).sum() for x in out[:3])
     return (*out, *torch.autograd.grad(loss, [terms, h0, c0]), *received)
@@ -471,8 +471,8 @@ def test_the_rnn_and_gru_nodes_equal_a_hand_unrolled_loop(
     c, d = terms.clone().requires_grad_(), h0.clone().requires_grad_()
     received: list[Tensor] = []
     if cell == "GRU-manual":  # the CPU's node: rnndiag.cells.manual_gru's loops
-        out, h_n = graphed._GruLayer.apply(c, d, w, alive, reverse,  # type: ignore[no-untyped-call]
-                                           received.append)
+        out, h_n = graphed._GruLayer.apply(  # type: ignore[no-untyped-call]
+            c.transpose(0, 1), d, w, alive, reverse, received.append)  # time-major terms
     else:
         fits, count = graphed_fused.lengths_of(alive, T)
         assert fits

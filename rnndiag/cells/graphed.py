@@ -48,7 +48,7 @@ def _fused_lengths(terms: Tensor, alive: Tensor | None) -> tuple[bool, Tensor | 
     and `alive` is a mask it runs (rnndiag.cells.graphed_fused.lengths_of)."""
     if not fused_for(terms):
         return False, None
-    return graphed_fused.lengths_of(alive, terms.shape[1])
+    return graphed_fused.lengths_of(alive, terms.shape[0])
 
 
 class _Layer(torch.autograd.Function):
@@ -56,8 +56,7 @@ class _Layer(torch.autograd.Function):
     def forward(ctx: Any, terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights,
                 alive: Tensor | None, reverse: bool, receive: Any,
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        gates = terms.new_empty(terms.shape[1], terms.shape[0], terms.shape[2])
-        gates.copy_(terms.transpose(0, 1))  # time-major, each step's rows contiguous
+        gates = terms.clone(memory_format=torch.contiguous_format)  # run squashes it in place
         run = manual.run(gates, w, alive, h0.detach(), c0.detach(), reverse)
         ctx.factors = manual.factors(run, alive, c0.detach())
         ctx.w, ctx.alive, ctx.receive = w, alive, receive
@@ -76,19 +75,20 @@ class _Layer(torch.autograd.Function):
         dh, dc, (dh0, dc0) = manual.backward(fa, g_out, ctx.w, ctx.alive, g_h, g_c, delta)
         if ctx.receive is not None:
             ctx.receive(dh, dc)
-        return delta.transpose(0, 1), dh0, dc0, None, None, None, None
+        return delta, dh0, dc0, None, None, None, None
 
 
 def layer(terms: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, alive: Tensor | None,
           reverse: bool, receive: Any = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(h (T, B, P) by time index, h_n, c_n: the last states in run order, and the cell states
     (T, B, H) as values, off the graph) of one layer and direction, from its input terms
-    (B, T, 4H) and initial states; `receive(dh, dc)` gets each backward pass's totals
-    (T, B, .) by time index, zero at a missing step; `alive` (T, B) by time index, as
+    (T, B, 4H), time-major, and initial states; `receive(dh, dc)` gets each backward pass's
+    totals (T, B, .) by time index, zero at a missing step; `alive` (T, B) by time index, as
     rnndiag.cells.manual.run."""
     fits, lengths = _fused_lengths(terms, alive)
-    if fits:
-        return graphed_fused.layer(terms, h0, c0, w, lengths, reverse, receive)
+    if fits:  # the fused node reads its terms batch-first (a view)
+        return graphed_fused.layer(terms.transpose(0, 1), h0, c0, w, lengths, reverse,
+                                   receive)
     out: tuple[Tensor, Tensor, Tensor, Tensor] = _Layer.apply(  # type: ignore[no-untyped-call]
         terms, h0, c0, w, alive, reverse, receive)
     return out
@@ -102,9 +102,8 @@ class _GruLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, terms: Tensor, h0: Tensor, w: LayerWeights, alive: Tensor | None,
                 reverse: bool, receive: Any) -> tuple[Tensor, Tensor]:
-        steps = terms.shape[1]
-        run = manual_gru.run(terms.transpose(0, 1).contiguous(), w, alive, h0.detach(),
-                             reverse)
+        steps = terms.shape[0]
+        run = manual_gru.run(terms.contiguous(), w, alive, h0.detach(), reverse)  # read only
         ctx.run, ctx.w, ctx.alive, ctx.receive = run, w, alive, receive
         ctx.h0 = h0.detach()
         ctx.set_materialize_grads(False)
@@ -118,17 +117,18 @@ class _GruLayer(torch.autograd.Function):
         dh, delta, dh0 = manual_gru.backward(ctx.run, g_out, ctx.w, ctx.h0, ctx.alive, g_h)
         if ctx.receive is not None:
             ctx.receive(dh)
-        return delta.transpose(0, 1), dh0, None, None, None, None
+        return delta, dh0, None, None, None, None
 
 
 def gru_layer(terms: Tensor, h0: Tensor, w: LayerWeights, alive: Tensor | None,
               reverse: bool, receive: Any = None) -> tuple[Tensor, Tensor]:
     """(h (T, B, H) by time index, h_n) of one GRU layer and direction from its input terms
-    (B, T, 3H) and initial state (B, H), as `layer` (the fused kernel on a GPU)."""
+    (T, B, 3H), time-major, and initial state (B, H), as `layer` (the fused kernel on a
+    GPU)."""
     fits, lengths = _fused_lengths(terms, alive)
     if fits:
-        return graphed_fused.simple_layer(CellType.GRU, None, terms, h0, w, lengths, reverse,
-                                          receive)
+        return graphed_fused.simple_layer(CellType.GRU, None, terms.transpose(0, 1), h0, w,
+                                          lengths, reverse, receive)
     out: tuple[Tensor, Tensor] = _GruLayer.apply(  # type: ignore[no-untyped-call]
         terms, h0, w, alive, reverse, receive)
     return out

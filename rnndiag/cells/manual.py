@@ -79,9 +79,13 @@ def run(gates: Tensor, w: LayerWeights, alive: Tensor | None = None,
     `tc` the tanh of each step's own new c."""
     steps, batch, _ = gates.shape
     hidden, width = w.w_hh.shape[0] // 4, w.w_hh.shape[1]
-    out = gates.new_zeros(steps, batch, width)
-    c, tc = gates.new_zeros(steps, batch, hidden), gates.new_empty(steps, batch, hidden)
     live = None if alive is None else alive.unsqueeze(2)  # (T, B, 1)
+    # every step writes its rows; a missing first step keeps zeros from these buffers
+    out = (gates.new_zeros if live is not None and h0 is None else gates.new_empty)(
+        steps, batch, width)
+    c = (gates.new_zeros if live is not None and c0 is None else gates.new_empty)(
+        steps, batch, hidden)
+    tc = gates.new_empty(steps, batch, hidden)
     own = None if live is None else gates.new_empty(batch, hidden)
     h_new = None if live is None else gates.new_empty(batch, width)
     w_hh = w.w_hh.t()
@@ -182,14 +186,21 @@ def backward(fa: Factors, g: Tensor | None, w: LayerWeights, alive: Tensor | Non
     delta = fa.a if into is None else into
     keep = fa.keep
     run = order(delta.shape[0], fa.reverse)
-    dh = fa.a.new_zeros(*fa.a.shape[:2], w.w_hh.shape[1]) if g is None else g.clone()
+    # time-major and contiguous whatever g's layout (a slice of a batch-first gradient, say):
+    # the loop writes every row, g_t + delta_{t+1} W_hh in one GEMM
+    dh = fa.a.new_empty(*fa.a.shape[:2], w.w_hh.shape[1])
+    last = dh[run[-1]]
+    if g is None:
+        last.zero_()
+    else:
+        last.copy_(g[run[-1]])
     if g_h is not None:
-        dh[run[-1]] += g_h
+        last += g_h
     dc = torch.empty_like(keep)
     dm = dh if w.w_hr is None else torch.empty_like(keep)
     live = None if alive is None else alive.unsqueeze(2)  # (T, B, 1)
     carried = keep.new_zeros(keep.shape[1:]) if g_c is None else g_c.clone()
-    carried = _backward_loop(fa, delta, dh, dm, dc, w, live, carried)
+    carried = _backward_loop(fa, delta, g, dh, dm, dc, w, live, carried)
     first = run[0]
     dh_init = delta[first] @ w.w_hh  # through a = ... + h_init W_hh^T
     dc_init = dc[first] * fa.forget[first]
@@ -201,13 +212,14 @@ def backward(fa: Factors, g: Tensor | None, w: LayerWeights, alive: Tensor | Non
     return dh, dc, (dh_init, dc_init)
 
 
-def _backward_loop(fa: Factors, delta: Tensor, dh: Tensor, dm: Tensor, dc: Tensor,
-                   w: LayerWeights, live: Tensor | None, carried: Tensor) -> Tensor:
-    """The loop of `backward`, last step in run order first: delta[t] from fa.a[t]. With
-    `live` (T, B, 1), a missing step passes the gradient of the state it kept to the step
-    before unchanged (its delta is zero: `factors` zeroed those factors). `carried`: dL/dc of
-    the last state from outside. Returns dL/dc of the state the first step read, from the
-    steps after it (the initial state's, where the first step is missing)."""
+def _backward_loop(fa: Factors, delta: Tensor, g: Tensor | None, dh: Tensor, dm: Tensor,
+                   dc: Tensor, w: LayerWeights, live: Tensor | None, carried: Tensor) -> Tensor:
+    """The loop of `backward`, last step in run order first: delta[t] from fa.a[t], dh[t] =
+    g[t] (zero when None) + what the step after passes back (dh of the last step in run order
+    given). With `live` (T, B, 1), a missing step passes the gradient of the state it kept to
+    the step before unchanged (its delta is zero: `factors` zeroed those factors). `carried`:
+    dL/dc of the last state from outside. Returns dL/dc of the state the first step read,
+    from the steps after it (the initial state's, where the first step is missing)."""
     steps, batch, four = delta.shape
     hidden = four // 4
     src3 = fa.a.view(steps, batch, 4, hidden)[:, :, :3]  # (T, B, 3, H): i, f, g factors
@@ -218,9 +230,16 @@ def _backward_loop(fa: Factors, delta: Tensor, dh: Tensor, dm: Tensor, dc: Tenso
     for t in reversed(run):
         if after is not None:
             if live is None:
-                dh[t].addmm_(delta[after], w.w_hh)
+                if g is None:
+                    torch.mm(delta[after], w.w_hh, out=dh[t])
+                else:
+                    torch.addmm(g[t], delta[after], w.w_hh, out=dh[t])
             else:
-                dh[t] += torch.where(live[after], delta[after] @ w.w_hh, dh[after])
+                back = torch.where(live[after], delta[after] @ w.w_hh, dh[after])
+                if g is None:
+                    dh[t].copy_(back)
+                else:
+                    torch.add(g[t], back, out=dh[t])
         if w.w_hr is not None:
             torch.mm(dh[t], w.w_hr, out=dm[t])
         dct = torch.addcmul(carried, dm[t], fa.keep[t], out=dc[t])

@@ -97,16 +97,22 @@ def backward(fw: Forward, g: Tensor | None, w: LayerWeights, h0: Tensor | None =
     to_u = (prev - fw.n) * u * (1 - u)  # delta_u = dh * to_u
     to_r = fw.hn * r * (1 - r)  # delta_r = delta_n * to_r
     del prev
-    dh = fw.out.new_zeros(steps, batch, hidden) if g is None else g.clone()
-    if g_h is not None:
-        dh[run_order[-1]] += g_h
+    # time-major and contiguous whatever g's layout: each step writes its rows
+    dh = fw.out.new_zeros(steps, batch, hidden) if g is None else torch.empty_like(
+        fw.out, memory_format=torch.contiguous_format)
     delta = fw.out.new_empty(steps, batch, 3 * hidden)
     dhp = fw.out.new_empty(batch, 3 * hidden)
     live = None if alive is None else alive.unsqueeze(2)
     carried = None
     for t in reversed(run_order):
-        if carried is not None:
+        if g is not None and carried is not None:
+            torch.add(g[t], carried, out=dh[t])
+        elif g is not None:
+            dh[t].copy_(g[t])
+        elif carried is not None:
             dh[t] += carried
+        if g_h is not None and t == run_order[-1]:
+            dh[t] += g_h
         d = delta[t]
         torch.mul(dh[t], to_n[t], out=d[:, 2 * hidden:])
         torch.mul(dh[t], to_u[t], out=d[:, hidden: 2 * hidden])
