@@ -122,13 +122,18 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
     for layer in range(spec.num_layers):
         assert layer_input is not None  # every layer below the top is stacked
         outputs = []
+        stack = top_output or layer < spec.num_layers - 1
+        both = _pair(spec, params, layer_input, layer, h0, c0, capture, stack, alive, tap,
+                     graphed)
         for k, direction in enumerate(spec.directions):
             index = layer * len(spec.directions) + k
-            weights = LayerWeights.of(spec, params, layer, direction)
-            stack = top_output or layer < spec.num_layers - 1
-            run = run_graphed if graphed else _run_direction
-            s = run(spec, weights, layer_input, layer, direction, h0[index],
-                    None if c0 is None else c0[index], capture, stack, alive, tap)
+            if both is not None:
+                s = both[k]
+            else:
+                weights = LayerWeights.of(spec, params, layer, direction)
+                run = run_graphed if graphed else _run_direction
+                s = run(spec, weights, layer_input, layer, direction, h0[index],
+                        None if c0 is None else c0[index], capture, stack, alive, tap)
             kept.append(s)
             last = final_step(direction, len(s.h))
             h_n.append(s.h[last])
@@ -144,6 +149,21 @@ def unroll(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor, h0: T
         layer_input = layer_input.transpose(0, 1)
     return Unrolled(layer_input, torch.stack(h_n), torch.stack(c_n) if c_n else None,
                     tuple(kept))
+
+
+def _pair(spec: ModuleSpec, params: Mapping[str, Tensor], x: Tensor, layer: int, h0: Tensor,
+          c0: Tensor | None, capture: Capture | None, stack: bool, alive: Tensor | None,
+          tap: list[Tapped] | None, graphed: bool) -> list[DirectionStates] | None:
+    """A bidirectional layer's two directions as one graphed node (`run_graphed_pair`), or
+    None: run them one by one."""
+    if not graphed or len(spec.directions) != 2:
+        return None
+    index = 2 * layer
+    weights = (LayerWeights.of(spec, params, layer, Direction.FORWARD),
+               LayerWeights.of(spec, params, layer, Direction.REVERSE))
+    return run_graphed_pair(spec, weights, x, layer, (h0[index], h0[index + 1]),
+                            None if c0 is None else (c0[index], c0[index + 1]), capture, stack,
+                            alive, tap)
 
 
 def _run_direction(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
@@ -204,41 +224,98 @@ def run_graphed(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int,
                                stack, alive, tap)
             seq = None if s.sequence is None else s.sequence.transpose(0, 1)
             return DirectionStates(s.layer, s.direction, s.h, s.c, seq, s.chain)
-    terms = input_terms(x, w, spec.cell_type)  # (T, B, G*H), biases as the unit folds them
-    chain = capture.chain(layer, direction, alive) if capture is not None else None
-
-    def receive(dh: Tensor, dc: Tensor | None = None) -> None:
-        assert chain is not None
-        chain.receive("dh", dh)
-        if dc is not None:
-            chain.receive("dc", dc)
-
-    feed = receive if chain is not None else None
+    node = _Node.of(spec, w, x, layer, direction, capture, alive)
+    out: Sequence[Tensor]
     if spec.cell_type is CellType.LSTM:
         assert c is not None  # an LSTM has a cell state
-        out, h_n, c_n, c_all = graphed.layer(terms, h, c, w, alive, reverse, feed)
+        out = graphed.layer(node.terms, h, c, w, alive, reverse, node.feed)
     elif spec.cell_type is CellType.GRU:
-        out, h_n = graphed.gru_layer(terms, h, w, alive, reverse, feed)
+        out = graphed.gru_layer(node.terms, h, w, alive, reverse, node.feed)
     else:
-        out, h_n = graphed_fused.simple_layer(spec.cell_type, spec.nonlinearity,
-                                              terms.transpose(0, 1), h, w, lengths, reverse,
-                                              feed)
-    # the states by time index: values only, but the last in run order is the node's own
-    # output h_n (c_n), on the graph for whoever reads the final state
-    last = final_step(direction, steps)
-    hs = list(out.detach().unbind(0))
-    hs[last] = h_n
-    cs = None
+        out = graphed_fused.simple_layer(spec.cell_type, spec.nonlinearity,
+                                         node.terms.transpose(0, 1), h, w, lengths, reverse,
+                                         node.feed)
+    return node.states(spec, h, out, stack, tap)
+
+
+def run_graphed_pair(spec: ModuleSpec, weights: tuple[LayerWeights, LayerWeights], x: Tensor,
+                     layer: int, h: tuple[Tensor, Tensor], c: tuple[Tensor, Tensor] | None,
+                     capture: Capture | None, stack: bool = True,
+                     alive: Tensor | None = None, tap: list[Tapped] | None = None,
+                     ) -> list[DirectionStates] | None:
+    """Both directions of a bidirectional LSTM or GRU layer as one node whose loops run side
+    by side (rnndiag.cells.graphed.layer_pair): the same states and adjoints as two
+    `run_graphed` calls, forward then reverse. None where the layer does not run so (an RNN,
+    or the fused kernel on a GPU): run the directions one by one."""
+    if spec.cell_type is CellType.RNN or not graphed.pairs(x):
+        return None
+    nodes = [_Node.of(spec, w, x, layer, d, capture, alive)
+             for w, d in zip(weights, (Direction.FORWARD, Direction.REVERSE), strict=True)]
+    terms = (nodes[0].terms, nodes[1].terms)
+    feeds = (nodes[0].feed, nodes[1].feed)
     if spec.cell_type is CellType.LSTM:
-        cs = list(c_all.unbind(0))
-        cs[last] = c_n
-    if chain is not None:
-        chain.expect("dh", hs[0], steps)
-        if cs is not None:
-            chain.expect("dc", c_n, steps)
-    if tap is not None:
-        tap.append(Tapped(spec.cell_type, direction, w, x, terms, h, hs, time_major=True))
-    return DirectionStates(layer, direction, hs, cs, out if stack else None, chain)
+        assert c is not None  # an LSTM has a cell state
+        outs = graphed.layer_pair(terms, h, c, weights, alive, feeds)
+    else:
+        outs = graphed.gru_pair(terms, h, weights, alive, feeds)
+    return [node.states(spec, h0, out, stack, tap)
+            for node, h0, out in zip(nodes, h, outs, strict=True)]
+
+
+@dataclass(frozen=True)
+class _Node:
+    """One layer and direction about to run as (part of) an autograd node: its input terms
+    (T, B, G*H), and its chain with the receiver its node's backward feeds."""
+
+    x: Tensor
+    w: LayerWeights
+    direction: Direction
+    terms: Tensor
+    chain: Chain | None
+    layer: int
+
+    @staticmethod
+    def of(spec: ModuleSpec, w: LayerWeights, x: Tensor, layer: int, direction: Direction,
+           capture: Capture | None, alive: Tensor | None) -> _Node:
+        terms = input_terms(x, w, spec.cell_type)  # biases as the unit folds them
+        chain = capture.chain(layer, direction, alive) if capture is not None else None
+        return _Node(x, w, direction, terms, chain, layer)
+
+    @property
+    def feed(self) -> Callable[..., None] | None:
+        chain = self.chain
+        if chain is None:
+            return None
+
+        def receive(dh: Tensor, dc: Tensor | None = None) -> None:
+            chain.receive("dh", dh)
+            if dc is not None:
+                chain.receive("dc", dc)
+
+        return receive
+
+    def states(self, spec: ModuleSpec, h: Tensor, out: Sequence[Tensor], stack: bool,
+               tap: list[Tapped] | None) -> DirectionStates:
+        """The DirectionStates of the node's outputs (h (T, B, P), h_n[, c_n, c (T, B, H)])."""
+        steps = self.x.shape[0]
+        # the states by time index: values only, but the last in run order is the node's own
+        # output h_n (c_n), on the graph for whoever reads the final state
+        last = final_step(self.direction, steps)
+        hs = list(out[0].detach().unbind(0))
+        hs[last] = out[1]
+        cs = None
+        if spec.cell_type is CellType.LSTM:
+            cs = list(out[3].unbind(0))
+            cs[last] = out[2]
+        if self.chain is not None:
+            self.chain.expect("dh", hs[0], steps)
+            if cs is not None:
+                self.chain.expect("dc", out[2], steps)
+        if tap is not None:
+            tap.append(Tapped(spec.cell_type, self.direction, self.w, self.x, self.terms, h,
+                              hs, time_major=True))
+        return DirectionStates(self.layer, self.direction, hs, cs,
+                               out[0] if stack else None, self.chain)
 
 
 @dataclass(frozen=True)

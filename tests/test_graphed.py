@@ -159,15 +159,21 @@ def _case(name: str) -> tuple[nn.Module, Any, Tensor | None]:
 def _run(model: nn.Module, inputs: Any, y: Tensor | None, graphed: bool,
          monkeypatch: pytest.MonkeyPatch) -> tuple[rnndiag.Diagnosis, int]:
     calls = []
-    real = replay.run_graphed
+    real, real_pair = replay.run_graphed, replay.run_graphed_pair
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real(*args, **kwargs)
 
+    def counted_pair(*args: Any, **kwargs: Any) -> Any:
+        found = real_pair(*args, **kwargs)
+        calls.extend([] if found is None else [1, 1])  # both directions ran graphed
+        return found
+
     with monkeypatch.context() as m:
         m.setattr(modelcheck, "GRAPHED", graphed)
         m.setattr(replay, "run_graphed", counted)
+        m.setattr(replay, "run_graphed_pair", counted_pair)
         found = rnndiag.check_model(model, inputs, y, dtype="float64", lr=0.1,
                                     optimizer="sgd", train_batch_size=8)
     return found, len(calls)
@@ -204,10 +210,13 @@ def test_rnn_and_gru_nodes_equal_the_step_replay(name: str, node: str,
     monkeypatch.setattr(graphed, "FUSED", node)
     fused, manual = [], []
     real_fused, real_manual = graphed_fused.simple_layer, graphed._GruLayer.apply
+    real_pair = graphed._GruPair.apply  # a bidirectional layer's two directions at once
     monkeypatch.setattr(graphed_fused, "simple_layer",
                         lambda *a, **k: fused.append(1) or real_fused(*a, **k))
     monkeypatch.setattr(graphed._GruLayer, "apply",
                         lambda *a, **k: manual.append(1) or real_manual(*a, **k))
+    monkeypatch.setattr(graphed._GruPair, "apply",
+                        lambda *a, **k: manual.append(2) or real_pair(*a, **k))
     _compare(name, monkeypatch, "cpu")
     assert bool(fused) == (node == "always")
     assert bool(manual) == (node == "never" and name.startswith("gru"))
