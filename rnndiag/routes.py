@@ -10,14 +10,16 @@ else the step replay (rnndiag.replay.replay_steps). Every route returns the same
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from rnndiag.capture import StepAdjoints
 from rnndiag.cells import LayerWeights, fused, manual
+from rnndiag.cells.threads import side_by_side
 from rnndiag.records import CellType, Direction, ModuleSpec
 from rnndiag.replay import (
     ReplayResult,
@@ -27,6 +29,8 @@ from rnndiag.replay import (
     replay_steps,
     with_deep_stack,
 )
+
+R = TypeVar("R")
 
 FUSED_CELLS = (CellType.RNN, CellType.LSTM, CellType.GRU)
 # the default on a GPU: every cell's route was checked on one (bench/gpu_check.sh on an H200)
@@ -140,12 +144,13 @@ def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
     alive = None if lengths is None else alive_mask(lengths.to(inputs.device), inputs.shape[1])
     steps = inputs.shape[1]
     for layer in range(spec.num_layers):
-        seqs = []
-        for direction in spec.directions:
-            w = LayerWeights.of(spec, params, layer, direction)
-            run = manual.forward(layer_input, w, alive, direction is Direction.REVERSE)
-            runs.append((layer, direction, run, w))
-            seqs.append(run.out)
+        ws = [LayerWeights.of(spec, params, layer, d) for d in spec.directions]
+        x = layer_input
+        done = _directions([partial(manual.forward, x, w, alive, d is Direction.REVERSE)
+                            for w, d in zip(ws, spec.directions, strict=True)])
+        runs.extend((layer, d, run, w)
+                    for d, run, w in zip(spec.directions, done, ws, strict=True))
+        seqs = [run.out for run in done]
         layer_input = torch.cat(seqs, dim=2) if len(seqs) > 1 else seqs[0]
     batch = inputs.shape[0]
     top = runs[-len(spec.directions):]
@@ -156,7 +161,9 @@ def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
     below: Tensor | None = None  # dL/d(layer input), time order, summed over directions
     for layer in range(spec.num_layers - 1, -1, -1):
         received, below = below, None
-        for k, (_, direction, run, w) in enumerate(r for r in runs if r[0] == layer):
+        mine = [r for r in runs if r[0] == layer]
+        work = []
+        for k, (_, direction, run, w) in enumerate(mine):
             width = run.out.shape[2]
             if received is None:  # the top layer: the objective's gradient, h_final / B
                 g = torch.zeros_like(run.out)
@@ -164,13 +171,22 @@ def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
                 g[last] = run.out[last] / batch
             else:
                 g = received[..., k * width:(k + 1) * width]
-            dh, dc, dx = manual.adjoints(run, g, w, alive, inputs=layer > 0)
+            work.append(partial(manual.adjoints, run, g, w, alive, inputs=layer > 0))
+        for (_, direction, _, _), (dh, dc, dx) in zip(mine, _directions(work), strict=True):
             found[(layer, direction)] = StepAdjoints(layer, direction, dh, dc, alive)
             if dx is not None:  # the bottom layer's input gradient is never read
                 below = dx if below is None else below + dx
     order = [(layer, direction) for layer, direction, *_ in runs]
     return ReplayResult(layer_input.transpose(0, 1), h_n, c_n, float(loss.item()),
                         tuple(found[k] for k in order))
+
+
+def _directions(work: Sequence[Callable[[], R]]) -> list[R]:
+    """Each direction's work, in order: a bidirectional layer's two side by side
+    (rnndiag.cells.threads)."""
+    if len(work) == 2:
+        return list(side_by_side(work[0], work[1]))
+    return [w() for w in work]
 
 
 def _by_time(v: Tensor, direction: Direction) -> Tensor:
