@@ -416,11 +416,12 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
     norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
     gram, unavailable, curvature = None, None, None
     if loss_def.fn is not None:
-        one = partial(_example_loss, model, loss_def, inputs, slicing, options.ignore_index)
+        some = partial(_examples_loss, model, loss_def, inputs, slicing, options.ignore_index)
+        one = partial(_example_loss, some)
         try:
             with _eval(model), eager():
                 with _cudnn_backward(model):
-                    gram = _gram(one, params, n, shares)
+                    gram = _gram(one, some, params, n, shares)
                 # cuDNN has no double backward for its RNN kernels
                 with torch.backends.cudnn.flags(enabled=False):
                     curvature = clip.measured_curvature(
@@ -450,40 +451,57 @@ def _cudnn_backward(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _gram(one: Callable[[int], Tensor | None], params: Sequence[Tensor], n: int,
+def _gram(one: Callable[[int], Tensor | None],
+          some: Callable[[list[int]], Tensor | None], params: Sequence[Tensor], n: int,
           shares: tuple[list[Tensor], Tensor] | str) -> Tensor:
     """K of n per-example gradients: from the recorded shares (rnndiag.pergrad) when they
-    match the loop's own gradient on the first and the last scoring example (a model that mixes
-    examples, or reads a batch axis elsewhere, would not), else by the loop."""
+    match the gradient of the first and the last scoring example run as a batch of their own
+    (`_matches`: a model that mixes examples, or reads a batch axis elsewhere, would not), else
+    by the loop (`one`: example i's loss alone)."""
     if not isinstance(shares, str):
         grads, scale = shares
         kept = scale.nonzero().flatten().tolist()
         with clip.one_thread(any(p.device.type == "cpu" for p in params)):
-            agree = bool(kept) and all(_matches(one, params, grads, scale, i)
-                                       for i in {kept[0], kept[-1]})
+            agree = bool(kept) and _matches(some, params, grads, scale,
+                                             sorted({kept[0], kept[-1]}))
         if agree:
             return pergrad.gram(grads, scale)
     return clip.per_example_gram(one, params, n)
 
 
-def _matches(one: Callable[[int], Tensor | None], params: Sequence[Tensor],
-             grads: Sequence[Tensor], scale: Tensor, i: int) -> bool:
-    loss = one(i)
+def _matches(some: Callable[[list[int]], Tensor | None], params: Sequence[Tensor],
+             grads: Sequence[Tensor], scale: Tensor, rows: list[int]) -> bool:
+    """Whether the shares give the gradient of the loss on `rows` alone, one forward and
+    backward pass of those examples as a batch. Example i's own gradient is its share times
+    scale_i = N / N_i (N_i its scored positions, N the batch's); a mean over the rows'
+    positions weighs each by N_i, so the batch's gradient is sum_i share_i / sum_i (1 /
+    scale_i). One pass for two examples costs about what one example alone does (on the CPU
+    a step of B = 1 or 2 is the same few kernels), half of checking each alone; a mismatch
+    that two examples' sum could hide would have to cancel exactly between them."""
+    loss = some(rows)
     if loss is None or not loss.requires_grad:
         return False
     with torch.enable_grad():
         exact = torch.autograd.grad(loss, list(params), allow_unused=True)
-    return pergrad.agrees([g[i] * float(scale[i]) for g in grads], exact)
+    weight = 1.0 / sum(1.0 / float(scale[i]) for i in rows)
+    return pergrad.agrees([sum((g[i] for i in rows[1:]), g[rows[0]]) * weight for g in grads],
+                          exact)
 
 
-def _example_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
-                  ignore_index: int, i: int) -> Tensor | None:
-    """Example i's loss on its own; None when it scores nothing (every target ignored)."""
-    part = inputs.rows(torch.tensor([i]), slicing)
+def _examples_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
+                   ignore_index: int, rows: list[int]) -> Tensor | None:
+    """The loss of these examples run as a batch of their own; None when they score nothing
+    (every target ignored)."""
+    part = inputs.rows(torch.tensor(rows), slicing)
     assert part.targets is not None
     if loss_def.classes_last and bool((part.targets == ignore_index).all()):
         return None
     return loss_def(call_model(model, part.args, part.kwargs), part.targets)
+
+
+def _example_loss(some: Callable[[list[int]], Tensor | None], i: int) -> Tensor | None:
+    """Example i's loss on its own (`_examples_loss` of [i])."""
+    return some([i])
 
 
 def _rows_loss(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,

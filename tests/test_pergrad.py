@@ -249,8 +249,9 @@ def _spied(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["loop"] += 1
         return loop(*a, **k)
 
-    def spy(one: Callable[[int], Tensor | None], params: Any, n: int, shares: Any) -> Tensor:
-        seen["ours"] = gram_of(one, params, n, shares)
+    def spy(one: Callable[[int], Tensor | None], some: Any, params: Any, n: int,
+            shares: Any) -> Tensor:
+        seen["ours"] = gram_of(one, some, params, n, shares)
         seen["route"] = "loop" if seen["loop"] else "one pass"
         seen["reference"] = loop(one, params, n)
         return seen["ours"]  # type: ignore[no-any-return]
@@ -273,6 +274,27 @@ def test_recorded_gram_equals_the_loop(name: str, monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-12 * float(
         reference.abs().max()))
     assert float(reference.abs().max()) > 0  # not vacuous
+
+
+@pytest.mark.parametrize("which", [0, 4, None], ids=["first", "last", "none"])
+def test_a_wrong_share_at_either_end_sends_the_model_to_the_loop(
+        which: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first and the last scoring example (0 and 4 here: example 3 scores nothing) are
+    checked together, as a batch of two; a share 1% off on either one fails the check."""
+    real = pergrad.Recorder.shares
+
+    def corrupted(self: pergrad.Recorder, *a: Any, **k: Any) -> Any:
+        found = real(self, *a, **k)
+        if which is not None and not isinstance(found, str):
+            for g in found:
+                g[which] *= 1.01
+        return found
+
+    monkeypatch.setattr(pergrad.Recorder, "shares", corrupted)
+    seen = _spied(monkeypatch)
+    model, inputs, targets, _ = _case("lstm-tagger")
+    rnndiag.check_model(model.double(), inputs, targets, train_batch_size=4)
+    assert seen["route"] == ("one pass" if which is None else "loop")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
