@@ -141,8 +141,8 @@ def _row(steps: int, args: argparse.Namespace, folder: Path) -> None:
 
 def phases(target: tuple[Path, Any]) -> tuple[float, float, float]:
     """Seconds spent in the credit passes, in the per-example gradients (the shares recorded
-    in the main pass, rnndiag.pergrad, checked against the loop on two examples; or the loop)
-    and in all, in one run."""
+    in the main pass, rnndiag.pergrad, checked against two examples run as a batch of their
+    own; or the loop) and in all, in one run."""
     from rnndiag import modelcheck
 
     names = ("credit_rows", "_shares", "_gram")

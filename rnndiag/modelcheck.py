@@ -336,7 +336,7 @@ BUILTIN_MEANS = ("cross_entropy", "mse")  # losses that average over scored posi
 
 def _shares(recorder: pergrad.Recorder, measured: Measured, loss_def: Loss,
             inputs: ModelInputs, slicing: Slicing, ignore_index: int,
-            params: Sequence[Tensor], n: int) -> tuple[list[Tensor], Tensor] | str:
+            params: Sequence[Tensor], n: int) -> tuple[list[pergrad.Share], Tensor] | str:
     """(each of the first n examples' share of the batch gradient, the factors N / N_i that
     turn shares into the examples' own gradients), or why the loop must run instead."""
     if measured.recorded is None:
@@ -408,7 +408,7 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
           options: CheckOptions, exploding: bool, state: TrainingState | None,
-          params: Sequence[Tensor], n: int, shares: tuple[list[Tensor], Tensor] | str,
+          params: Sequence[Tensor], n: int, shares: tuple[list[pergrad.Share], Tensor] | str,
           ) -> ClipSuggestion:
     """The clip rule (rnndiag.clip) on per-example gradients of the task loss: the first n
     examples' (`clip.examples_for`), of `params` (every parameter that requires grad)."""
@@ -453,7 +453,7 @@ def _cudnn_backward(model: nn.Module) -> Iterator[None]:
 
 def _gram(one: Callable[[int], Tensor | None],
           some: Callable[[list[int]], Tensor | None], params: Sequence[Tensor], n: int,
-          shares: tuple[list[Tensor], Tensor] | str) -> Tensor:
+          shares: tuple[list[pergrad.Share], Tensor] | str) -> Tensor:
     """K of n per-example gradients: from the recorded shares (rnndiag.pergrad) when they
     match the gradient of the first and the last scoring example run as a batch of their own
     (`_matches`: a model that mixes examples, or reads a batch axis elsewhere, would not), else
@@ -470,7 +470,7 @@ def _gram(one: Callable[[int], Tensor | None],
 
 
 def _matches(some: Callable[[list[int]], Tensor | None], params: Sequence[Tensor],
-             grads: Sequence[Tensor], scale: Tensor, rows: list[int]) -> bool:
+             grads: Sequence[pergrad.Share], scale: Tensor, rows: list[int]) -> bool:
     """Whether the shares give the gradient of the loss on `rows` alone, one forward and
     backward pass of those examples as a batch. Example i's own gradient is its share times
     scale_i = N / N_i (N_i its scored positions, N the batch's); a mean over the rows'

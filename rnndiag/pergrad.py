@@ -29,9 +29,10 @@ to a cell called in the model's loop (rnndiag.cellgrad): an LSTM without proj_si
 Embedding without max_norm, sparse gradients or scale_grad_by_freq; and each module's input
 has the batch axis where `rnndiag.modelcheck.Slicing` finds it. The backward pass asks autograd
 for the gradients of the recorded tensors (the input terms, the modules' outputs) alongside
-the states', so no weight gradient is computed. The caller checks the result against the loop
-on two examples (a weight also read outside its module, a model that mixes examples, an axis
-read wrongly would all show there) and runs the loop when they differ.
+the states', so no weight gradient is computed. The caller checks the result against the
+gradient of two examples run as a batch of their own (a weight also read outside its module, a
+model that mixes examples, an axis read wrongly would all show there) and runs the loop when
+they differ.
 """
 
 from __future__ import annotations
@@ -55,7 +56,46 @@ KNOWN = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RNN, nn.LSTM, nn.GRU, *CELLS)
 LEAVES = (nn.Linear, nn.Embedding, nn.LayerNorm)  # recorded by forward hooks
 AGREE = 1e-3  # formulas vs autograd: relative to the gradient's norm (float32 rounding)
 
-Terms = list[tuple[Tensor, Tensor]]  # (parameter, (n, *shape): each example's share)
+
+
+class Outer:
+    """Each of n examples' sum over steps of d_it x_it^T, (n, G, I), held as its factors d
+    (n, G, T) and x (n, T, I) (views): a recurrent weight's shares, which `gram` takes block
+    by block of gate rows instead of writing all n of them out and reading them back (at
+    T = 100 the (n, G, I) tensors outweigh the activations, and their Gram matrix then costs
+    memory traffic, not arithmetic). `[i]` is example i's own (G, I), `full()` all of them."""
+
+    def __init__(self, d: Tensor, x: Tensor) -> None:
+        self.d, self.x = d, x
+        self.shape = (d.shape[0], d.shape[1], x.shape[2])
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.d[i] @ self.x[i]
+
+    def full(self) -> Tensor:
+        return self.d @ self.x
+
+    def inner(self, rows: Tensor | None) -> Tensor:
+        """The Gram matrix (float64) of the examples `rows` (None: all), BLOCK_BYTES of
+        shares at a time."""
+        d, x = (self.d, self.x) if rows is None else (self.d[rows], self.x[rows])
+        n, gates, width = d.shape[0], d.shape[1], x.shape[2]
+        step = max(1, BLOCK_BYTES // max(1, n * width * x.element_size()))
+        out = torch.zeros(n, n, dtype=torch.float64)
+        for start in range(0, gates, step):
+            out += inner_products((d[:, start:start + step] @ x).reshape(n, -1))
+        return out
+
+
+BLOCK_BYTES = 8 * 2**20  # of an Outer's shares at a time (a block stays in cache)
+
+Share = Tensor | Outer  # (n, *shape): each example's share of one parameter's gradient
+Terms = list[tuple[Tensor, Share]]  # (parameter, its shares from one module call)
+
+
+def dense(share: Share) -> Tensor:
+    """The shares as one (n, *shape) tensor."""
+    return share.full() if isinstance(share, Outer) else share
 
 
 class Recorder:
@@ -107,9 +147,10 @@ class Recorder:
             o for _, call in self.cells for o in call.outputs]
 
     def shares(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], n: int,
-               batch: int, time_major: bool) -> list[Tensor] | str:
-        """The first n examples' shares of the batch gradient, (n, *p.shape) per parameter,
-        from the gradients of `wanted()`; or why not."""
+               batch: int, time_major: bool) -> list[Share] | str:
+        """The first n examples' shares of the batch gradient, (n, *p.shape) per parameter
+        (an `Outer` for a recurrent weight with no other term), from the gradients of
+        `wanted()`; or why not."""
         if self.why is not None:
             return self.why
         taps = self.tap or []
@@ -131,9 +172,9 @@ class Recorder:
         if isinstance(found, str):
             return found
         terms += found
-        per: dict[int, Tensor] = {}
+        per: dict[int, Share] = {}
         for p, each in terms:
-            per[id(p)] = each if id(p) not in per else per[id(p)] + each
+            per[id(p)] = each if id(p) not in per else dense(per[id(p)]) + dense(each)
         return [per[id(p)] if id(p) in per else p.new_zeros(n, *p.shape) for p in params]
 
 
@@ -177,7 +218,7 @@ def scales(counts: Tensor, total: int) -> Tensor:
     return torch.where(counts > 0, total / counts.clamp(min=1).double(), 0.0).double()
 
 
-def gram(shares: Sequence[Tensor], scale: Tensor) -> Tensor:
+def gram(shares: Sequence[Share], scale: Tensor) -> Tensor:
     """K (m, m) float64 of the gradients of the m examples with scale > 0, from their shares
     block by block (no (n, P) copy): K_ij = s_i s_j <share_i, share_j>."""
     rows = (scale > 0).nonzero().flatten()
@@ -185,6 +226,9 @@ def gram(shares: Sequence[Tensor], scale: Tensor) -> Tensor:
     k = torch.zeros(len(rows), len(rows), dtype=torch.float64)
     everyone = len(rows) == len(scale)
     for g in shares:
+        if isinstance(g, Outer):
+            k += g.inner(None if everyone else rows.to(g.d.device))
+            continue
         block = g.reshape(g.shape[0], -1)
         k += inner_products(block if everyone else block[rows.to(g.device)])
     return k * s.unsqueeze(0) * s.unsqueeze(1)
@@ -266,7 +310,8 @@ def _recurrent_terms(t: Tapped, d: Tensor, n: int) -> Terms:
             hp = hp + w.b_hh.detach()[:size]
         r = (terms[:n, :, :size] + hp).sigmoid()
         hidden = torch.cat([d[..., :2 * size], r * d[..., 2 * size:]], dim=2)
-    out: Terms = [(w.w_ih, d.transpose(1, 2) @ x), (w.w_hh, hidden.transpose(1, 2) @ prev)]
+    out: Terms = [(w.w_ih, Outer(d.transpose(1, 2), x)),
+                  (w.w_hh, Outer(hidden.transpose(1, 2), prev))]
     if w.b_ih is not None:
         out.append((w.b_ih, d.sum(1)))
     if w.b_hh is not None:

@@ -285,9 +285,11 @@ def test_a_wrong_share_at_either_end_sends_the_model_to_the_loop(
 
     def corrupted(self: pergrad.Recorder, *a: Any, **k: Any) -> Any:
         found = real(self, *a, **k)
-        if which is not None and not isinstance(found, str):
-            for g in found:
-                g[which] *= 1.01
+        if which is None or isinstance(found, str):
+            return found
+        found = [pergrad.dense(g) for g in found]
+        for g in found:
+            g[which] *= 1.01
         return found
 
     monkeypatch.setattr(pergrad.Recorder, "shares", corrupted)
@@ -353,3 +355,24 @@ def test_per_example_passes_use_cudnn_only_where_train_mode_changes_nothing() ->
     with modelcheck._cudnn_backward(dropped):
         assert not dropped.rnn.training and not torch.backends.cudnn.enabled
     assert torch.backends.cudnn.enabled
+
+
+@pytest.mark.parametrize("block", [1, 7 * 5 * 8, 2**30], ids=["row", "rows", "whole"])
+def test_outer_shares_equal_their_product(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recurrent weight's shares held as factors (pergrad.Outer): each example's, all of
+    them, and their Gram matrix block by block of gate rows (one row at a time, a few rows,
+    all at once), for every example and for a subset, against the product written out."""
+    monkeypatch.setattr(pergrad, "BLOCK_BYTES", block)
+    gen = torch.Generator().manual_seed(0)
+    steps = torch.randn(6, 5, 9, dtype=torch.float64, generator=gen)  # (T, n, G) time-major
+    x = torch.randn(6, 5, 7, dtype=torch.float64, generator=gen)  # (T, n, I)
+    outer = pergrad.Outer(steps.permute(1, 2, 0), x.transpose(0, 1))
+    full = torch.einsum("tng,tni->ngi", steps, x)
+    torch.testing.assert_close(outer.full(), full)
+    torch.testing.assert_close(outer[3], full[3])
+    assert outer.shape == (5, 9, 7)
+    flat = full.reshape(5, -1)
+    torch.testing.assert_close(outer.inner(None), flat @ flat.T)
+    rows = torch.tensor([0, 2, 4])
+    torch.testing.assert_close(outer.inner(rows), flat[rows] @ flat[rows].T)
+    torch.testing.assert_close(pergrad.dense(outer), full)
