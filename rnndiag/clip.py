@@ -13,7 +13,9 @@ The suggestion, for SGD-family optimizers with learning rate lr and parameters t
 
 N_b is Pascanu et al.'s "around the average norm", at the batch size training uses; the step
 cap limits one SGD step to 0.5% of the parameter norm and takes over when the measured norms
-are meaningless (an exploding model). The curvature cap is gradient descent's stability edge:
+are meaningless (an exploding model); when the gradient explodes through time, it is divided
+by the sequence length T (a relative change e of W_hh moves a T-step product of Jacobians by
+about T e: 0.5% of that product). The curvature cap is gradient descent's stability edge:
 lambda is the top eigenvalue of the task loss's Hessian on the batch (`top_curvature`), and a
 step of a gradient of norm N_b clipped to c moves lr * c along it; on the local quadratic model
 that step cannot raise the loss only while lr * c <= 2 * N_b / lambda' for the curvature
@@ -224,11 +226,17 @@ def _lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tensor]) -> fl
 def suggest(gram: Tensor | None, inputs: Sequence[ClipInput], b: int, optimizer: str | None,
             lr: float | None, param_norm: float, parameters: str, count: int,
             exploding: bool, unavailable: str | None = None,
-            curvature: float | None = None) -> ClipSuggestion:
+            curvature: float | None = None, steps: int | None = None) -> ClipSuggestion:
     """The suggestion and every number behind it (see the module docstring); `gram` None:
     no per-example gradients (`unavailable` says why; default: no task loss); `curvature`:
-    lambda of the task loss on the batch (None: not measured)."""
+    lambda of the task loss on the batch (None: not measured); `steps`: the sequence length
+    over which an `exploding` gradient grows (the step cap is divided by it)."""
     cap = step_cap(param_norm, lr) if optimizer not in ADAM_FAMILY else None
+    if cap is not None and exploding and steps is not None and steps > 1:
+        # a relative change e of W_hh changes a T-step product of Jacobians by about T e:
+        # for a recurrence that explodes, 0.5% of that product, not of the parameters
+        cap /= steps
+        inputs = (*inputs, ClipInput("steps", float(steps), "batch"))
     n = 0 if gram is None else gram.shape[0]
     if gram is None or n < 2 or not bool(torch.isfinite(gram).all()):
         why = (unavailable or "no task loss: the final-state objective's gradient is not a "
@@ -270,7 +278,9 @@ def _advice(decided: str | None, optimizer: str | None, exploding: bool, why: st
     if why is not None:
         if capped:
             return (f"No measured norm ({why}); the step cap rho*||theta||/lr limits an SGD "
-                    "step to 0.5% of the parameter norm.")
+                    "step to 0.5% of the parameter norm" + (
+                        " over the sequence length, as the gradient explodes through time."
+                        if exploding else "."))
         return (f"No suggestion: {why}; give the learning rate (--lr) for the step cap, "
                 "or --model with targets for a measured norm.")
     if optimizer is None:
@@ -284,12 +294,15 @@ def _advice(decided: str | None, optimizer: str | None, exploding: bool, why: st
         use += (", but an exploding model barely moves under it: change the cell or its "
                 "initialisation." if exploding else "; a lower learning rate does the same.")
     elif exploding and decided == "step_cap":
-        # bench/validate_clip.py: the step cap kept a fresh exploding IRNN training at every
-        # SGD rate, but not a model whose loss had already diverged (README, Validation)
+        # bench/validate_clip.py: divided by T, the step cap kept the exploding ReLU sample
+        # below the divergence line at every SGD rate, where clips from 0.1 up did not; but
+        # that model, whose loss had already diverged, did not learn (README, Validation)
         use += (" The gradient explodes through time here: the step cap keeps each SGD step "
-                "within 0.5% of the parameter norm, which kept a fresh exploding RNN training "
-                "in validation but not one whose loss had already diverged; if training still "
-                "diverges, lower the learning rate or change the cell or its initialisation.")
+                "within 0.5%/T of the parameter norm (T the sequence length: a change of the "
+                "recurrent weights moves a T-step product of Jacobians T times as much). In "
+                "validation that kept an exploding RNN from diverging, but a model whose loss "
+                "had already diverged did not learn under it: lower the learning rate, or "
+                "change the cell or its initialisation.")
     return use
 
 
@@ -343,10 +356,11 @@ def measured_curvature(loss_of: Callable[[], Tensor], params: Sequence[Tensor],
 def recommend(gram: Tensor | None, options: CheckOptions, state: TrainingState | None,
               batch: int, param_norm: float, parameters: str, count: int, exploding: bool,
               unavailable: str | None = None,
-              curvature: float | None = None) -> ClipSuggestion:
+              curvature: float | None = None, steps: int | None = None) -> ClipSuggestion:
     """`suggest` with the rule's inputs chosen from the options, the checkpoint's optimizer
     state and the replayed batch (`clip_inputs`), the parameter norm (and the curvature, when
-    given: NaN when it could not be measured) reported as measured."""
+    given: NaN when it could not be measured) reported as measured; `steps`: the longest
+    exploding sequence's length."""
     chosen = clip_inputs(options, state, batch)
     measured = [ClipInput("param_norm", param_norm, "measured")]
     if curvature is not None:  # NaN: it applied but could not be measured
@@ -355,4 +369,5 @@ def recommend(gram: Tensor | None, options: CheckOptions, state: TrainingState |
                                   "missing" if failed else "measured"))
         curvature = None if failed else curvature
     return suggest(gram, (*chosen.inputs, *measured), chosen.batch, chosen.optimizer,
-                   chosen.lr, param_norm, parameters, count, exploding, unavailable, curvature)
+                   chosen.lr, param_norm, parameters, count, exploding, unavailable, curvature,
+                   steps)

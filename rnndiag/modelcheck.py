@@ -249,13 +249,14 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
     modules = _modules(seqs, measured, loss_def.name, float(loss.detach()), options)
     progress("per-example gradient norms")
     exploding = any(m.verdict is Verdict.EXPLODING for m in modules)
+    steps = max((m.seq_len for m in modules if m.verdict is Verdict.EXPLODING), default=None)
     slicing = Slicing(batch, measured.time_major)
     params = [p for p in model.parameters() if p.requires_grad]
     n = clip.examples_for(batch, sum(p.numel() for p in params))
     shares = _shares(recorder, measured, loss_def, inputs, slicing, options.ignore_index,
                      params, n)
     suggestion = _clip(model, loss_def, inputs, slicing, options, exploding, state, params, n,
-                       shares)
+                       shares, steps)
     return LiveDiagnosis(modules, suggestion, _loss_name(loss_def), batch, measured.notes)
 
 
@@ -409,7 +410,7 @@ def _eval(model: nn.Module) -> Iterator[None]:
 def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
           options: CheckOptions, exploding: bool, state: TrainingState | None,
           params: Sequence[Tensor], n: int, shares: tuple[list[pergrad.Share], Tensor] | str,
-          ) -> ClipSuggestion:
+          steps: int | None = None) -> ClipSuggestion:
     """The clip rule (rnndiag.clip) on per-example gradients of the task loss: the first n
     examples' (`clip.examples_for`), of `params` (every parameter that requires grad)."""
     count = sum(p.numel() for p in params)
@@ -430,7 +431,7 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
         except BatchError as exc:  # a model bound to its batch (a stateful self.hidden)
             unavailable = f"the model does not run on one example alone ({exc})"
     return clip.recommend(gram, options, state, slicing.batch, norm, "model", count, exploding,
-                          unavailable, curvature)
+                          unavailable, curvature, steps)
 
 
 @contextlib.contextmanager

@@ -265,3 +265,23 @@ def test_curvature_without_double_backward_is_reported_missing() -> None:
     c = rnndiag.check_model(Once().double(), x, y, lr=0.1, optimizer="sgd").files[0].clip
     assert c is not None and c.curvature_cap is None and c.expected_norm is not None
     assert {i.name: i.source for i in c.inputs}["curvature"] == "missing"
+
+
+def test_an_exploding_gradient_divides_the_step_cap_by_the_sequence_length() -> None:
+    """A relative change e of W_hh moves a T-step product of Jacobians by about T e: for a
+    recurrence whose gradient explodes, the step cap keeps that product, not the parameters,
+    within 0.5% (rho / T); the input `steps` says so. Healthy models, Adam and an unknown
+    length keep the plain cap."""
+    gram = torch.eye(4, dtype=torch.float64) * 1e20  # N_1 = 1e10: the cap decides
+    hot = clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True, steps=100)
+    assert hot.step_cap == pytest.approx(0.005 * 10.0 / 0.01 / 100)
+    assert hot.suggested_max_norm == pytest.approx(0.05) and hot.decided_by == "step_cap"
+    assert ("steps", 100.0, "batch") in [(i.name, i.value, i.source) for i in hot.inputs]
+    for calm in (clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, False, steps=100),
+                 clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True)):
+        assert calm.step_cap == pytest.approx(5.0)
+        assert "steps" not in [i.name for i in calm.inputs]
+    adam = clip.suggest(gram, (), 1, "adam", 0.01, 10.0, "model", 1, True, steps=100)
+    assert adam.step_cap is None
+    no_loss = clip.suggest(None, (), 16, "sgd", 0.1, 3.0, "recurrent", 10, True, steps=50)
+    assert no_loss.suggested_max_norm == pytest.approx(0.005 * 3.0 / 0.1 / 50)
