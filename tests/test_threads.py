@@ -58,6 +58,8 @@ def test_one_thread_runs_them_in_turn_on_the_callers_thread(threads: int) -> Non
                         lambda: order.append("b") or _seen())
     assert order == ["a", "b"]
     assert a[0] == b[0] == here
+    assert not a[2] and not b[2]  # no autograd recording either way
+    assert torch.is_grad_enabled()
 
 
 @pytest.mark.parametrize("failing", ["first", "second"])

@@ -22,7 +22,7 @@ def side_by_side(first: Callable[[], R1], second: Callable[[], R2]) -> tuple[R1,
     no thread can start."""
     before = torch.get_num_threads()
     if before < 2:
-        return first(), second()
+        return _in_turn(first, second)
     found: dict[str, Any] = {}
 
     def work() -> None:
@@ -37,7 +37,7 @@ def side_by_side(first: Callable[[], R1], second: Callable[[], R2]) -> tuple[R1,
     try:
         thread.start()
     except RuntimeError:  # no thread can start
-        return first(), second()
+        return _in_turn(first, second)
     torch.set_num_threads(before - before // 2)
     try:
         with torch.no_grad():
@@ -48,3 +48,8 @@ def side_by_side(first: Callable[[], R1], second: Callable[[], R2]) -> tuple[R1,
     if "error" in found:
         raise found["error"]
     return value, found["value"]
+
+
+def _in_turn(first: Callable[[], R1], second: Callable[[], R2]) -> tuple[R1, R2]:
+    with torch.no_grad():
+        return first(), second()
