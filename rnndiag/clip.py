@@ -46,7 +46,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rnndiag.records import CheckOptions, ClipInput, ClipSuggestion, TrainingState
+from rnndiag.records import (
+    CheckOptions,
+    ClipInput,
+    ClipSuggestion,
+    ModuleDiagnosis,
+    TrainingState,
+    Verdict,
+)
 
 RHO = 0.005  # the cap: one SGD step moves the parameters by at most 0.5% of their norm
 EDGE = 2.0  # the curvature cap: effective learning rate * lambda <= 2, GD's stability edge
@@ -141,6 +148,12 @@ def resampled_norms(gram: Tensor, b: int, seed: int = 0) -> Tensor:
     z = torch.randn(RESAMPLES, n, generator=gen, dtype=torch.float64)
     coef = scale / n + (z @ centre) / math.sqrt(b * (n - 1))
     return ((coef @ gram) * coef).sum(1).clamp(min=0).sqrt()
+
+
+def exploding_steps(modules: Sequence[ModuleDiagnosis]) -> int | None:
+    """The longest sequence among the modules whose verdict is exploding (`suggest`'s
+    `steps`), or None: none explodes."""
+    return max((m.seq_len for m in modules if m.verdict is Verdict.EXPLODING), default=None)
 
 
 def step_cap(param_norm: float, lr: float | None) -> float | None:

@@ -140,7 +140,7 @@ def _checkpoint_file(raw: RawFile, options: CheckOptions, batch: BatchFile | Non
     exploding = any(m.verdict is Verdict.EXPLODING for m in modules) or any(
         t.fatal for t in bad)
     suggestion = _clip(square, options, count, first.batch_size, exploding, ckpt.training,
-                       max(m.seq_len for m in modules))
+                       clip.exploding_steps(modules))
     info = BatchInfo(source=batch.path if batch else "synthetic", batch_size=first.batch_size,
                      seq_len=first.seq_len, seed=None if batch else options.seed)
     return FileDiagnosis(str(path), ckpt.format, FileStatus.OK, tuple(modules), info,
@@ -271,7 +271,7 @@ def _no_exit(loss: Callable[..., Tensor], name: str) -> Callable[..., Tensor]:
 
 
 def _clip(square: float, options: CheckOptions, count: int, batch: int, exploding: bool,
-          state: TrainingState | None, steps: int) -> ClipSuggestion:
+          state: TrainingState | None, steps: int | None) -> ClipSuggestion:
     """Without a task loss there is no measured norm: only the step cap, over the recurrent
     modules' parameters, when the learning rate is known (rnndiag.clip)."""
     return clip.recommend(None, options, state, batch, math.sqrt(square), "recurrent", count,

@@ -36,7 +36,6 @@ from rnndiag.records import (
     ClipSuggestion,
     ModuleDiagnosis,
     TrainingState,
-    Verdict,
 )
 from rnndiag.replay import objective, with_deep_stack
 from rnndiag.series import layer_diagnosis
@@ -248,8 +247,8 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
                             _wanted(loss_def, recorder))
     modules = _modules(seqs, measured, loss_def.name, float(loss.detach()), options)
     progress("per-example gradient norms")
-    exploding = any(m.verdict is Verdict.EXPLODING for m in modules)
-    steps = max((m.seq_len for m in modules if m.verdict is Verdict.EXPLODING), default=None)
+    steps = clip.exploding_steps(modules)
+    exploding = steps is not None
     slicing = Slicing(batch, measured.time_major)
     params = [p for p in model.parameters() if p.requires_grad]
     n = clip.examples_for(batch, sum(p.numel() for p in params))

@@ -57,7 +57,6 @@ LEAVES = (nn.Linear, nn.Embedding, nn.LayerNorm)  # recorded by forward hooks
 AGREE = 1e-3  # formulas vs autograd: relative to the gradient's norm (float32 rounding)
 
 
-
 class Outer:
     """Each of n examples' sum over steps of d_it x_it^T, (n, G, I), held as its factors d
     (n, G, T) and x (n, T, I) (views): a recurrent weight's shares, which `gram` takes block

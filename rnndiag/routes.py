@@ -145,8 +145,8 @@ def replay_manual(spec: ModuleSpec, params: Mapping[str, Tensor], inputs: Tensor
     steps = inputs.shape[1]
     for layer in range(spec.num_layers):
         ws = [LayerWeights.of(spec, params, layer, d) for d in spec.directions]
-        x = layer_input
-        done = _directions([partial(manual.forward, x, w, alive, d is Direction.REVERSE)
+        done = _directions([partial(manual.forward, layer_input, w, alive,
+                                    d is Direction.REVERSE)
                             for w, d in zip(ws, spec.directions, strict=True)])
         runs.extend((layer, d, run, w)
                     for d, run, w in zip(spec.directions, done, ws, strict=True))
