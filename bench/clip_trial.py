@@ -43,7 +43,7 @@ def trial(job: V.Job, max_norm: float, steps: int) -> tuple[float, float, float]
     """(start loss, highest loss, last loss) of `steps` clipped SGD steps on the job's first
     training batch, repeated."""
     x, y = V.adding_batch(job.grid.batch, job.grid.seq_len, V.stream(job))
-    model = V.build(job.model, job.seed)
+    model = V.build(job.model, job.seed, job.grid.irnn_scale)
     opt = torch.optim.SGD(model.parameters(), lr=job.lr)
     seen: list[float] = []
     for step in range(steps + 1):

@@ -31,12 +31,14 @@ writes nothing unless --output is given). Deterministic: one thread per worker, 
 Out-of-sample checks (a rule must also pass on data it was not designed on): --seed-base S
 runs seeds S, S+1, ... instead of 0, 1, ... (other data streams, other IRNN initialisations);
 --seq-len and --batch change the task's T and the training batch B (the suggestion is then
-measured at that B); --models and --optimizers select rows. Rule variants, for exploration
-only: --rho R, --edge E and --gate X recompute the suggestion from the reported N_b, step cap,
-lambda and coherence G/S as min(N_b, step_cap * R / 0.005, E * N_b / (lambda * lr)), the last
-term only where G/S <= X (E = 0: no curvature cap; X = 1: no gate); without them the
-library's own value is used unchanged. Any non-default option writes nothing
-unless --output is given.
+measured at that B); --models and --optimizers select rows; --irnn-scale S makes the fresh
+IRNN's W_hh = S I (1.08: verdict-exploding at T = 100). Rule variants, for exploration only:
+--rho R, --edge E, --gate X and --polyak K recompute the suggestion from the reported N_b, step
+cap, lambda, coherence G/S and the check batch's loss L as min(N_b, step_cap * R / 0.005,
+E * N_b / (lambda * lr), K * L / (lr * N_b)), the curvature term only where G/S <= X (E = 0: no
+curvature cap; X = 1: no gate), the loss term only for verdict-exploding models unless
+--polyak-all (K = 0: none); without them the library's own value is used unchanged. Any
+non-default option writes nothing unless --output is given.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class Grid:
     rho: float | None = None  # None: the library's step cap; else recomputed with this rho
     edge: float | None = None  # None: the library's curvature cap; else recomputed (0: none)
     gate: float | None = None  # None: the library's coherence gate; else recomputed (1: none)
+    polyak: float | None = None  # None: the library's loss cap; else K * L / (lr * N_b) (0: none)
+    polyak_all: bool = False  # that loss cap for every model, not only exploding ones
+    irnn_scale: float = IRNN_SCALE  # the fresh IRNN's W_hh = irnn_scale * I
 
     def seeds(self, model: str, seeds: int) -> int:
         return max(1, seeds - 1) if model in self.slow else seeds
@@ -124,9 +129,12 @@ class Suggestion:
     expected_norm: float | None
     step_cap: float | None
     curvature_cap: float | None
+    loss_cap: float | None
     note: str  # why there is no value, else ""
     curvature: float | None = None  # lambda, as reported in the inputs
     coherence: float | None = None  # G/S, as reported in the inputs
+    loss: float | None = None  # the task loss on the check batch (variants only)
+    exploding: bool = False  # some module's verdict is exploding (variants only)
 
 
 @dataclass(frozen=True)
@@ -136,14 +144,14 @@ class Cell:
     runs: tuple[tuple[str, Run], ...]  # (policy label, run)
 
 
-def build(name: str, seed: int) -> Model:
+def build(name: str, seed: int, scale: float = IRNN_SCALE) -> Model:
     """The model at the start of training: a sample model's committed weights, or a fresh
-    IRNN (initialised from `seed`)."""
+    IRNN (initialised from `seed`, W_hh = scale * I)."""
     torch.manual_seed(seed)
     if name == "irnn":
         irnn = nn.RNN(2, 32, nonlinearity="relu", batch_first=True)
         with torch.no_grad():  # IRNN (Le et al. 2015) a little above the identity
-            irnn.get_parameter("weight_hh_l0").copy_(IRNN_SCALE * torch.eye(32))
+            irnn.get_parameter("weight_hh_l0").copy_(scale * torch.eye(32))
             irnn.get_parameter("bias_hh_l0").zero_()
             irnn.get_parameter("bias_ih_l0").zero_()
         return Model(irnn, 32)
@@ -173,21 +181,25 @@ def suggestion(job: Job) -> Suggestion:
 
     x, y = adding_batch(job.grid.batch, job.grid.seq_len, stream(job))
     try:
-        d = rnndiag.check_model(build(job.model, job.seed), x, y,
+        d = rnndiag.check_model(build(job.model, job.seed, job.grid.irnn_scale), x, y,
                                 train_batch_size=job.grid.batch, lr=job.lr,
                                 optimizer=job.optimizer)
     except rnndiag.RnnDiagError as err:
-        return Suggestion(None, "error", None, None, None, f"check_model raised: {err}")
+        return Suggestion(None, "error", None, None, None, None, f"check_model raised: {err}")
     clip = d.files[0].clip
     if clip is None:
-        return Suggestion(None, "none", None, None, None, "no clip record")
+        return Suggestion(None, "none", None, None, None, None, "no clip record")
     note = "" if clip.suggested_max_norm is not None else clip.advice
     measured = {i.name: i.value for i in clip.inputs if isinstance(i.value, float)}
+    with torch.no_grad():
+        loss = float(nn.functional.mse_loss(build(job.model, job.seed, job.grid.irnn_scale)(x), y))
     found = Suggestion(clip.suggested_max_norm, clip.decided_by, clip.expected_norm,
-                       clip.step_cap, clip.curvature_cap, note, measured.get("curvature"),
-                       measured.get("coherence"))
+                       clip.step_cap, clip.curvature_cap, clip.loss_cap, note,
+                       measured.get("curvature"),
+                       measured.get("coherence"), loss,
+                       any(m.verdict.value == "exploding" for m in d.files[0].modules))
     grid = job.grid
-    return found if (grid.rho, grid.edge, grid.gate) == (None, None, None) else \
+    return found if (grid.rho, grid.edge, grid.gate, grid.polyak) == (None,) * 4 else \
         variant(found, grid, job.lr)
 
 
@@ -204,12 +216,17 @@ def variant(s: Suggestion, grid: Grid, lr: float) -> Suggestion:
     bent = (edge * s.expected_norm / (s.curvature * lr) if near and edge > 0 and s.curvature
             and s.curvature > 0 and s.expected_norm is not None and s.step_cap is not None
             else None)
+    polyak = s.loss_cap if grid.polyak is None else (
+        grid.polyak * s.loss / (lr * s.expected_norm) if grid.polyak and s.loss and
+        s.expected_norm and s.step_cap is not None and (grid.polyak_all or s.exploding)
+        else None)
     terms = [(x, k) for x, k in ((s.expected_norm, "expected_norm"), (cap, "step_cap"),
-                                 (bent, "curvature_cap")) if x is not None]
+                                 (bent, "curvature_cap"), (polyak, "loss_cap")) if x is not None]
     if not terms:
         return s
     value, by = min(terms, key=lambda t: t[0])
-    return Suggestion(value, by, s.expected_norm, cap, bent, s.note, s.curvature, s.coherence)
+    return Suggestion(value, by, s.expected_norm, cap, bent, polyak, s.note, s.curvature,
+                      s.coherence, s.loss, s.exploding)
 
 
 def bad(loss: float) -> bool:
@@ -218,7 +235,7 @@ def bad(loss: float) -> bool:
 
 def train(job: Job, max_norm: float | None) -> Run:
     """`job.grid.steps` steps with clip_grad_norm_(max_norm) before each (None: no clipping)."""
-    model, gen, grid = build(job.model, job.seed), stream(job), job.grid
+    model, gen, grid = build(job.model, job.seed, job.grid.irnn_scale), stream(job), job.grid
     params = list(model.parameters())
     opt = (torch.optim.SGD(params, lr=job.lr) if job.optimizer == "sgd"
            else torch.optim.Adam(params, lr=job.lr))
@@ -320,7 +337,8 @@ def _sug_text(sugs: list[Suggestion]) -> str:
     values = [s.value for s in sugs if s.value is not None]
     if not values:
         return "no suggestion"
-    tags = {"step_cap": "cap", "expected_norm": "N_b", "curvature_cap": "curv"}
+    tags = {"step_cap": "cap", "expected_norm": "N_b", "curvature_cap": "curv",
+            "loss_cap": "loss"}
     by = "/".join(sorted({tags.get(s.decided_by, s.decided_by) for s in sugs if s.value}))
     missing = f", none {len(sugs) - len(values)}/{len(sugs)}" if len(values) < len(sugs) else ""
     return f"c={_num(statistics.median(values))} {by}{missing}"
@@ -337,7 +355,8 @@ def row_cells(cells: list[Cell]) -> tuple[list[str], bool, list[str]]:
     result = [aggs[label].text() for label in labels[:-1]] + [ours, why]
     ours_runs = [dict(c.runs)["rnndiag"] for c in cells]
     details = [_med(s.expected_norm for s in sugs), _med(s.step_cap for s in sugs),
-               _med(s.curvature_cap for s in sugs), _med(s.value for s in sugs),
+               _med(s.curvature_cap for s in sugs), _med(s.loss_cap for s in sugs),
+               _med(s.value for s in sugs),
                ", ".join(sorted({s.decided_by for s in sugs})),
                f"{statistics.median(r.clipped for r in ours_runs):.0%}",
                _med(r.median_norm for r in ours_runs),
@@ -348,6 +367,10 @@ def row_cells(cells: list[Cell]) -> tuple[list[str], bool, list[str]]:
 def _med(values: Iterable[float | None]) -> str:
     got = [v for v in values if v is not None and not math.isnan(v)]
     return _num(statistics.median(got)) if got else "-"
+
+
+def name(model: str, grid: Grid) -> str:
+    return NAMES[model].replace(f"{IRNN_SCALE}", f"{grid.irnn_scale:g}")
 
 
 def render(cells: list[Cell], grid: Grid, header: list[str]) -> tuple[str, int, int]:
@@ -361,17 +384,17 @@ def render(cells: list[Cell], grid: Grid, header: list[str]) -> tuple[str, int, 
                   "|---|---:|" + "---:|" * (len(thr) + 2) + "---|"]
         details = ["", f"Suggestion details ({opt}): medians over seeds; `clipped` is the "
                    "fraction of steps the suggestion clipped in training.", "",
-                   "| model | lr | N_b | step cap | curvature cap | c | decided by | clipped | "
-                   "pre-clip norm | note |",
-                   "|---|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+                   "| model | lr | N_b | step cap | curvature cap | loss cap | c | decided by | "
+                   "clipped | pre-clip norm | note |",
+                   "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
         for model in grid.models:
             for lr in lrs:
                 row = sorted((c for c in cells if (c.job.optimizer, c.job.model, c.job.lr)
                               == (opt, model, lr)), key=lambda c: c.job.seed)
                 result, ok, more = row_cells(row)
                 passed, total = passed + ok, total + 1
-                lines.append(f"| {NAMES[model]} | {_num(lr)} | " + " | ".join(result) + " |")
-                details.append(f"| {NAMES[model]} | {_num(lr)} | " + " | ".join(more) + " |")
+                lines.append(f"| {name(model, grid)} | {_num(lr)} | " + " | ".join(result) + " |")
+                details.append(f"| {name(model, grid)} | {_num(lr)} | " + " | ".join(more) + " |")
         lines += details
     lines += ["", f"**Rows passed: {passed}/{total}.**"]
     return "\n".join(lines) + "\n", passed, total
@@ -381,10 +404,13 @@ def header(grid: Grid, argv: list[str], seconds: float, workers: int) -> list[st
     settings = "; ".join(f"{opt} lr {', '.join(_num(lr) for lr in lrs)} x {seeds} seeds"
                          for opt, lrs, seeds in grid.settings)
     settings += f" (seeds from {grid.seed_base})"
-    rule = "the library's rule" if (grid.rho, grid.edge, grid.gate) == (None, None, None) \
+    rule = "the library's rule" if (grid.rho, grid.edge, grid.gate, grid.polyak) == (None,) * 4 \
         else (f"a VARIANT recomputed from the reported terms: rho = {grid.rho or 0.005:g}, "
               f"edge = {2.0 if grid.edge is None else grid.edge:g}, "
-              f"gate = {0.5 if grid.gate is None else grid.gate:g}")
+              f"gate = {0.5 if grid.gate is None else grid.gate:g}, "
+              + ("library's loss cap" if grid.polyak is None else
+                 f"loss cap {grid.polyak:g}·L/(lr·N_b) "
+                 f"({'every model' if grid.polyak_all else 'exploding models'})"))
     return ["# Clip-norm suggestion: validation by training", "",
             f"- command: `{' '.join(['.venv/bin/python', 'bench/validate_clip.py', *argv])}`",
             f"- torch {torch.__version__}, CPU, {workers} worker process(es) x 1 thread; "
@@ -396,8 +422,9 @@ def header(grid: Grid, argv: list[str], seconds: float, workers: int) -> list[st
             + (f"; {', '.join(grid.slow)}: one seed fewer (time)" if grid.slow else ""),
             "- rnndiag: `check_model(model, x, y, train_batch_size=B, lr=lr, optimizer=...)` on "
             "the first training batch; `c` is `files[0].clip.suggested_max_norm` (median over "
-            "seeds), decided by `N_b` (expected norm), `cap` (rho·||θ||/lr) or `curv` "
-            f"(2·N_b/(λ·lr)); {rule}",
+            "seeds), decided by `N_b` (expected norm), `cap` (rho·||θ||/lr, over T when the "
+            "gradient explodes through time), `curv` (2·N_b/(λ·lr)) or `loss` (L/(lr·N_b), "
+            f"only when it explodes); {rule}",
             f"- cell: median final loss (mean training loss of the last {LAST} steps) over the "
             f"seeds that did not diverge; `div k/n`: k of n seeds diverged (loss NaN/Inf or "
             f"> {DIVERGED:.0e})",
@@ -417,7 +444,8 @@ def variant_grid(grid: Grid, args: argparse.Namespace) -> Grid:
     settings = tuple(s for s in grid.settings if s[0] in optimizers)
     return replace(grid, models=models, settings=settings, seed_base=args.seed_base,
                    seq_len=args.seq_len or grid.seq_len, batch=args.batch or grid.batch,
-                   rho=args.rho, edge=args.edge, gate=args.gate)
+                   rho=args.rho, edge=args.edge, gate=args.gate, polyak=args.polyak,
+                   polyak_all=args.polyak_all, irnn_scale=args.irnn_scale or IRNN_SCALE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,12 +461,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated subset of " +
                         ",".join(FULL.models))
     parser.add_argument("--optimizers", default=None, help="comma-separated: sgd,adam")
+    parser.add_argument("--irnn-scale", type=float, default=None,
+                        help=f"the fresh IRNN's W_hh = S * I ({IRNN_SCALE})")
     parser.add_argument("--rho", type=float, default=None, help="variant: step cap's rho")
     parser.add_argument("--edge", type=float, default=None,
                         help="variant: curvature cap's factor (0: none)")
     parser.add_argument("--gate", type=float, default=None,
                         help="variant: coherence G/S up to which the curvature cap applies "
                         "(1: always)")
+    parser.add_argument("--polyak", type=float, default=None,
+                        help="variant: the loss cap as K * L / (lr * N_b), L the check batch's "
+                        "loss (exploding models only, unless --polyak-all; 0: none)")
+    parser.add_argument("--polyak-all", action="store_true", help="variant: --polyak for every "
+                        "model")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     grid = variant_grid(QUICK if args.quick else FULL, args)

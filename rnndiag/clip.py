@@ -9,27 +9,38 @@ parameters that require grad), with S = mean ||g_i||^2 and F = ||mean g_i||^2:
 
 The suggestion, for SGD-family optimizers with learning rate lr and parameters theta:
 
-    c = min(N_b, rho * ||theta||_2 / lr, 2 * N_b / (lambda * lr)),    rho = 0.005
+    c = min(N_b, rho * ||theta||_2 / lr, 2 * N_b / (lambda * lr), L / (lr * N_b)),  rho = 0.005
 
 N_b is Pascanu et al.'s "around the average norm", at the batch size training uses; the step
 cap limits one SGD step to 0.5% of the parameter norm and takes over when the measured norms
 are meaningless (an exploding model); when the gradient explodes through time, it is divided
 by the sequence length T (a relative change e of W_hh moves a T-step product of Jacobians by
-about T e: 0.5% of that product). The curvature cap is gradient descent's stability edge:
-lambda is the top eigenvalue of the task loss's Hessian on the batch (`top_curvature`), and a
-step of a gradient of norm N_b clipped to c moves lr * c along it; on the local quadratic model
-that step cannot raise the loss only while lr * c <= 2 * N_b / lambda' for the curvature
-lambda' <= lambda along the gradient, i.e. while the step's effective learning rate
-lr * c / N_b stays within the classical 2 / lambda. It is below N_b only when lr * lambda > 2,
-where unclipped SGD is unstable. That is linear stability around a stationary point, so the
-curvature cap applies only near one: when G <= S / 2 (the per-example gradients disagree more
-than they agree; G ~ 0 at a minimum). When G > S / 2 the examples agree on a slope and training
-is in transit: in a model whose outputs explode, lambda is set by the explosion and falls by
-orders of magnitude as training repairs it (bench/validate_clip.py, fresh IRNN), so the start's
-lambda would hold training back; the step cap governs there. Adam-family optimizers normalise
-the step themselves: neither cap applies, N_b is reported as the typical norm, and clipping
-well below it only slows training. Without a task loss (checkpoint mode) no norm and no
-curvature are measured: only the step cap, when the learning rate is known.
+about T e: 0.5% of that product). The loss cap L / (lr N_b) applies only then too: L is the task
+loss on the batch, and a step of lr c along a gradient of norm N_b lowers the loss, to first
+order, by lr c N_b, which must not exceed L itself (Polyak's step size with the loss floor 0,
+so only for losses bounded below by 0: mean squared error and cross-entropy, not a custom one).
+T e is an estimate, from the recurrence alone, of how fast the loss moves; the loss cap measures
+it from the loss and its gradient (bench/validate_clip.py: on the exploding ReLU sample a step
+of 0.5%/T of the parameter norm raised the loss fourfold, the first-order prediction being
+3.8 L). Where the recurrence does not explode it does not apply: an IRNN whose outputs explode
+but whose gradient does not grow through time needs steps far above L / N_b to repair itself
+(loss 19 under the loss cap against 0.2-0.3 under the step cap).
+
+The curvature cap is gradient descent's stability edge: lambda is the top eigenvalue of the
+task loss's Hessian on the batch (`top_curvature`), and a step of a gradient of norm N_b
+clipped to c moves lr * c along it; on the local quadratic model that step cannot raise the
+loss only while lr * c <= 2 * N_b / lambda' for the curvature lambda' <= lambda along the
+gradient, i.e. while the step's effective learning rate lr * c / N_b stays within the classical
+2 / lambda. It is below N_b only when lr * lambda > 2, where unclipped SGD is unstable. That is
+linear stability around a stationary point, so the curvature cap applies only near one: when
+G <= S / 2 (the per-example gradients disagree more than they agree; G ~ 0 at a minimum). When
+G > S / 2 the examples agree on a slope and training is in transit: in a model whose outputs
+explode, lambda is set by the explosion and falls by orders of magnitude as training repairs it
+(bench/validate_clip.py, fresh IRNN), so the start's lambda would hold training back; the step
+cap governs there. Adam-family optimizers normalise the step themselves: neither cap applies,
+N_b is reported as the typical norm, and clipping well below it only slows training. Without a
+task loss (checkpoint mode) no norm and no curvature are measured: only the step cap, when the
+learning rate is known.
 
 The spread of the norm at batch size b and the fraction of steps the suggestion clips come from
 simulated batches (`resampled_norms`) computed through the Gram matrix K_ij = <g_i, g_j>: the
@@ -167,6 +178,15 @@ def curvature_cap(nb: float | None, curvature: float | None, lr: float | None) -
     return EDGE * nb / (curvature * lr)
 
 
+def loss_cap(loss: float | None, nb: float, lr: float | None) -> float | None:
+    """L / (lr N_b): the clip at which a step's first-order loss decrease equals the loss
+    (Polyak's step size, floor 0); None when the loss, N_b or lr is unknown or not positive."""
+    if loss is None or not math.isfinite(loss) or loss <= 0 or lr is None or lr <= 0 \
+            or not nb > 0 or not math.isfinite(nb):
+        return None
+    return loss / (lr * nb)
+
+
 def top_curvature(loss_of: Callable[[], Tensor], params: Sequence[Tensor],
                   seed: int = 0) -> float:
     """lambda: the largest eigenvalue of the Hessian of `loss_of()` in `params`.
@@ -239,11 +259,14 @@ def _lanczos(hvp: Callable[[list[Tensor]], list[Tensor]], v: list[Tensor]) -> fl
 def suggest(gram: Tensor | None, inputs: Sequence[ClipInput], b: int, optimizer: str | None,
             lr: float | None, param_norm: float, parameters: str, count: int,
             exploding: bool, unavailable: str | None = None,
-            curvature: float | None = None, steps: int | None = None) -> ClipSuggestion:
+            curvature: float | None = None, steps: int | None = None,
+            loss: float | None = None) -> ClipSuggestion:
     """The suggestion and every number behind it (see the module docstring); `gram` None:
     no per-example gradients (`unavailable` says why; default: no task loss); `curvature`:
     lambda of the task loss on the batch (None: not measured); `steps`: the sequence length
-    over which an `exploding` gradient grows (the step cap is divided by it)."""
+    over which an `exploding` gradient grows (the step cap is divided by it); `loss`: the task
+    loss on the batch when it is bounded below by 0 (None: unknown, or no such bound), for the
+    loss cap of an `exploding` model."""
     cap = step_cap(param_norm, lr) if optimizer not in ADAM_FAMILY else None
     if cap is not None and exploding and steps is not None and steps > 1:
         # a relative change e of W_hh changes a T-step product of Jacobians by about T e:
@@ -257,19 +280,23 @@ def suggest(gram: Tensor | None, inputs: Sequence[ClipInput], b: int, optimizer:
             "the per-example gradients are not finite" if n >= 2 else
             "fewer than two examples have a loss term")
         return ClipSuggestion(cap, "step_cap" if cap is not None else "none", None, None, None,
-                              cap, None, n, parameters, count, tuple(inputs),
+                              cap, None, None, n, parameters, count, tuple(inputs),
                               _advice(None, optimizer, exploding, why, cap is not None))
     nb, s, g = expected_norm(gram, b)
     near = g <= COHERENT * s  # no coherent slope: near a stationary point, where lambda holds
     bent = curvature_cap(nb, curvature, lr) if optimizer not in ADAM_FAMILY and near else None
+    polyak = loss_cap(loss, nb, lr) if cap is not None and exploding else None
+    if polyak is not None:
+        inputs = (*inputs, ClipInput("loss", loss, "measured"))
     value, decided = min([(nb, "expected_norm")] + [(x, k) for x, k in (
-        (cap, "step_cap"), (bent, "curvature_cap")) if x is not None], key=lambda t: t[0])
+        (cap, "step_cap"), (bent, "curvature_cap"), (polyak, "loss_cap")) if x is not None],
+        key=lambda t: t[0])
     norms = resampled_norms(gram, b)
     spread = tuple(float(torch.quantile(norms, q)) for q in (0.1, 0.5, 0.9))
     clipped = float((norms > value).double().mean())
     coherence = ClipInput("coherence", g / s if s > 0 else 0.0, "measured")
     return ClipSuggestion(value, decided, nb, (spread[0], spread[1], spread[2]), clipped, cap,
-                          bent, n, parameters, count, (*inputs, coherence),
+                          bent, polyak, n, parameters, count, (*inputs, coherence),
                           _advice(decided, optimizer, exploding, None, cap is not None)
                           + (_TRANSIT if curvature is not None and not near and
                              optimizer not in ADAM_FAMILY else ""))
@@ -306,6 +333,12 @@ def _advice(decided: str | None, optimizer: str | None, exploding: bool, why: st
                 "curvature: the clip keeps steps at that edge")
         use += (", but an exploding model barely moves under it: change the cell or its "
                 "initialisation." if exploding else "; a lower learning rate does the same.")
+    elif exploding and decided == "loss_cap":
+        use += (" The gradient explodes through time here: the loss cap L/(lr*N_b) keeps each "
+                "SGD step's first-order loss decrease within the loss itself (Polyak's step "
+                "size). In validation that kept an exploding RNN from diverging, but a model "
+                "whose loss had already diverged did not learn under it: lower the learning "
+                "rate, or change the cell or its initialisation.")
     elif exploding and decided == "step_cap":
         # bench/validate_clip.py: divided by T, the step cap kept the exploding ReLU sample
         # below the divergence line at every SGD rate, where clips from 0.1 up did not; but
@@ -369,11 +402,12 @@ def measured_curvature(loss_of: Callable[[], Tensor], params: Sequence[Tensor],
 def recommend(gram: Tensor | None, options: CheckOptions, state: TrainingState | None,
               batch: int, param_norm: float, parameters: str, count: int, exploding: bool,
               unavailable: str | None = None,
-              curvature: float | None = None, steps: int | None = None) -> ClipSuggestion:
+              curvature: float | None = None, steps: int | None = None,
+              loss: float | None = None) -> ClipSuggestion:
     """`suggest` with the rule's inputs chosen from the options, the checkpoint's optimizer
     state and the replayed batch (`clip_inputs`), the parameter norm (and the curvature, when
     given: NaN when it could not be measured) reported as measured; `steps`: the longest
-    exploding sequence's length."""
+    exploding sequence's length; `loss`: the task loss, when bounded below by 0."""
     chosen = clip_inputs(options, state, batch)
     measured = [ClipInput("param_norm", param_norm, "measured")]
     if curvature is not None:  # NaN: it applied but could not be measured
@@ -383,4 +417,4 @@ def recommend(gram: Tensor | None, options: CheckOptions, state: TrainingState |
         curvature = None if failed else curvature
     return suggest(gram, (*chosen.inputs, *measured), chosen.batch, chosen.optimizer,
                    chosen.lr, param_norm, parameters, count, exploding, unavailable, curvature,
-                   steps)
+                   steps, loss)

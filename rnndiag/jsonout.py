@@ -31,7 +31,7 @@ from rnndiag.records import (
     Verdict,
 )
 
-SCHEMA_VERSION = "0.4.0"
+SCHEMA_VERSION = "0.5.0"
 OBJECTIVE = "final_state_energy"  # L = 1/(2B) sum_b sum_d ||h_final^{top,d}_b||^2
 
 
@@ -139,7 +139,7 @@ def _clip(c: ClipSuggestion | None) -> dict[str, Any] | None:
         "expected_norm": _num(c.expected_norm),
         "spread": None if c.spread is None else [_num(x) for x in c.spread],
         "fraction_clipped": c.fraction_clipped, "step_cap": _num(c.step_cap),
-        "curvature_cap": _num(c.curvature_cap),
+        "curvature_cap": _num(c.curvature_cap), "loss_cap": _num(c.loss_cap),
         "examples": c.examples, "parameters": c.parameters,
         "parameter_count": c.parameter_count,
         "inputs": [{"name": i.name, "value": _num(i.value) if isinstance(i.value, float)

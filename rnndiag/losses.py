@@ -37,6 +37,12 @@ class Loss:
     key: str | None = None  # the part of the output scored (`pick`); None: all of it
     classes_last: bool = False  # the scored output's last axis holds classes (cross-entropy)
 
+    @property
+    def floor_zero(self) -> bool:
+        """The loss is bounded below by 0 (mean squared error, cross-entropy); a custom loss's
+        floor is unknown."""
+        return self.name in ("cross_entropy", "mse")
+
     def __call__(self, output: Any, targets: Tensor) -> Tensor:
         """The loss of the model's whole output (the `key` part of it is picked here)."""
         assert self.fn is not None

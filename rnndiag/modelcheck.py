@@ -255,7 +255,7 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
     shares = _shares(recorder, measured, loss_def, inputs, slicing, options.ignore_index,
                      params, n)
     suggestion = _clip(model, loss_def, inputs, slicing, options, exploding, state, params, n,
-                       shares, steps)
+                       shares, steps, float(loss.detach()))
     return LiveDiagnosis(modules, suggestion, _loss_name(loss_def), batch, measured.notes)
 
 
@@ -409,9 +409,10 @@ def _eval(model: nn.Module) -> Iterator[None]:
 def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicing,
           options: CheckOptions, exploding: bool, state: TrainingState | None,
           params: Sequence[Tensor], n: int, shares: tuple[list[pergrad.Share], Tensor] | str,
-          steps: int | None = None) -> ClipSuggestion:
+          steps: int | None = None, loss: float | None = None) -> ClipSuggestion:
     """The clip rule (rnndiag.clip) on per-example gradients of the task loss: the first n
-    examples' (`clip.examples_for`), of `params` (every parameter that requires grad)."""
+    examples' (`clip.examples_for`), of `params` (every parameter that requires grad); `loss`:
+    the task loss on the batch."""
     count = sum(p.numel() for p in params)
     norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params))
     gram, unavailable, curvature = None, None, None
@@ -430,7 +431,8 @@ def _clip(model: nn.Module, loss_def: Loss, inputs: ModelInputs, slicing: Slicin
         except BatchError as exc:  # a model bound to its batch (a stateful self.hidden)
             unavailable = f"the model does not run on one example alone ({exc})"
     return clip.recommend(gram, options, state, slicing.batch, norm, "model", count, exploding,
-                          unavailable, curvature, steps)
+                          unavailable, curvature, steps,
+                          loss if loss_def.floor_zero else None)
 
 
 @contextlib.contextmanager

@@ -286,13 +286,15 @@ class ClipSuggestion:
 
     suggested_max_norm: float | None  # None: nothing can be suggested (see `advice`)
     decided_by: str  # "expected_norm" (N_b) | "step_cap" (rho*||theta||/lr) |
-    #                  "curvature_cap" (2 N_b/(lambda lr)) | "none"
+    #                  "curvature_cap" (2 N_b/(lambda lr)) | "loss_cap" (L/(lr N_b)) | "none"
     expected_norm: float | None  # N_b: expected pre-clip norm at the training batch size
     spread: tuple[float, float, float] | None  # p10, p50, p90 of that norm (resampled)
     fraction_clipped: float | None  # expected fraction of training steps clipped
     step_cap: float | None  # rho * ||theta|| / lr (SGD-family, learning rate known)
     curvature_cap: float | None  # 2 N_b / (lambda lr) (SGD-family, lambda and lr known,
     #                              near a stationary point: G <= S/2)
+    loss_cap: float | None  # L / (lr N_b) (SGD-family, lr known, exploding gradient, task loss
+    #                         bounded below by 0)
     examples: int  # per-example gradients measured
     parameters: str  # "model" (all model parameters that require grad) | "recurrent"
     parameter_count: int

@@ -128,6 +128,7 @@ def _clip(c: ClipSuggestion, loss: str) -> RenderableType:
                 "step_cap": "the step cap 0.005·‖θ‖/lr, below N_b" if c.expected_norm
                 else "the step cap 0.005·‖θ‖/lr",
                 "curvature_cap": "the curvature cap 2·N_b/(λ·lr), below N_b and the step cap",
+                "loss_cap": "the loss cap L/(lr·N_b), below N_b and the step cap",
                 }.get(c.decided_by, c.decided_by)
         head = Text.assemble((f"max_norm ≈ {fmt(c.suggested_max_norm)}", "bold"),
                              f" ({rule}; {which})")

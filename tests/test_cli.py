@@ -51,7 +51,7 @@ def test_json_document(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["check", VANISHING, HEALTHY, *BATCH, "--format", "json"], capsys)
     doc = json.loads(out)
     assert code == doc["exit_code"] == 1
-    assert doc["schema_version"] == "0.4.0" and doc["tool"]["name"] == "rnndiag"
+    assert doc["schema_version"] == "0.5.0" and doc["tool"]["name"] == "rnndiag"
     assert [f["verdict"] for f in doc["files"]] == ["vanishing", "healthy"]
     module = doc["files"][0]["modules"][0]
     assert {k: module[k] for k in ("name", "kind", "input_size", "hidden_size", "proj_size",

@@ -285,3 +285,67 @@ def test_an_exploding_gradient_divides_the_step_cap_by_the_sequence_length() -> 
     assert adam.step_cap is None
     no_loss = clip.suggest(None, (), 16, "sgd", 0.1, 3.0, "recurrent", 10, True, steps=50)
     assert no_loss.suggested_max_norm == pytest.approx(0.005 * 3.0 / 0.1 / 50)
+
+
+def test_an_exploding_gradient_is_capped_by_the_loss() -> None:
+    """The loss cap L / (lr N_b): a step's first-order loss decrease lr c N_b may not exceed
+    the loss (Polyak's step size, floor 0). It applies only to an exploding model under an
+    SGD-family optimizer with a known rate and a loss known to be >= 0; the loss is an input."""
+    gram = torch.eye(4, dtype=torch.float64) * 1e20  # N_1 = 1e10
+    hot = clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True, steps=100, loss=1e5)
+    assert hot.loss_cap == pytest.approx(1e5 / (0.01 * 1e10))
+    assert hot.suggested_max_norm == pytest.approx(1e-3) and hot.decided_by == "loss_cap"
+    assert ("loss", 1e5, "measured") in [(i.name, i.value, i.source) for i in hot.inputs]
+    assert "Polyak" in hot.advice and "change the cell" in hot.advice
+    loose = clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True, steps=100, loss=1e9)
+    assert loose.loss_cap == pytest.approx(10.0) and loose.decided_by == "step_cap"
+    for none in (clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, False, loss=1e5),
+                 clip.suggest(gram, (), 1, "adam", 0.01, 10.0, "model", 1, True, loss=1e5),
+                 clip.suggest(gram, (), 1, "sgd", None, 10.0, "model", 1, True, loss=1e5),
+                 clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True),
+                 clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True, loss=0.0),
+                 clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True, loss=-3.0),
+                 clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True,
+                              loss=math.nan)):
+        assert none.loss_cap is None and none.decided_by != "loss_cap"
+        assert "loss" not in [i.name for i in none.inputs]
+
+
+class _Exploding(nn.Module):
+    """An IRNN well above the identity: its gradient grows through time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(2, 8, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(8, 1)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.copy_(1.3 * torch.eye(8))
+            self.rnn.bias_hh_l0.zero_()
+            self.rnn.bias_ih_l0.fill_(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1]).squeeze(1)
+
+
+def test_model_mode_caps_an_exploding_model_by_its_task_loss() -> None:
+    """In `--model` mode the loss cap is the batch's task loss, computed here independently,
+    over lr N_b; a custom loss (floor unknown) gets none, with the same numbers otherwise."""
+    torch.manual_seed(0)
+    model = _Exploding().double()
+    x = torch.rand(16, 30, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = x[:, :, 0].sum(1)
+    d = rnndiag.check_model(model, x, y, lr=0.1, optimizer="sgd", train_batch_size=16)
+    c = d.files[0].clip
+    assert d.files[0].verdict is rnndiag.Verdict.EXPLODING
+    assert c is not None and c.expected_norm is not None and c.loss_cap is not None
+    with torch.no_grad():
+        loss = float(F.mse_loss(model(x), y))
+    assert {i.name: i.value for i in c.inputs}["loss"] == pytest.approx(loss, rel=1e-9)
+    assert c.loss_cap == pytest.approx(loss / (0.1 * c.expected_norm), rel=1e-9)
+    assert c.suggested_max_norm == pytest.approx(min(c.expected_norm, c.step_cap or math.inf,
+                                                     c.loss_cap))
+    custom = rnndiag.check_model(model, x, y, lr=0.1, optimizer="sgd", train_batch_size=16,
+                                 loss=F.mse_loss).files[0].clip
+    assert custom is not None and custom.loss_cap is None
+    assert custom.expected_norm == pytest.approx(c.expected_norm, rel=1e-9)
