@@ -32,14 +32,20 @@ def damp_recurrence(module: nn.Module, scale: float = 0.05, gate_bias: float = -
 
 
 class PackedTagger(nn.Module):
-    """Embedding -> packed bidirectional 2-layer LSTM (or GRU) -> Linear: a label per token."""
+    """Embedding -> packed bidirectional 2-layer LSTM (or GRU, or ReLU RNN) -> Linear: a label
+    per token."""
 
     def __init__(self, vocab: int = 30, width: int = 8, hidden: int = 10, labels: int = 5,
                  cell: str = "lstm") -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, width, padding_idx=0)
-        kind = nn.LSTM if cell == "lstm" else nn.GRU
-        self.rnn = kind(width, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.rnn: nn.RNNBase
+        if cell == "relu":
+            self.rnn = nn.RNN(width, hidden, num_layers=2, bidirectional=True, batch_first=True,
+                              nonlinearity="relu")
+        else:
+            kind = nn.LSTM if cell == "lstm" else nn.GRU
+            self.rnn = kind(width, hidden, num_layers=2, bidirectional=True, batch_first=True)
         self.head = nn.Linear(2 * hidden, labels)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:  # (B, T), (B,) -> (B, T, C)

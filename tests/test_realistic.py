@@ -528,6 +528,22 @@ def masked_labels(lengths: Sequence[int], steps: int, classes: int) -> Tensor:
 # 1. Packed bidirectional LSTM tagger.
 
 
+def packed_oracle(model: PackedTagger, tokens: Tensor, lengths: Sequence[int], labels: Tensor,
+                  ) -> tuple[Tensor, dict[str, Want]]:
+    """The loss and the oracle's numbers: every example through cell copies on its own
+    length, padded into the batch."""
+    steps, classes = tokens.shape[1], model.head.out_features
+    embedded, outs, found = model.embed(tokens), [], []
+    for b, n in enumerate(lengths):
+        out, chains = unroll(model.rnn, embedded[b:b + 1, :n], "rnn", rows=[b])
+        outs.append(F.pad(out, (0, 0, 0, steps - n)))
+        found.append(chains)
+    logits = model.head(torch.cat(outs))
+    loss = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1))
+    return loss, oracle(loss, per_example(found, lengths), len(lengths),
+                        Scored([logits], [batch_first], labels != -100))
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_packed_bidirectional_tagger(cell: str) -> None:
     torch.manual_seed(0)
@@ -540,16 +556,7 @@ def test_packed_bidirectional_tagger(cell: str) -> None:
     got = diagnose(model, (tokens, torch.tensor(lengths)), labels)
     assert [m.spec.name for m in got.modules] == ["rnn"] and got.loss == "cross_entropy"
 
-    # oracle: every example through LSTMCell copies on its own length, padded into the batch
-    embedded, outs, found = model.embed(tokens), [], []
-    for b, n in enumerate(lengths):
-        out, chains = unroll(model.rnn, embedded[b:b + 1, :n], "rnn", rows=[b])
-        outs.append(F.pad(out, (0, 0, 0, steps - n)))
-        found.append(chains)
-    logits = model.head(torch.cat(outs))
-    loss = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1))
-    wants = oracle(loss, per_example(found, lengths), batch,
-                   Scored([logits], [batch_first], labels != -100))
+    _, wants = packed_oracle(model, tokens, lengths, labels)
     check_file(got, wants)
 
     # the padded batch vs each example alone (batch of 1, its own length): the mean over the
@@ -572,6 +579,54 @@ def test_packed_bidirectional_tagger(cell: str) -> None:
         close([x * x for x in d.grad_norm], sums[key], f"{key} alone vs batch")
         if d.cell_grad_norm is not None:
             close_cells([x * x for x in d.cell_grad_norm], cells[key], f"{key} cells")
+
+
+def test_exploding_packed_tagger_clip_suggestion() -> None:
+    """A packed ReLU tagger whose recurrence explodes, padded past its longest example: the
+    verdict against the oracle, and every number of the clip suggestion computed
+    independently: N_b from each example's own loss, run alone on its own length; the loss
+    on the scored tokens; the step cap divided by the steps the recurrence ran (the longest
+    example's 11, not the padded 14); the loss cap; the suggestion, their minimum."""
+    torch.manual_seed(3)
+    model = PackedTagger(cell="relu").double()
+    with torch.no_grad():
+        for name, p in model.rnn.named_parameters():
+            if name.startswith("weight_hh"):
+                p.copy_(2.5 * torch.eye(p.shape[0], dtype=p.dtype))
+    lengths, steps, classes, lr, b = [7, 11, 3, 9, 11], 14, 5, 0.05, 4
+    tokens = torch.randint(1, 30, (len(lengths), steps))
+    tokens[torch.arange(steps).unsqueeze(0) >= torch.tensor(lengths).unsqueeze(1)] = 0
+    labels = masked_labels(lengths, steps, classes)
+    got = diagnose(model, (tokens, torch.tensor(lengths)), labels, lr=lr, optimizer="sgd",
+                   train_batch_size=b)
+
+    loss, wants = packed_oracle(model, tokens, lengths, labels)
+    assert worst(wants) == "exploding"
+    check_file(got, wants)
+
+    params = list(model.parameters())
+    grads = []
+    for i, n in enumerate(lengths):
+        alone, _ = unroll(model.rnn, model.embed(tokens[i:i + 1, :n]), "rnn")
+        one = F.cross_entropy(model.head(alone).reshape(-1, classes),
+                              labels[i, :n].reshape(-1))
+        grads.append(torch.autograd.grad(one, params, allow_unused=True))
+    per_example_grads = [[g if g is not None else torch.zeros_like(p)
+                          for g, p in zip(gs, params, strict=True)] for gs in grads]
+    nb = clip_oracle.expected_norm(per_example_grads, b)
+    norm = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in params))
+    c = got.clip
+    assert c is not None and c.expected_norm is not None and c.examples == len(lengths)
+    inputs = {i.name: i.value for i in c.inputs}
+    close([c.expected_norm, inputs["loss"], inputs["param_norm"]],
+          [nb, float(loss.detach()), norm], "N_b, loss, ||theta||")
+    assert inputs["steps"] == max(lengths) == got.modules[0].seq_len
+    close([c.step_cap, c.loss_cap],
+          [0.005 * norm / lr / max(lengths), float(loss.detach()) / (lr * nb)],
+          "step cap, loss cap")
+    terms = [x for x in (c.expected_norm, c.step_cap, c.curvature_cap, c.loss_cap)
+             if x is not None]
+    assert c.suggested_max_norm == min(terms)
 
 
 # ---------------------------------------------------------------------------------------------
