@@ -334,21 +334,24 @@ def _advice(decided: str | None, optimizer: str | None, exploding: bool, why: st
         use += (", but an exploding model barely moves under it: change the cell or its "
                 "initialisation." if exploding else "; a lower learning rate does the same.")
     elif exploding and decided == "loss_cap":
+        # bench/validate_clip.py: the exploding ReLU sample (loss 1e5 at the start) stayed
+        # below the divergence line at every SGD rate, at 0.82-0.86x clip 0.01's loss, where
+        # clips from 0.1 up diverged; it learned little (README, Validation)
         use += (" The gradient explodes through time here: the loss cap L/(lr*N_b) keeps each "
                 "SGD step's first-order loss decrease within the loss itself (Polyak's step "
-                "size). In validation that kept an exploding RNN from diverging, but a model "
-                "whose loss had already diverged did not learn under it: lower the learning "
-                "rate, or change the cell or its initialisation.")
+                "size). In validation that kept an exploding RNN from diverging, but one whose "
+                "loss had already diverged learned little under it: lower the learning rate, "
+                "or change the cell or its initialisation.")
     elif exploding and decided == "step_cap":
-        # bench/validate_clip.py: divided by T, the step cap kept the exploding ReLU sample
-        # below the divergence line at every SGD rate, where clips from 0.1 up did not; but
-        # that model, whose loss had already diverged, did not learn (README, Validation)
+        # bench/validate_clip.py: divided by T, the step cap kept the exploding GRU sample at
+        # the best fixed clip's loss; a fresh IRNN at 1.08 I, which needs large steps to repair
+        # its explosion, stayed at loss 400 at lr 1 (README, Validation)
         use += (" The gradient explodes through time here: the step cap keeps each SGD step "
                 "within 0.5%/T of the parameter norm (T the sequence length: a change of the "
                 "recurrent weights moves a T-step product of Jacobians T times as much). In "
-                "validation that kept an exploding RNN from diverging, but a model whose loss "
-                "had already diverged did not learn under it: lower the learning rate, or "
-                "change the cell or its initialisation.")
+                "validation that kept exploding RNNs from diverging, but one that needed large "
+                "steps to repair its explosion learned little under it: lower the learning "
+                "rate, or change the cell or its initialisation.")
     return use
 
 

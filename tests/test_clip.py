@@ -185,7 +185,7 @@ def test_curvature_cap_is_the_stability_edge() -> None:
 def test_an_exploding_model_under_the_step_cap_is_told_what_the_cap_cannot_do() -> None:
     gram = torch.eye(4, dtype=torch.float64) * 1e20  # N_1 = 1e10: the step cap decides
     hot = clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True)
-    assert hot.decided_by == "step_cap" and "already diverged" in hot.advice
+    assert hot.decided_by == "step_cap" and "learned little" in hot.advice
     assert "change the cell" in hot.advice
     calm = clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, False)
     assert calm.decided_by == "step_cap" and "explodes" not in calm.advice
@@ -297,6 +297,7 @@ def test_an_exploding_gradient_is_capped_by_the_loss() -> None:
     assert hot.suggested_max_norm == pytest.approx(1e-3) and hot.decided_by == "loss_cap"
     assert ("loss", 1e5, "measured") in [(i.name, i.value, i.source) for i in hot.inputs]
     assert "Polyak" in hot.advice and "change the cell" in hot.advice
+    assert "learned little" in hot.advice
     loose = clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, True, steps=100, loss=1e9)
     assert loose.loss_cap == pytest.approx(10.0) and loose.decided_by == "step_cap"
     for none in (clip.suggest(gram, (), 1, "sgd", 0.01, 10.0, "model", 1, False, loss=1e5),
