@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +106,9 @@ def test_check_model_json_equals_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert got.verdict is not None and got.verdict.value == cli["verdict"]
     assert _normalised(json.loads(got.to_json())) == _normalised(cli)
     assert got.to_dict()["schema_version"] == cli["schema_version"]
+    schema = json.loads((ROOT / "rnndiag" / "report.schema.json").read_text())
+    for doc in (json.loads(got.to_json()), cli):  # the API's document ("format": "module") too
+        jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
 
 
 def test_check_files_equals_the_cli(capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,8 +3,11 @@ optimizer awareness, and where every input came from."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 import torch.nn.functional as F
@@ -346,6 +349,12 @@ def test_model_mode_caps_an_exploding_model_by_its_task_loss() -> None:
     assert c.loss_cap == pytest.approx(loss / (0.1 * c.expected_norm), rel=1e-9)
     assert c.suggested_max_norm == pytest.approx(min(c.expected_norm, c.step_cap or math.inf,
                                                      c.loss_cap))
+    doc = d.to_dict()["files"][0]["clip"]  # the JSON document carries it, as the schema says
+    assert doc["loss_cap"] == c.loss_cap and {"name": "loss", "value": loss,
+                                              "source": "measured"} in doc["inputs"]
+    jsonschema.validate(d.to_dict(), json.loads(
+        (Path(rnndiag.__file__).parent / "report.schema.json").read_text()),
+        cls=jsonschema.Draft202012Validator)
     custom = rnndiag.check_model(model, x, y, lr=0.1, optimizer="sgd", train_batch_size=16,
                                  loss=F.mse_loss).files[0].clip
     assert custom is not None and custom.loss_cap is None
