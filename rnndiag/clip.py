@@ -299,9 +299,13 @@ def suggest(gram: Tensor | None, inputs: Sequence[ClipInput], b: int, optimizer:
                           bent, polyak, n, parameters, count, (*inputs, coherence),
                           _advice(decided, optimizer, exploding, None, cap is not None)
                           + (_TRANSIT if curvature is not None and not near and
-                             optimizer not in ADAM_FAMILY else ""))
+                             optimizer not in ADAM_FAMILY else "")
+                          + (_NO_FLOOR if cap is not None and exploding and loss is None
+                             else ""))
 
 
+_NO_FLOOR = (" The loss cap L/(lr*N_b) is not applied: it needs a loss bounded below by 0 "
+             "(the built-in MSE or cross-entropy), and a custom loss's floor is unknown.")
 _TRANSIT = (" The examples agree on a slope (coherence G/S > 0.5): training is in transit, "
             "where the curvature changes along the way, so the curvature cap does not apply.")
 

@@ -358,4 +358,6 @@ def test_model_mode_caps_an_exploding_model_by_its_task_loss() -> None:
     custom = rnndiag.check_model(model, x, y, lr=0.1, optimizer="sgd", train_batch_size=16,
                                  loss=F.mse_loss).files[0].clip
     assert custom is not None and custom.loss_cap is None
+    assert "loss cap L/(lr*N_b) is not applied" in custom.advice
+    assert "is not applied" not in c.advice
     assert custom.expected_norm == pytest.approx(c.expected_norm, rel=1e-9)
