@@ -22,7 +22,7 @@ so only for losses bounded below by 0: mean squared error and cross-entropy, not
 T e is an estimate, from the recurrence alone, of how fast the loss moves; the loss cap measures
 it from the loss and its gradient (bench/validate_clip.py: on the exploding ReLU sample a step
 of 0.5%/T of the parameter norm raised the loss fourfold, the first-order prediction being
-3.8 L). Where the recurrence does not explode it does not apply: an IRNN whose outputs explode
+about 4 L). Where the recurrence does not explode it does not apply: an IRNN whose outputs explode
 but whose gradient does not grow through time needs steps far above L / N_b to repair itself
 (loss 19 under the loss cap against 0.2-0.3 under the step cap).
 
