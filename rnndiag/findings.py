@@ -44,6 +44,7 @@ class Rule(StrEnum):
     SHORT_HORIZON = "RD006"
     NONFINITE_WEIGHTS = "RD007"
     NONFINITE_OTHER = "RD008"
+    FIRST_STEP_ONLY = "RD009"
 
     @property
     def info(self) -> RuleInfo:
@@ -95,39 +96,39 @@ RULES: dict[Rule, RuleInfo] = {i.rule: i for i in (
         Rule.VANISHING_SPAN, "vanishing-span", Level.ERROR, Verdict.VANISHING,
         help="The gradient reaching these steps is below the vanishing threshold.",
         when="a vanishing span", value="smallest r_t in the span",
-        advice=AdviceInfo(4, "Use a gated cell (nn.LSTM or nn.GRU) or an orthogonal/identity "
+        advice=AdviceInfo(5, "Use a gated cell (nn.LSTM or nn.GRU) or an orthogonal/identity "
                              "initialisation of W_hh: a plain RNN loses its gradient within a "
                              "few steps here.", pick=Pick.PLAIN_RNN)),
     RuleInfo(
         Rule.EXPLODING_SPAN, "exploding-span", Level.ERROR, Verdict.EXPLODING,
         help="The gradient reaching these steps is above the exploding threshold.",
         when="an exploding span with finite gradients", value="largest finite r_t in the span",
-        advice=AdviceInfo(2, "Clip the gradient norm (torch.nn.utils.clip_grad_norm_) and check "
+        advice=AdviceInfo(3, "Clip the gradient norm (torch.nn.utils.clip_grad_norm_) and check "
                              "the learning rate; exploding gradients through time make steps "
                              "unstable.", also=(Rule.NONFINITE_GRADIENT,))),
     RuleInfo(
         Rule.NONFINITE_GRADIENT, "nonfinite-gradient", Level.ERROR, Verdict.EXPLODING,
         help="The gradient becomes NaN/Inf during backpropagation through time.",
         when="an exploding span where the gradient is NaN/Inf", value="null",
-        advice=AdviceInfo(3, "Rerun with --dtype float64 to measure gradients beyond float32's "
+        advice=AdviceInfo(4, "Rerun with --dtype float64 to measure gradients beyond float32's "
                              "range (about 3e38) where they overflowed.")),
     RuleInfo(
         Rule.PASCANU_VANISHING, "sigma-max-below-bound", Level.WARNING, Verdict.VANISHING,
         help="sigma_max(W_hh) < 1/gamma: gradients must vanish over long spans.",
         when="plain RNN with sigma_max(W_hh) < 1/γ", value="sigma_max(W_hh)",
-        advice=AdviceInfo(5, "Raise sigma_max(W_hh) to about 1 (orthogonal init, or IRNN-style "
+        advice=AdviceInfo(6, "Raise sigma_max(W_hh) to about 1 (orthogonal init, or IRNN-style "
                              "identity init for ReLU): below 1 the gradient must vanish.")),
     RuleInfo(
         Rule.FORGET_BIAS_LOW, "forget-bias-low", Level.WARNING, Verdict.VANISHING,
         help="A low LSTM forget-gate bias with a vanishing gradient.",
         when="vanishing LSTM layer with mean forget bias < 0.5", value="mean forget bias",
-        advice=AdviceInfo(6, "Initialise the LSTM forget-gate bias to 1 or more (Jozefowicz et "
+        advice=AdviceInfo(7, "Initialise the LSTM forget-gate bias to 1 or more (Jozefowicz et "
                              "al. 2015) so the cell state is kept by default.")),
     RuleInfo(
         Rule.SHORT_HORIZON, "short-horizon", Level.NOTE, Verdict.VANISHING,
         help="Steps back until the gradient drops below the vanishing threshold.",
         when="r_t drops below the vanishing threshold", value="horizon (steps)",
-        advice=AdviceInfo(7, "Truncated BPTT longer than about {value:.0f} steps adds cost "
+        advice=AdviceInfo(8, "Truncated BPTT longer than about {value:.0f} steps adds cost "
                              "without signal for this model as it is; to learn longer "
                              "dependencies, change the cell or initialisation first.",
                           pick=Pick.SHORTEST)),
@@ -145,6 +146,16 @@ RULES: dict[Rule, RuleInfo] = {i.rule: i for i in (
         help="A tensor outside the recurrent modules holds NaN or Inf values.",
         when="another tensor holds NaN/Inf, e.g. a -inf mask table (`module` is the tensor name)",
         value="NaN + Inf count"),
+    RuleInfo(
+        Rule.FIRST_STEP_ONLY, "first-step-only", Level.WARNING, None,
+        help="The loss reaches this direction only at its first step: its recurrence carries "
+             "nothing to the loss.",
+        when="the loss's gradient reaches a direction of more than one step only at each "
+             "example's first processed step (`out[:, -1]` of a reverse direction)",
+        value="that step (the earliest, with variable lengths)",
+        advice=AdviceInfo(2, "Read each direction where it has seen the whole sequence: for a "
+                             "bidirectional RNN, the reverse half of out[:, 0] or h_n, not "
+                             "out[:, -1], where the reverse direction has seen one input.")),
 )}
 FORGET_BIAS_LOW = 0.5  # mean b_if + b_hf below this: the gate at rest keeps < ~62% per step
 
@@ -215,6 +226,12 @@ def _layer(path: str, m: ModuleDiagnosis, d: LayerDiagnosis) -> list[Finding]:
         out.append(make(Rule.FORGET_BIAS_LOW,
                         f"mean forget-gate bias {fb.mean:+.2f} (gate at rest "
                         f"{fb.mean_gate_at_rest:.2f}) while the gradient vanishes", fb.mean))
+    reached = [t for t, r in enumerate(d.ratio) if r is not None]
+    if m.seq_len > 1 and d.references and reached == [d.final_step]:
+        out.append(make(Rule.FIRST_STEP_ONLY,
+                        "the loss reaches this direction only at the first step it processes "
+                        f"(t={d.final_step}): its recurrence carries nothing to the loss",
+                        d.final_step))
     if d.horizon is not None:
         out.append(make(Rule.SHORT_HORIZON,
                         f"gradient below the vanishing threshold {d.horizon} steps back "

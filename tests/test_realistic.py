@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnndiag import RnnDiagError, check_model
 from rnndiag.cli import main
+from rnndiag.findings import Rule, findings
 from rnndiag.records import FileDiagnosis, LayerDiagnosis
 from tests import clip_oracle, credit_oracle
 from tests.conftest import ROOT
@@ -1035,3 +1037,57 @@ def test_mean_pooled_rnn_that_forgets_is_not_healthy() -> None:
     [layer] = got.modules[0].layers
     found = [r for r in layer.ratio if r is not None]
     assert layer.verdict.value == "vanishing", f"ratio {min(found)}..{max(found)}"
+
+
+class _Readout(nn.Module):
+    """A bidirectional GRU and a head on one step of its output, or on h_n."""
+
+    def __init__(self, layers: int, read: str) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 6, num_layers=layers, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(12, 1)
+        self.read = read
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if lengths is not None:  # packed; read each example's last valid output
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = pad_packed_sequence(self.rnn(packed)[0], batch_first=True)
+            return self.head(out[torch.arange(len(lengths)), lengths - 1]).squeeze(1)
+        out, h_n = self.rnn(x)
+        if self.read == "h_n":
+            return self.head(torch.cat([h_n[-2], h_n[-1]], dim=1)).squeeze(1)
+        return self.head(out[:, -1 if self.read == "last" else 0]).squeeze(1)
+
+
+@pytest.mark.parametrize(("layers", "read", "want"), [
+    (1, "last", {(0, "reverse")}), (2, "last", {(1, "reverse")}), (1, "first", {(0, "forward")}),
+    (2, "h_n", set()), (1, "packed", {(0, "reverse")})])
+def test_a_direction_read_only_at_its_first_step_is_reported(layers: int, read: str,
+                                                             want: set[tuple[int, str]]) -> None:
+    """RD009 names the directions the loss reaches at one step only, the first they process
+    (oracle: the gradient of the loss with respect to each direction's states, by autograd on
+    cell copies, is non-zero there and nowhere else); reading h_n raises none."""
+    torch.manual_seed(0)
+    model = _Readout(layers, read).double()
+    x, y = torch.randn(5, 9, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    lengths = torch.tensor([9, 4, 7, 9, 2])
+    inputs = (x, lengths) if read == "packed" else x
+    got = diagnose(model, inputs, y)
+    found = {(f.layer, f.direction) for f in findings(got) if f.rule is Rule.FIRST_STEP_ONLY}
+    assert found == {(layer, d) for layer, d in want}
+
+    if read != "packed":  # the oracle: where the loss's gradient reaches each direction
+        out, chains = unroll(model.rnn, x, "rnn")
+        h_n = torch.cat([chains[f"rnn/{layers - 1}/forward"].at(8),
+                         chains[f"rnn/{layers - 1}/reverse"].at(0)], dim=1)
+        pick = {"last": out[:, -1], "first": out[:, 0], "h_n": h_n}[read]
+        loss = F.mse_loss(model.head(pick).squeeze(1), y)
+        reached = {}
+        for key, chain in chains.items():
+            grads = torch.autograd.grad(loss, [chain.at(t) for t in range(9)],
+                                        retain_graph=True, allow_unused=True)
+            reached[key] = [t for t, g in enumerate(grads) if g is not None and bool(g.any())]
+        first = {"forward": 0, "reverse": 8}
+        oracle = {(int(k.split("/")[1]), k.split("/")[2]) for k, ts in reached.items()
+                  if ts == [first[k.split("/")[2]]]}
+        assert oracle == found

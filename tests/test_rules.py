@@ -120,15 +120,18 @@ EXPLODE = Span(SpanKind.EXPLODING, 6, 9, 1e5)
 
 def _layer(spans: tuple[Span, ...] = (), *, nonfinite: bool = False, horizon: int | None = None,
            pascanu: PascanuReading = PascanuReading.BOUNDARY,
-           forget_bias: ForgetBias | None = None, verdict: Verdict | None = None) -> LayerDiagnosis:
-    """Build one layer of 10 steps; the verdict follows the spans unless given."""
+           forget_bias: ForgetBias | None = None, verdict: Verdict | None = None,
+           first_only: bool = False) -> LayerDiagnosis:
+    """Build one layer of 10 steps; the verdict follows the spans unless given. `first_only`:
+    a reverse direction the loss reaches only at t = 9, the first step it processes."""
     norm = (float("inf") if nonfinite else 1.0,) * 10
     worst = Verdict.worst([Verdict(s.kind.value) for s in spans])
+    ratio: tuple[float | None, ...] = (None,) * 9 + (1.0,) if first_only else norm
     return LayerDiagnosis(
-        layer=0, direction=Direction.FORWARD, grad_norm=norm, cell_grad_norm=None,
-        state_grad_norm=norm, ratio=norm, final_step=9, growth_per_step=None, horizon=horizon,
-        sigma_max_hh=0.5, pascanu=pascanu, forget_bias=forget_bias, spans=spans,
-        verdict=verdict or worst)
+        layer=0, direction=Direction.REVERSE if first_only else Direction.FORWARD,
+        grad_norm=norm, cell_grad_norm=None, state_grad_norm=norm, ratio=ratio, final_step=9,
+        growth_per_step=None, horizon=horizon, sigma_max_hh=0.5, pascanu=pascanu,
+        forget_bias=forget_bias, spans=spans, verdict=verdict or worst, references=4)
 
 
 def _file(*layers: LayerDiagnosis, kind: ModuleKind = ModuleKind.RNN, weights: int = 0,
@@ -153,6 +156,7 @@ CASES = {
     # A layer with both spans has the verdict exploding; its vanishing span still counts.
     "both-spans": _file(_layer((VANISH, EXPLODE))),
     "pascanu-only": _file(_layer(pascanu=PascanuReading.VANISHING_GUARANTEED)),
+    "first-step-only": _file(_layer(first_only=True)),
 }
 
 
@@ -161,7 +165,7 @@ CASES = {
     [("healthy", 0, 0, 0), ("vanishing", 1, 1, 0), ("exploding", 1, 0, 1),
      ("nonfinite-gradient", 1, 0, 1), ("nonfinite-weights", 1, 0, 1),
      ("nonfinite-elsewhere", 0, 0, 0), ("both-spans", 1, 1, 1),
-     ("pascanu-only", 0, 0, 0)])
+     ("pascanu-only", 0, 0, 0), ("first-step-only", 0, 0, 0)])
 def test_fail_on_selects_error_rules_by_verdict(case: str, any_: int, vanishing: int,
                                                 exploding: int) -> None:
     f = CASES[case]
@@ -203,7 +207,8 @@ def test_every_advice_text_comes_from_the_table() -> None:
     lstm = _layer((VANISH,), horizon=2, forget_bias=ForgetBias(0.1, 0.0, 0.2, 0.52))
     everything = [
         _file(_layer((VANISH,), horizon=4, pascanu=PascanuReading.VANISHING_GUARANTEED),
-              _layer((EXPLODE,)), _layer((EXPLODE,), nonfinite=True), weights=1, others=1),
+              _layer((EXPLODE,)), _layer((EXPLODE,), nonfinite=True), _layer(first_only=True),
+              weights=1, others=1),
         _file(lstm, kind=ModuleKind.LSTM, path="y.pt"),
     ]
     assert {x.rule for f in everything for x in findings(f)} == set(Rule)
