@@ -23,6 +23,7 @@ from rnndiag.records import (
     LayerDiagnosis,
     ModuleDiagnosis,
     PascanuReading,
+    RatioBasis,
     Span,
     SpanKind,
     Verdict,
@@ -151,7 +152,7 @@ RULES: dict[Rule, RuleInfo] = {i.rule: i for i in (
         help="The loss reaches this direction only at its first step: its recurrence carries "
              "nothing to the loss.",
         when="the loss's gradient reaches a direction of more than one step only at each "
-             "example's first processed step (`out[:, -1]` of a reverse direction)",
+             "example's first processed step (`out[:, -1]` of a reverse direction; basis loss)",
         value="that step (the earliest, with variable lengths)",
         advice=AdviceInfo(2, "Read each direction where it has seen the whole sequence: for a "
                              "bidirectional RNN, the reverse half of out[:, 0] or h_n, not "
@@ -226,8 +227,12 @@ def _layer(path: str, m: ModuleDiagnosis, d: LayerDiagnosis) -> list[Finding]:
         out.append(make(Rule.FORGET_BIAS_LOW,
                         f"mean forget-gate bias {fb.mean:+.2f} (gate at rest "
                         f"{fb.mean_gate_at_rest:.2f}) while the gradient vanishes", fb.mean))
+    # basis loss only: its references are each example's last step (reverse: first) that the
+    # loss's gradient reaches, so a ratio at the reference alone means no other step of the
+    # direction gets any; temporal credit arriving from behind a reference is not measured
     reached = [t for t, r in enumerate(d.ratio) if r is not None]
-    if m.seq_len > 1 and d.references and reached == [d.final_step]:
+    if d.basis is RatioBasis.LOSS and m.seq_len > 1 and d.references \
+            and reached == [d.final_step]:
         out.append(make(Rule.FIRST_STEP_ONLY,
                         "the loss reaches this direction only at the first step it processes "
                         f"(t={d.final_step}): its recurrence carries nothing to the loss",

@@ -1091,3 +1091,30 @@ def test_a_direction_read_only_at_its_first_step_is_reported(layers: int, read: 
         oracle = {(int(k.split("/")[1]), k.split("/")[2]) for k, ts in reached.items()
                   if ts == [first[k.split("/")[2]]]}
         assert oracle == found
+
+
+def test_no_first_step_finding_under_temporal_credit() -> None:
+    """A stacked bidirectional tagger labelled at its last position only: layer 0's reverse
+    direction gets that credit behind its reference (through layer 1's forward direction),
+    where credit is not measured, so its ratio stands at the reference alone; RD009 is not
+    raised from that (it reads the pattern only under basis loss, where it is exact)."""
+    torch.manual_seed(0)
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 6, num_layers=2, bidirectional=True, batch_first=True)
+            self.head = nn.Linear(12, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.rnn(x)[0])
+
+    model = Tagger().double()
+    x = torch.randn(5, 9, 3, dtype=torch.float64)
+    labels = torch.full((5, 9), -100)
+    labels[:, -1] = torch.randint(0, 4, (5,))
+    got = diagnose(model, x, labels)
+    assert {d.basis.value for d in got.modules[0].layers} == {"credit"}
+    lower = next(d for d in got.modules[0].layers if (d.layer, d.direction.value) == (0, "reverse"))
+    assert [t for t, r in enumerate(lower.ratio) if r is not None] == [lower.final_step]
+    assert not [f for f in findings(got) if f.rule is Rule.FIRST_STEP_ONLY]
