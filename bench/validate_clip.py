@@ -180,8 +180,11 @@ def suggestion(job: Job) -> Suggestion:
     import rnndiag
 
     x, y = adding_batch(job.grid.batch, job.grid.seq_len, stream(job))
+    model = build(job.model, job.seed, job.grid.irnn_scale)
+    with torch.no_grad():  # for the variants' loss cap (check_model leaves the model as it was)
+        loss = float(nn.functional.mse_loss(model(x), y))
     try:
-        d = rnndiag.check_model(build(job.model, job.seed, job.grid.irnn_scale), x, y,
+        d = rnndiag.check_model(model, x, y,
                                 train_batch_size=job.grid.batch, lr=job.lr,
                                 optimizer=job.optimizer)
     except rnndiag.RnnDiagError as err:
@@ -191,8 +194,6 @@ def suggestion(job: Job) -> Suggestion:
         return Suggestion(None, "none", None, None, None, None, "no clip record")
     note = "" if clip.suggested_max_norm is not None else clip.advice
     measured = {i.name: i.value for i in clip.inputs if isinstance(i.value, float)}
-    with torch.no_grad():
-        loss = float(nn.functional.mse_loss(build(job.model, job.seed, job.grid.irnn_scale)(x), y))
     found = Suggestion(clip.suggested_max_norm, clip.decided_by, clip.expected_norm,
                        clip.step_cap, clip.curvature_cap, clip.loss_cap, note,
                        measured.get("curvature"),

@@ -245,7 +245,8 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
         loss = _loss(loss_def, output, inputs.targets, rec, batch)
         measured = _measure(rec, seqs, loss, loss_def, output, batch, options,
                             _wanted(loss_def, recorder))
-    modules = _modules(seqs, measured, loss_def.name, float(loss.detach()), options)
+    loss_value = float(loss.detach())
+    modules = _modules(seqs, measured, loss_def.name, loss_value, options)
     progress("per-example gradient norms")
     steps = clip.exploding_steps(modules)
     exploding = steps is not None
@@ -255,7 +256,7 @@ def _diagnose_live(model: nn.Module, inputs: ModelInputs, custom: LossFn | None,
     shares = _shares(recorder, measured, loss_def, inputs, slicing, options.ignore_index,
                      params, n)
     suggestion = _clip(model, loss_def, inputs, slicing, options, exploding, state, params, n,
-                       shares, steps, float(loss.detach()))
+                       shares, steps, loss_value)
     return LiveDiagnosis(modules, suggestion, _loss_name(loss_def), batch, measured.notes)
 
 
